@@ -1,0 +1,164 @@
+"""Weight math for folds: float64 arithmetic, rounded once to the storage dtype.
+
+Two backends compute ``round(weight * factor)`` (weight in its storage dtype, factor float64,
+broadcast along the leading axis):
+
+- :class:`NumpyBackend` (CPU): cache-sized chunks, no full float64 copy of a weight. Chosen on
+  the CPU because ``import torch`` alone costs ~2 s and ~220 MB, more than the math itself.
+- :class:`TorchBackend` (CUDA): the same math in torch on the GPU.
+
+Rounding once: float64 -> float32 and float64 -> float16 casts are correctly rounded in numpy,
+but float64 -> bfloat16 (ml_dtypes and torch alike) goes through float32, rounding twice (1 +
+2**-8 + 2**-30 becomes 1.0 instead of 1 + 2**-7). We first round to float32 *to odd* (truncate,
+then set the last bit if inexact) and then to the target: with float32's 24 bits, at least two
+more than bfloat16's or float16's 8 and 11, this gives the correctly rounded result.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Protocol
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT_DTYPES = (np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64))
+#: Elements per chunk: 256 Ki float64 = 2 MiB, which stays in cache.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round float64 ``x`` to ``dtype`` once (round to nearest, ties to even)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return x.astype(np.float64, copy=True)
+    if dtype in (np.float32, np.float16):
+        return x.astype(dtype)
+    if dtype == BF16:
+        return _to_float32_odd(x).astype(BF16)
+    raise TypeError(f"unsupported storage dtype {dtype}")
+
+
+def _to_float32_odd(x: np.ndarray) -> np.ndarray:
+    f = x.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        away = np.abs(f.astype(np.float64)) > np.abs(x)  # rounded away from zero: step back
+    if away.any():
+        f[away] = np.nextafter(f[away], np.float32(0))
+    inexact = f.astype(np.float64) != x
+    bits = f.view(np.uint32)
+    bits[inexact & np.isfinite(x)] |= 1
+    return f
+
+
+class Backend(Protocol):
+    name: str
+
+    def scale(self, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+        """``round_to(weight * factor)`` in weight's dtype; ``factor`` is float64 and broadcasts
+        to ``weight`` with a leading axis of 1 or ``weight.shape[0]``."""
+        ...
+
+
+class NumpyBackend:
+    name = "cpu"
+
+    def scale(self, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+        _check_factor(weight, factor)
+        out = np.empty(weight.shape, weight.dtype)
+        if weight.size == 0:
+            return out
+        rows = weight.shape[0]
+        per_row = max(1, weight.size // rows)
+        step = max(1, _CHUNK_ELEMENTS // per_row)
+        tmp = np.empty((min(step, rows), *weight.shape[1:]), np.float64)
+        direct = weight.dtype != BF16  # numpy casts f64 -> f16/f32 with one rounding
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            t = tmp[: r1 - r0]
+            f = factor[r0:r1] if factor.shape[0] == rows else factor
+            np.multiply(weight[r0:r1], f, out=t, dtype=np.float64)
+            if direct:
+                out[r0:r1] = t
+            else:
+                out[r0:r1] = round_to(t, weight.dtype)
+        return out
+
+
+class TorchBackend:
+    """The same math in torch, on ``device`` ("cuda" in production; "cpu" in tests)."""
+
+    def __init__(self, device: str = "cuda") -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.name = device
+
+    def scale(self, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        _check_factor(weight, factor)
+        if weight.dtype == BF16:
+            w = torch.from_numpy(np.ascontiguousarray(weight).view(np.int16)).view(torch.bfloat16)
+        else:
+            w = torch.from_numpy(np.ascontiguousarray(weight))
+        w = w.to(self.device, non_blocking=True)
+        f = torch.from_numpy(np.ascontiguousarray(factor)).to(self.device)
+        x = w.to(torch.float64) * f
+        if weight.dtype == np.float64:
+            r = x
+        elif weight.dtype == np.float32:
+            r = x.to(torch.float32)
+        else:
+            odd = self._float32_odd(x)
+            r = odd.to(torch.float16 if weight.dtype == np.float16 else torch.bfloat16)
+        r = r.cpu()
+        if weight.dtype == BF16:
+            return r.view(torch.int16).numpy().view(BF16)
+        return r.numpy()
+
+    def _float32_odd(self, x):
+        torch = self.torch
+        f = x.to(torch.float32)
+        away = f.to(torch.float64).abs() > x.abs()
+        f = torch.where(away, torch.nextafter(f, torch.zeros_like(f)), f)
+        inexact = (f.to(torch.float64) != x) & torch.isfinite(x)
+        bits = f.view(torch.int32)
+        return torch.where(inexact, bits | 1, bits).view(torch.float32)
+
+
+def _check_factor(weight: np.ndarray, factor: np.ndarray) -> None:
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"unsupported storage dtype {weight.dtype}")
+    if factor.dtype != np.float64 or factor.ndim != weight.ndim:
+        raise TypeError("factor must be float64 with the weight's rank")
+    if factor.shape[0] not in (1, weight.shape[0]):
+        raise ValueError(f"factor leading axis {factor.shape[0]} vs weight {weight.shape[0]}")
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """Whether CUDA can be used, without importing torch on machines with no NVIDIA driver."""
+    if not (Path("/proc/driver/nvidia/version").exists() or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def backend_for(device: str) -> Backend:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cpu":
+        return NumpyBackend()
+    if device == "cuda":
+        if not cuda_available():
+            raise RuntimeError("--device cuda: no CUDA device is available (torch sees none)")
+        return TorchBackend("cuda")
+    raise ValueError(f"unknown device {device!r} (auto, cpu or cuda)")
