@@ -130,15 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("input", help="ONNX model to read (never modified)")
     f.add_argument("-o", "--output", required=True, help="where to write the fused model")
-    f.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where the weight math runs (auto: CUDA when available)")
-    f.add_argument("--verify", action="store_true",
-                   help="run both models with onnxruntime and refuse to write on a mismatch")
+    f.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the weight math runs (auto: CUDA when available)",
+    )
+    f.add_argument(
+        "--verify",
+        action="store_true",
+        help="run both models with onnxruntime and refuse to write on a mismatch",
+    )
     f.add_argument("--json", action="store_true", help="print the report as JSON")
     f.add_argument("--rtol", type=float, help="relative tolerance for --verify")
     f.add_argument("--atol", type=float, help="absolute tolerance for --verify")
-    f.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME=DIMS",
-                   help="shape for a symbolic input in --verify, e.g. x=1x3x224x224")
+    f.add_argument(
+        "--input-shape",
+        action="append",
+        type=_parse_shape,
+        metavar="NAME=DIMS",
+        help="shape for a symbolic input in --verify, e.g. x=1x3x224x224",
+    )
     f.set_defaults(handler=cmd_fuse)
 
     d = sub.add_parser("demo", help="run a self-contained demonstration")

@@ -1,10 +1,10 @@
 """Errors of the passes layer; ``str(err)`` is a one-line message for the user.
 
-    PassError
-    ├── ModelFileError      the file is missing, unreadable, not ONNX, truncated or invalid
-    ├── OutputError         the output cannot be written (path, permissions, same as input)
-    └── VerificationError   the optimized model's outputs differ from the original's,
-                            or the check itself could not run
+PassError
+├── ModelFileError      the file is missing, unreadable, not ONNX, truncated or invalid
+├── OutputError         the output cannot be written (path, permissions, same as input)
+└── VerificationError   the optimized model's outputs differ from the original's,
+                        or the check itself could not run
 """
 
 

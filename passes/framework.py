@@ -105,9 +105,7 @@ class ModelContext:
     def __init__(self, model: onnx.ModelProto, store: TensorStore) -> None:
         self.model = model
         self.store = store
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0
-        )
+        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
         self.ir_version = model.ir_version
         self.uses: Counter[str] = Counter()
         self.names: set[str] = set()

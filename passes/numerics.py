@@ -33,12 +33,13 @@ _CHUNK_ELEMENTS = 1 << 18
 def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Round float64 ``x`` to ``dtype`` once (round to nearest, ties to even)."""
     dtype = np.dtype(dtype)
-    if dtype == np.float64:
-        return x.astype(np.float64, copy=True)
-    if dtype in (np.float32, np.float16):
-        return x.astype(dtype)
-    if dtype == BF16:
-        return _to_float32_odd(x).astype(BF16)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, checked by callers
+        if dtype == np.float64:
+            return x.astype(np.float64, copy=True)
+        if dtype in (np.float32, np.float16):
+            return x.astype(dtype)
+        if dtype == BF16:
+            return _to_float32_odd(x).astype(BF16)
     raise TypeError(f"unsupported storage dtype {dtype}")
 
 
@@ -76,6 +77,13 @@ class NumpyBackend:
         step = max(1, _CHUNK_ELEMENTS // per_row)
         tmp = np.empty((min(step, rows), *weight.shape[1:]), np.float64)
         direct = weight.dtype != BF16  # numpy casts f64 -> f16/f32 with one rounding
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, checked by caller
+            self._scale_chunks(weight, factor, out, tmp, step, direct)
+        return out
+
+    @staticmethod
+    def _scale_chunks(weight, factor, out, tmp, step, direct) -> None:
+        rows = weight.shape[0]
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             t = tmp[: r1 - r0]
@@ -85,7 +93,6 @@ class NumpyBackend:
                 out[r0:r1] = t
             else:
                 out[r0:r1] = round_to(t, weight.dtype)
-        return out
 
 
 class TorchBackend:

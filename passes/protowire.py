@@ -59,7 +59,9 @@ def encode_key(field: int, wire_type: int) -> bytes:
     return encode_varint((field << 3) | wire_type)
 
 
-def iter_fields(buf: memoryview | bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def iter_fields(
+    buf: memoryview | bytes, start: int, end: int
+) -> Iterator[tuple[int, int, int, int, int]]:
     """Yield (field, wire_type, field_start, value_start, value_end) for each field.
 
     For LEN fields value_start/value_end delimit the payload; for the other types they delimit

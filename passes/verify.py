@@ -189,7 +189,8 @@ def verify(
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     checks = [
-        _compare(name, w, g, rtol, atol) for name, w, g in zip(a.output_names, want, got, strict=True)
+        _compare(name, w, g, rtol, atol)
+        for name, w, g in zip(a.output_names, want, got, strict=True)
     ]
     return VerifyResult(
         engine=a.engine,

@@ -1,0 +1,103 @@
+"""Helpers for tests that build ONNX models by hand and run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+ONNX_TYPE = {
+    np.dtype(np.float32): onnx.TensorProto.FLOAT,
+    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+    BF16: onnx.TensorProto.BFLOAT16,
+}
+#: Tolerances for comparing a fused model's outputs with the original's (per storage dtype).
+TOL = {
+    np.dtype(np.float32): (1e-4, 1e-5),
+    np.dtype(np.float64): (1e-9, 1e-10),
+    np.dtype(np.float16): (1e-2, 1e-2),
+    BF16: (5e-2, 5e-2),
+}
+
+
+def bn_params(rng: np.random.Generator, c: int, dtype=np.float32, prefix: str = "bn"):
+    """Non-trivial BatchNormalization parameters (a wrong fold cannot hide behind 1s and 0s)."""
+    vals = {
+        f"{prefix}_scale": rng.uniform(0.5, 1.5, c),
+        f"{prefix}_bias": rng.normal(0, 0.2, c),
+        f"{prefix}_mean": rng.normal(0, 0.5, c),
+        f"{prefix}_var": rng.uniform(0.5, 2.0, c),
+    }
+    return [numpy_helper.from_array(v.astype(dtype), k) for k, v in vals.items()]
+
+
+def tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def value_info(name: str, dtype, rank: int | None = None, shape=None) -> onnx.ValueInfoProto:
+    if shape is None:
+        shape = [f"{name}_d{i}" for i in range(rank or 0)]
+    return helper.make_tensor_value_info(name, ONNX_TYPE[np.dtype(dtype)], shape)
+
+
+def make_model(nodes, inputs, outputs, initializers, opset: int = 17, ir_version=None):
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version or helper.find_min_ir_version_for(
+        [helper.make_opsetid("", opset)]
+    )
+    if model.ir_version < 4:  # IR < 4: every initializer is also declared as a graph input
+        declared = {i.name for i in model.graph.input}
+        for t in model.graph.initializer:
+            if t.name not in declared:
+                model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    return model
+
+
+def run(model: onnx.ModelProto | Path | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run with onnxruntime (optimizations off); the ONNX reference evaluator where ORT cannot."""
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception:
+        from onnx.reference import ReferenceEvaluator
+
+        m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        return [np.asarray(x) for x in ReferenceEvaluator(m).run(None, feeds)]
+    return sess.run(None, feeds)
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    def walk(g):
+        n = 0
+        for node in g.node:
+            n += node.op_type == op_type
+            for a in node.attribute:
+                if a.HasField("g"):
+                    n += walk(a.g)
+                for sub in a.graphs:
+                    n += walk(sub)
+        return n
+
+    return walk(model.graph)
+
+
+def assert_close(got: list[np.ndarray], want: list[np.ndarray], dtype) -> None:
+    rtol, atol = TOL[np.dtype(dtype)]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(
+            np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=atol
+        )
