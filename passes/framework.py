@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.modelfile import TensorStore
+from passes.modelfile import Computed, TensorStore
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -179,7 +179,9 @@ class Scope:
         return None, f"{name!r} is not defined"
 
     # -- edits -----------------------------------------------------------------------------
-    def replace_input(self, node: onnx.NodeProto, index: int, array: np.ndarray, base: str) -> None:
+    def replace_input(
+        self, node: onnx.NodeProto, index: int, array: np.ndarray | Computed, base: str
+    ) -> None:
         """Make input ``index`` of ``node`` hold ``array``.
 
         The tensor is rewritten in place only when it is an initializer of this graph used by
@@ -199,7 +201,7 @@ class Scope:
         if old:
             self.release(old)
 
-    def add_initializer(self, name: str, array: np.ndarray) -> None:
+    def add_initializer(self, name: str, array: np.ndarray | Computed) -> None:
         tensor = self.graph.initializer.add()
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from passes.framework import DEFAULT_DOMAINS, Constant, Fused, Scope, attr, node_key
+from passes.modelfile import Computed
 from passes.numerics import BF16, FLOAT_DTYPES, Backend, round_to
 
 NAME = "fuse-batchnorm"
@@ -41,7 +42,7 @@ class BnMatch:
     bn: onnx.NodeProto
     op: onnx.NodeProto | None = None
     # filled in by check():
-    weight: np.ndarray | None = None
+    weight: Computed | None = None
     bias: np.ndarray | None = None
     sources: list[Constant] = field(default_factory=list)
 
@@ -120,17 +121,35 @@ class FoldBatchNorm:
             return f"{op.op_type} bias dtype {b.dtype} differs from its weight's {w.dtype}"
 
         fold = {"Conv": _fold_conv, "ConvTranspose": _fold_conv_transpose, "Gemm": _fold_gemm}
-        result = fold[op.op_type](self.backend, op, scope, w, b, s, beta, mean)
+        result = fold[op.op_type](op, scope, w, b, s, beta, mean)
         if isinstance(result, str):
             return result
-        new_w, new_b = result
+        factor, new_b = result
         limit = _FLOAT_LIMITS[w.dtype]
-        for arr, orig, what in ((new_w, w, "weight"), (new_b, b, "bias")):
-            if not _all_finite(arr):
-                if orig is not None and not _all_finite(orig):
-                    return f"{op.op_type} {what} contains non-finite values"
-                return f"the fused {what} would overflow {w.dtype} (max {limit:g})"
-        m.weight, m.bias = new_w, new_b
+        if b is not None and not _all_finite(b):
+            return (
+                f"{op.op_type} {'C' if op.op_type == 'Gemm' else 'bias'} contains non-finite values"
+            )
+        if not _all_finite(new_b):
+            return f"the fused bias would overflow {w.dtype} (max {limit:g})"
+        store = scope.model.store
+        # The weight's bytes as loaded (the rewrite may point its tensor elsewhere).
+        source = store.extent(w_const.tensor) if w_const.tensor is not None else None
+        reason = _weight_overflow(w, factor, op.op_type)
+        store.release(source)
+        if reason:
+            return reason
+        backend = self.backend
+
+        def fused_weight() -> np.ndarray:
+            # Runs while the output is written: the weight is read once more, scaled and
+            # written out, never held beside the others.
+            out = backend.scale(w, factor)
+            store.release(source)
+            return out
+
+        m.weight = Computed(w.shape, w.dtype, fused_weight)
+        m.bias = new_b
         return None
 
     # -- rewrite -------------------------------------------------------------------------
@@ -190,7 +209,28 @@ def _bias_vector(b, mean, s, beta, dtype, channels):
     return round_to((base - mean) * s + beta, dtype)
 
 
-def _fold_conv(backend, op, scope, w, b, s, beta, mean):
+def _weight_overflow(w: np.ndarray, factor: np.ndarray, op_type: str) -> str | None:
+    """Exactly whether round(w * factor) overflows, without computing the product.
+
+    Rounding is monotonic, so the product overflows iff the largest |w| in each group sharing
+    one factor, times that factor, does. Max and min reductions read the weight once and
+    allocate nothing of its size.
+    """
+    if w.size == 0:
+        return None
+    axes = tuple(i for i in range(w.ndim) if factor.shape[i] == 1)
+    wf = w.astype(np.float32) if w.dtype == BF16 else w
+    hi = np.max(wf, axis=axes, keepdims=True).astype(np.float64)
+    lo = np.min(wf, axis=axes, keepdims=True).astype(np.float64)
+    absmax = np.maximum(hi, -lo)
+    if not np.isfinite(absmax).all():
+        return f"{op_type} weight contains non-finite values"
+    if not _all_finite(round_to(absmax * np.abs(factor), w.dtype)):
+        return f"the fused weight would overflow {w.dtype} (max {_FLOAT_LIMITS[w.dtype]:g})"
+    return None
+
+
+def _fold_conv(op, scope, w, b, s, beta, mean):
     if w.ndim < 3:
         return f"Conv weight has rank {w.ndim}, expected at least 3"
     if w.shape[0] != s.shape[0]:
@@ -198,10 +238,10 @@ def _fold_conv(backend, op, scope, w, b, s, beta, mean):
     if b is not None and b.shape != (w.shape[0],):
         return f"Conv bias has shape {list(b.shape)}, expected [{w.shape[0]}]"
     factor = s.reshape((-1,) + (1,) * (w.ndim - 1))
-    return backend.scale(w, factor), _bias_vector(b, mean, s, beta, w.dtype, w.shape[0])
+    return factor, _bias_vector(b, mean, s, beta, w.dtype, w.shape[0])
 
 
-def _fold_conv_transpose(backend, op, scope, w, b, s, beta, mean):
+def _fold_conv_transpose(op, scope, w, b, s, beta, mean):
     group = int(attr(op, "group", 1))
     if w.ndim < 3:
         return f"ConvTranspose weight has rank {w.ndim}, expected at least 3"
@@ -215,10 +255,10 @@ def _fold_conv_transpose(backend, op, scope, w, b, s, beta, mean):
     per_group = w.shape[1]
     rows = np.repeat(s.reshape(group, per_group), w.shape[0] // group, axis=0)
     factor = rows.reshape(rows.shape + (1,) * (w.ndim - 2))
-    return backend.scale(w, factor), _bias_vector(b, mean, s, beta, w.dtype, channels)
+    return factor, _bias_vector(b, mean, s, beta, w.dtype, channels)
 
 
-def _fold_gemm(backend, op, scope, w, c, s, beta, mean):
+def _fold_gemm(op, scope, w, c, s, beta, mean):
     if w.ndim != 2:
         return f"Gemm B has rank {w.ndim}, expected 2"
     trans_b = int(attr(op, "transB", 0))
@@ -236,7 +276,7 @@ def _fold_gemm(backend, op, scope, w, c, s, beta, mean):
         base = np.zeros(n)
     new_c = round_to(s * (base - mean) + beta, w.dtype)
     factor = s.reshape(n, 1) if trans_b else s.reshape(1, n)
-    return backend.scale(w, factor), new_c
+    return factor, new_c
 
 
 def _all_finite(a: np.ndarray) -> bool:

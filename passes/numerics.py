@@ -108,6 +108,8 @@ class TorchBackend:
     def scale(self, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
         torch = self.torch
         _check_factor(weight, factor)
+        if not weight.flags.writeable:  # a view of the mapped model file; torch wants writable
+            weight = weight.copy()
         if weight.dtype == BF16:
             w = torch.from_numpy(np.ascontiguousarray(weight).view(np.int16)).view(torch.bfloat16)
         else:
