@@ -163,9 +163,16 @@ class Scope:
         while scope is not None:
             if name in scope.producers:
                 node = scope.producers[name]
-                if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+                if node.domain in DEFAULT_DOMAINS and node.op_type == "Constant":
                     t = _constant_attr_tensor(node)
                     return Constant(name, scope, t, node), ""
+                if node.domain in DEFAULT_DOMAINS and node.op_type == "Identity":
+                    # Exporters de-duplicate equal tensors as Identity(initializer): still a
+                    # constant. Resolve from the Identity's own scope.
+                    inner, why = scope.constant(node.input[0])
+                    if inner is not None:
+                        return inner, ""
+                    return None, f"{name!r} is computed at run time (Identity of {why})"
                 return None, f"{name!r} is computed at run time (by {node.op_type})"
             if name in scope.initializers:
                 # From IR 4 on, an initializer that is also a graph input is only a default the
@@ -224,8 +231,12 @@ class Scope:
         while scope is not None:
             if name in scope.producers:
                 node = scope.producers[name]
-                if node.op_type == "Constant" and all(self.uses(o) == 0 for o in node.output):
+                if node.op_type in ("Constant", "Identity") and all(
+                    self.uses(o) == 0 for o in node.output
+                ):
                     scope.remove_node(node)
+                    if node.op_type == "Identity":
+                        scope.release(node.input[0])
                 return
             if name in scope.initializers:
                 tensor = scope.initializers.pop(name)
