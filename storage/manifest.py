@@ -1,0 +1,782 @@
+"""The manifest (format version 1) and the metadata object: docs/format.md sections 5 and 6.
+
+A manifest is immutable and named by its CID, so two things matter more than convenience:
+the same manifest must always serialize to the same bytes (canonical JSON, see
+:func:`canonical_json`), and a reader must refuse anything the format does not allow rather
+than guess (every check raises :class:`~storage.errors.ManifestError` naming the offending
+field, e.g. ``segments[2].fragments[5].sha256``). The dataclasses validate themselves on
+construction, so an invalid manifest cannot be built in code either.
+
+This module is pure: no I/O, no IPFS, no cryptography. It treats the age header and the
+sealed metadata as opaque bytes and checks only their outer shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
+from storage.errors import InvalidArgument, ManifestError
+
+__all__ = [
+    "ENCRYPTION_AGE",
+    "ENCRYPTION_NONE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_SIZE",
+    "ErasureParams",
+    "FragmentRef",
+    "Manifest",
+    "Metadata",
+    "SegmentRef",
+    "age_plaintext_size",
+    "canonical_json",
+    "format_time",
+    "is_valid_cid",
+    "parse_time",
+    "utc_now",
+]
+
+FORMAT_NAME = "fusenode-manifest"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+ENCRYPTION_AGE = "age-v1"
+ENCRYPTION_NONE = "none"
+
+MAX_MANIFEST_SIZE = 64 * 1024 * 1024
+MAX_AGE_HEADER_SIZE = 64 * 1024
+MAX_METADATA_SIZE = 1024 * 1024
+MAX_JSON_INT = 2**53 - 1
+"""Larger integers are not exact in every JSON implementation (IEEE doubles)."""
+
+_AGE_INTRO = b"age-encryption.org/v1\n"
+_AGE_CHUNK = 64 * 1024
+_AGE_TAG = 16
+_AGE_NONCE = 16
+_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_MEDIA_TYPE_RE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_BASE58_INDEX = {c: i for i, c in enumerate(_BASE58)}
+_BASE32_RE = re.compile(r"[a-z2-7]+")
+_CID_CODECS = {0x70: "dag-pb", 0x55: "raw"}
+
+
+# --- encoding helpers -------------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte string for a JSON value: sorted keys, no whitespace, raw UTF-8.
+
+    This exact call is the definition in docs/format.md 5.1; changing any argument changes
+    every manifest's bytes and CID.
+    """
+    try:
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text.encode("utf-8")
+    except (TypeError, ValueError) as err:
+        raise ManifestError(f"value cannot be encoded as canonical JSON: {err}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ManifestError(f"{name} is not allowed in a manifest (JSON has no such number)")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Refuse duplicate keys: parsers disagree on which one wins, an ambiguity to exploit."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ManifestError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _parse_json(data: bytes, what: str) -> Any:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{what} is not valid UTF-8: {err}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except ManifestError as err:
+        raise ManifestError(f"{what} is not valid: {err}") from None
+    except (ValueError, RecursionError) as err:
+        raise ManifestError(f"{what} is not valid JSON: {err}") from None
+
+
+@contextlib.contextmanager
+def _at(path: str) -> Iterator[None]:
+    """Prefix errors raised inside with the field path, so messages point at the culprit."""
+    try:
+        yield
+    except ManifestError as err:
+        raise ManifestError(f"{path}: {err}") from None
+
+
+def _check_keys(
+    obj: Any, what: str, required: set[str], optional: frozenset[str] = frozenset()
+) -> None:
+    """Exact key set: version 1 has no extension point (docs/format.md 11)."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{what} must be a JSON object, got {_json_type(obj)}")
+    missing = sorted(required - obj.keys())
+    if missing:
+        raise ManifestError(f"{what} lacks required key(s): {', '.join(missing)}")
+    unknown = sorted(obj.keys() - required - optional)
+    if unknown:
+        raise ManifestError(f"{what} has unknown key(s) for this version: {', '.join(unknown)}")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _int(value: Any, name: str, low: int = 0, high: int = MAX_JSON_INT) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ManifestError(f"{name} must be an integer, got {_json_type(value)}")
+    if not low <= value <= high:
+        raise ManifestError(f"{name} {value} is out of range {low}..{high}")
+    return value
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(f"{name} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ManifestError(f"{name} must be an array, got {_json_type(value)}")
+    return value
+
+
+def _sha256(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
+        raise ManifestError(f"{name} must be 64 lowercase hex digits, got {value!r:.80}")
+    return value
+
+
+def _b64decode(value: Any, name: str) -> bytes:
+    """Strict base64: standard alphabet, padding, nothing that decodes two ways."""
+    text = _str(value, name)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ManifestError(f"{name} is not valid base64: {err}") from None
+    if base64.b64encode(data).decode("ascii") != text:
+        raise ManifestError(f"{name} is not canonical base64 (padding or trailing bits)")
+    return data
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def utc_now() -> datetime:
+    """The current time as the format stores it: UTC, whole seconds."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def format_time(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ``; refuses what that form cannot hold exactly."""
+    _check_time(moment, "time")
+    return moment.strftime(_TIME_FORMAT)
+
+
+def parse_time(text: Any, name: str = "time") -> datetime:
+    """Parse the one allowed spelling of a time (no offsets, no fractions, no lowercase)."""
+    if not isinstance(text, str) or not _TIME_RE.fullmatch(text):
+        raise ManifestError(f"{name} must look like 2025-01-31T12:00:00Z, got {text!r:.80}")
+    try:
+        return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError as err:
+        raise ManifestError(f"{name} {text!r} is not a valid date and time: {err}") from None
+
+
+def _check_time(moment: Any, name: str) -> None:
+    if not isinstance(moment, datetime):
+        raise ManifestError(f"{name} must be a datetime, got {type(moment).__name__}")
+    if moment.tzinfo is None or moment.utcoffset() != UTC.utcoffset(None):
+        raise ManifestError(f"{name} must be in UTC (tzinfo=UTC), got {moment!r}")
+    if moment.microsecond:
+        raise ManifestError(f"{name} must be whole seconds (use .replace(microsecond=0))")
+
+
+# --- CIDs -------------------------------------------------------------------------------
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Unsigned LEB128 as multiformats uses it: at most 9 bytes, minimally encoded."""
+    value = shift = 0
+    for i in range(pos, min(pos + 9, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            if byte == 0 and i > pos:
+                raise ValueError("varint is not minimally encoded")
+            return value, i + 1
+    raise ValueError("truncated or overlong varint")
+
+
+def _is_cid_v0(text: str) -> bool:
+    if len(text) != 46 or not text.startswith("Qm"):
+        return False
+    number = 0
+    for char in text:
+        digit = _BASE58_INDEX.get(char)
+        if digit is None:
+            return False
+        number = number * 58 + digit
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return len(raw) == 34 and raw[:2] == b"\x12\x20"
+
+
+def _is_cid_v1_base32(text: str) -> bool:
+    body = text[1:]
+    if not text.startswith("b") or len(text) > 200 or not _BASE32_RE.fullmatch(body):
+        return False
+    try:
+        raw = base64.b32decode(body.upper() + "=" * (-len(body) % 8))
+    except (binascii.Error, ValueError):
+        return False
+    if base64.b32encode(raw).decode("ascii").rstrip("=").lower() != body:
+        return False  # non-zero trailing bits: a second spelling of the same CID
+    try:
+        version, pos = _read_varint(raw, 0)
+        codec, pos = _read_varint(raw, pos)
+        hash_code, pos = _read_varint(raw, pos)
+        digest_len, pos = _read_varint(raw, pos)
+    except ValueError:
+        return False
+    # hash code 0 is "identity": the data would sit in the CID itself, never a fragment.
+    return (
+        version == 1
+        and codec in _CID_CODECS
+        and hash_code != 0
+        and 16 <= digest_len <= 64
+        and len(raw) - pos == digest_len
+    )
+
+
+def is_valid_cid(text: Any) -> bool:
+    """True for a CIDv0 (``Qm...``, 46 characters) or a lowercase base32 CIDv1 (``b...``).
+
+    Syntax only (multibase, version, codec dag-pb or raw, multihash length): whether IPFS
+    has the content is not checked.
+    """
+    return isinstance(text, str) and (_is_cid_v0(text) or _is_cid_v1_base32(text))
+
+
+def _cid(value: Any, name: str) -> str:
+    if not is_valid_cid(value):
+        raise ManifestError(
+            f"{name} {value!r:.80} is not a valid CID (CIDv0 'Qm...' of 46 base58 "
+            "characters, or lowercase base32 CIDv1 'b...')"
+        )
+    return value
+
+
+# --- age shape --------------------------------------------------------------------------
+
+
+def age_plaintext_size(payload_size: int) -> int | None:
+    """The plaintext size an age payload of ``payload_size`` bytes holds, or None if none.
+
+    age cuts the plaintext into 64 KiB chunks, each + 16-byte tag, after a 16-byte nonce; the
+    last chunk is never empty unless the whole plaintext is. So the size is exact (which is
+    also why the payload size leaks the plaintext size, docs/format.md 12).
+    """
+    body = payload_size - _AGE_NONCE
+    if body < _AGE_TAG:
+        return None
+    full, rest = divmod(body, _AGE_CHUNK + _AGE_TAG)
+    if rest == 0:
+        return full * _AGE_CHUNK if full else None
+    if rest == _AGE_TAG:
+        return 0 if full == 0 else None  # an empty final chunk only for empty plaintext
+    if rest < _AGE_TAG:
+        return None
+    return full * _AGE_CHUNK + rest - _AGE_TAG
+
+
+def _check_age_header(header: Any) -> None:
+    if not isinstance(header, bytes):
+        raise ManifestError(f"age_header must be bytes, got {type(header).__name__}")
+    if not 1 <= len(header) <= MAX_AGE_HEADER_SIZE:
+        raise ManifestError(f"age_header is {len(header)} bytes, allowed 1..{MAX_AGE_HEADER_SIZE}")
+    if not header.startswith(_AGE_INTRO):
+        raise ManifestError("age_header does not start with 'age-encryption.org/v1'")
+    last_line = header[:-1].rsplit(b"\n", 1)[-1]
+    if not header.endswith(b"\n") or not last_line.startswith(b"--- "):
+        raise ManifestError("age_header does not end with the '--- MAC' line and a newline")
+
+
+def _check_sealed_metadata(sealed: bytes) -> None:
+    if not 1 <= len(sealed) <= MAX_METADATA_SIZE + _AGE_NONCE + 17 * _AGE_TAG:
+        raise ManifestError(f"sealed metadata is {len(sealed)} bytes, too large or empty")
+    if age_plaintext_size(len(sealed)) is None:
+        raise ManifestError(f"sealed metadata is {len(sealed)} bytes, not an age payload length")
+
+
+# --- metadata ---------------------------------------------------------------------------
+
+
+def _check_name(name: Any) -> None:
+    """A plain file name: the reader writes a file under it, so no path may sneak in."""
+    _str(name, "name")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError("name is not valid Unicode (lone surrogate)") from None
+    if not 1 <= len(encoded) <= 255:
+        raise ManifestError(f"name is {len(encoded)} UTF-8 bytes, allowed 1..255")
+    if name in {".", ".."} or any(c in "/\\" for c in name):
+        raise ManifestError(f"name {name!r} is a path, not a file name")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ManifestError(f"name {name!r} contains control characters")
+
+
+def _check_json_value(value: Any, path: str) -> None:
+    """Only what JSON holds as is: json.dumps would silently turn a key 1 into "1"."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ManifestError(f"{path} has a non-string key {key!r:.40}")
+            _check_json_value(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_json_value(item, f"{path}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float):
+        raise ManifestError(f"{path} holds a {type(value).__name__}, not a JSON value")
+
+
+def _check_provenance(provenance: Any) -> dict[str, Any]:
+    """Any JSON object; copied through JSON so that later mutation cannot reach it."""
+    if not isinstance(provenance, Mapping):
+        raise ManifestError(f"provenance must be an object, got {_json_type(provenance)}")
+    _check_json_value(provenance, "provenance")
+    try:
+        encoded = canonical_json(dict(provenance))
+    except ManifestError as err:
+        raise ManifestError(f"provenance: {err}") from None
+    return json.loads(encoded)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What the plaintext is; sealed with age in encrypted mode, in clear in public mode."""
+
+    name: str
+    size: int
+    sha256: str
+    created: datetime
+    media_type: str | None = None
+    provenance: Mapping[str, Any] | None = None
+
+    _REQUIRED: ClassVar[set[str]] = {"name", "size", "sha256", "created"}
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"media_type", "provenance"})
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        _int(self.size, "size")
+        _sha256(self.sha256, "sha256")
+        _check_time(self.created, "created")
+        if self.media_type is not None and not (
+            isinstance(self.media_type, str) and _MEDIA_TYPE_RE.fullmatch(self.media_type)
+        ):
+            raise ManifestError(f"media_type {self.media_type!r:.80} is not 'type/subtype'")
+        if self.provenance is not None:
+            object.__setattr__(self, "provenance", _check_provenance(self.provenance))
+        if len(canonical_json(self.to_obj())) > MAX_METADATA_SIZE:
+            raise ManifestError(f"metadata is larger than {MAX_METADATA_SIZE} bytes")
+
+    def to_obj(self) -> dict[str, Any]:
+        """The JSON object (optional members omitted, never null)."""
+        obj: dict[str, Any] = {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created": format_time(self.created),
+        }
+        if self.media_type is not None:
+            obj["media_type"] = self.media_type
+        if self.provenance is not None:
+            obj["provenance"] = self.provenance
+        return obj
+
+    def to_json(self) -> bytes:
+        """Canonical JSON bytes: what gets sealed with age."""
+        return canonical_json(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Metadata:
+        _check_keys(obj, "metadata", cls._REQUIRED, cls._OPTIONAL)
+        return cls(
+            name=obj["name"],
+            size=obj["size"],
+            sha256=obj["sha256"],
+            created=parse_time(obj["created"], "created"),
+            media_type=_str(obj["media_type"], "media_type") if "media_type" in obj else None,
+            provenance=obj.get("provenance"),
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Metadata:
+        """Parse decrypted (or public) metadata, refusing anything format.md 6 forbids."""
+        if len(data) > MAX_METADATA_SIZE:
+            raise ManifestError(f"metadata is larger than {MAX_METADATA_SIZE} bytes")
+        obj = _parse_json(data, "metadata")
+        with _at("metadata"):
+            return cls.from_obj(obj)
+
+
+# --- manifest ---------------------------------------------------------------------------
+
+
+def _unsupported_encryption(value: Any) -> ManifestError:
+    return ManifestError(
+        f"encryption {value!r:.80} is not supported (version 1 knows "
+        f"{ENCRYPTION_AGE!r} and {ENCRYPTION_NONE!r})"
+    )
+
+
+@dataclass(frozen=True)
+class FragmentRef:
+    """Where fragment ``index`` of a segment lives and how to recognize it."""
+
+    index: int
+    cid: str
+    size: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        _int(self.index, "index", 0, 63)
+        _cid(self.cid, "cid")
+        _int(self.size, "size", 1)
+        _sha256(self.sha256, "sha256")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"index": self.index, "cid": self.cid, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> FragmentRef:
+        _check_keys(obj, "fragment", {"index", "cid", "size", "sha256"})
+        return cls(index=obj["index"], cid=obj["cid"], size=obj["size"], sha256=obj["sha256"])
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """One segment of the payload: its size and its n fragments, in index order."""
+
+    index: int
+    size: int
+    fragments: tuple[FragmentRef, ...]
+
+    def __post_init__(self) -> None:
+        _int(self.index, "index")
+        _int(self.size, "size", 1, MAX_SEGMENT_SIZE)
+        if not isinstance(self.fragments, Sequence) or isinstance(self.fragments, str):
+            raise ManifestError("fragments must be a sequence of FragmentRef")
+        object.__setattr__(self, "fragments", tuple(self.fragments))
+        for position, fragment in enumerate(self.fragments):
+            if not isinstance(fragment, FragmentRef):
+                raise ManifestError(f"fragments[{position}] must be a FragmentRef")
+            if fragment.index != position:
+                raise ManifestError(
+                    f"fragments[{position}] has index {fragment.index}; fragments must be "
+                    "listed in index order 0..n-1"
+                )
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "size": self.size,
+            "fragments": [f.to_obj() for f in self.fragments],
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> SegmentRef:
+        _check_keys(obj, "segment", {"index", "size", "fragments"})
+        fragments = []
+        for position, item in enumerate(_list(obj["fragments"], "fragments")):
+            with _at(f"fragments[{position}]"):
+                fragments.append(FragmentRef.from_obj(item))
+        return cls(index=obj["index"], size=obj["size"], fragments=tuple(fragments))
+
+
+@dataclass(frozen=True)
+class ErasureParams:
+    """How every segment was coded; the algorithm name also fixes the fragment layout."""
+
+    k: int
+    n: int
+    segment_size: int
+    algorithm: str = ALGORITHM
+
+    def __post_init__(self) -> None:
+        if self.algorithm != ALGORITHM:
+            raise ManifestError(
+                f"algorithm {self.algorithm!r:.80} is not supported (version 1 knows {ALGORITHM!r})"
+            )
+        _int(self.k, "k", 1, 64)
+        _int(self.n, "n", 2, 64)
+        try:
+            validate_parameters(self.k, self.n)
+        except InvalidArgument as err:
+            raise ManifestError(str(err)) from None
+        _int(self.segment_size, "segment_size", 1, MAX_SEGMENT_SIZE)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "k": self.k,
+            "n": self.n,
+            "segment_size": self.segment_size,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ErasureParams:
+        _check_keys(obj, "erasure", {"algorithm", "k", "n", "segment_size"})
+        return cls(
+            algorithm=_str(obj["algorithm"], "algorithm"),
+            k=obj["k"],
+            n=obj["n"],
+            segment_size=obj["segment_size"],
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A stored model: how to fetch, check, decode and decrypt it (format.md section 5).
+
+    ``metadata`` is the sealed metadata (bytes, an age payload) when ``encryption`` is
+    ``"age-v1"``, and a :class:`Metadata` in public mode (``"none"``).
+    """
+
+    FORMAT: ClassVar[str] = FORMAT_NAME
+    VERSION: ClassVar[int] = FORMAT_VERSION
+
+    created: datetime
+    encryption: str
+    erasure: ErasureParams
+    payload_size: int
+    segments: tuple[SegmentRef, ...]
+    metadata: bytes | Metadata
+    age_header: bytes | None = None
+    parent: str | None = None
+
+    _REQUIRED: ClassVar[set[str]] = {
+        "format",
+        "version",
+        "created",
+        "encryption",
+        "metadata",
+        "erasure",
+        "payload_size",
+        "segments",
+    }
+
+    def __post_init__(self) -> None:
+        _check_time(self.created, "created")
+        if not isinstance(self.erasure, ErasureParams):
+            raise ManifestError("erasure must be an ErasureParams")
+        _int(self.payload_size, "payload_size", 1)
+        if self.parent is not None:
+            _cid(self.parent, "parent")
+        self._check_encryption()
+        if not isinstance(self.segments, Sequence) or isinstance(self.segments, str):
+            raise ManifestError("segments must be a sequence of SegmentRef")
+        object.__setattr__(self, "segments", tuple(self.segments))
+        self._check_segments()
+
+    def _check_encryption(self) -> None:
+        if self.encryption == ENCRYPTION_AGE:
+            if self.age_header is None:
+                raise ManifestError("age_header is required when encryption is 'age-v1'")
+            _check_age_header(self.age_header)
+            if not isinstance(self.metadata, bytes):
+                raise ManifestError("metadata must be sealed (base64 bytes) with 'age-v1'")
+            with _at("metadata"):
+                _check_sealed_metadata(self.metadata)
+            if age_plaintext_size(self.payload_size) is None:
+                raise ManifestError(
+                    f"payload_size {self.payload_size} is not a possible age payload length"
+                )
+        elif self.encryption == ENCRYPTION_NONE:
+            if self.age_header is not None:
+                raise ManifestError("age_header must be absent when encryption is 'none'")
+            if not isinstance(self.metadata, Metadata):
+                raise ManifestError("metadata must be a clear object when encryption is 'none'")
+            if self.metadata.size != self.payload_size:
+                raise ManifestError(
+                    f"metadata.size {self.metadata.size} differs from payload_size "
+                    f"{self.payload_size} (public payload = plaintext)"
+                )
+        else:
+            raise _unsupported_encryption(self.encryption)
+
+    def _check_segments(self) -> None:
+        size, count = (
+            self.erasure.segment_size,
+            math.ceil(self.payload_size / self.erasure.segment_size),
+        )
+        if len(self.segments) != count:
+            raise ManifestError(
+                f"segments: {len(self.segments)} listed, but payload_size {self.payload_size} "
+                f"at segment_size {size} needs {count}"
+            )
+        for i, segment in enumerate(self.segments):
+            with _at(f"segments[{i}]"):
+                if not isinstance(segment, SegmentRef):
+                    raise ManifestError("must be a SegmentRef")
+                if segment.index != i:
+                    raise ManifestError(f"index {segment.index} differs from its position {i}")
+                expected = size if i < count - 1 else self.payload_size - (count - 1) * size
+                if segment.size != expected:
+                    raise ManifestError(
+                        f"size {segment.size}, expected {expected} from payload_size "
+                        f"{self.payload_size} and segment_size {size}"
+                    )
+                if len(segment.fragments) != self.erasure.n:
+                    raise ManifestError(
+                        f"{len(segment.fragments)} fragments listed, n is {self.erasure.n}"
+                    )
+                frag_size = fragment_size(self.erasure.k, segment.size)
+                for j, fragment in enumerate(segment.fragments):
+                    if fragment.size != frag_size:
+                        raise ManifestError(
+                            f"fragments[{j}].size {fragment.size}, expected {frag_size} "
+                            f"(80-byte header + ceil({segment.size} / k={self.erasure.k}))"
+                        )
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption == ENCRYPTION_AGE
+
+    def plaintext_size(self) -> int:
+        """Exact plaintext size, known without a key (docs/format.md 12 says why it leaks)."""
+        if not self.encrypted:
+            return self.payload_size
+        size = age_plaintext_size(self.payload_size)
+        assert size is not None  # checked on construction
+        return size
+
+    def fragment_cids(self) -> list[str]:
+        """Every fragment CID, segment by segment (what a node pins for this model)."""
+        return [f.cid for s in self.segments for f in s.fragments]
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "created": format_time(self.created),
+            "encryption": self.encryption,
+            "erasure": self.erasure.to_obj(),
+            "payload_size": self.payload_size,
+            "segments": [s.to_obj() for s in self.segments],
+        }
+        if isinstance(self.metadata, Metadata):
+            obj["metadata"] = self.metadata.to_obj()
+        else:
+            obj["metadata"] = _b64encode(self.metadata)
+        if self.age_header is not None:
+            obj["age_header"] = _b64encode(self.age_header)
+        if self.parent is not None:
+            obj["parent"] = self.parent
+        return obj
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes, the ones to add to IPFS: same manifest, same CID."""
+        return canonical_json(self.to_obj())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse and fully validate a manifest, or raise ManifestError saying what is wrong.
+
+        ``format`` and ``version`` are checked first, so a manifest from a newer fusenode is
+        reported as such instead of as a list of unknown keys.
+        """
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise ManifestError(
+                f"manifest is {len(data)} bytes, larger than the {MAX_MANIFEST_SIZE} allowed"
+            )
+        obj = _parse_json(data, "manifest")
+        if not isinstance(obj, dict):
+            raise ManifestError(f"manifest must be a JSON object, got {_json_type(obj)}")
+        fmt = obj.get("format")
+        if fmt != FORMAT_NAME:
+            raise ManifestError(f"not a fusenode manifest (format is {fmt!r:.80})")
+        version = obj.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ManifestError(f"manifest version must be an integer, got {version!r:.80}")
+        if version not in SUPPORTED_VERSIONS:
+            known = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+            raise ManifestError(
+                f"manifest version {version} is not supported (this fusenode reads version "
+                f"{known}); a newer fusenode may read it"
+            )
+        with _at("manifest"):
+            return cls._from_obj(obj)
+
+    @classmethod
+    def _from_obj(cls, obj: dict[str, Any]) -> Manifest:
+        _check_keys(obj, "manifest", cls._REQUIRED, frozenset({"age_header", "parent"}))
+        encryption = _str(obj["encryption"], "encryption")
+        if encryption not in (ENCRYPTION_AGE, ENCRYPTION_NONE):
+            raise _unsupported_encryption(encryption)
+        with _at("erasure"):
+            erasure = ErasureParams.from_obj(obj["erasure"])
+        segments = []
+        for i, item in enumerate(_list(obj["segments"], "segments")):
+            with _at(f"segments[{i}]"):
+                segments.append(SegmentRef.from_obj(item))
+        raw_metadata = obj["metadata"]
+        metadata: bytes | Metadata
+        with _at("metadata"):
+            if encryption == ENCRYPTION_NONE:
+                metadata = Metadata.from_obj(raw_metadata)
+            else:
+                metadata = _b64decode(raw_metadata, "sealed metadata")
+        age_header = None
+        if "age_header" in obj:
+            age_header = _b64decode(obj["age_header"], "age_header")
+        return cls(
+            created=parse_time(obj["created"], "created"),
+            encryption=encryption,
+            erasure=erasure,
+            payload_size=obj["payload_size"],
+            segments=tuple(segments),
+            metadata=metadata,
+            age_header=age_header,
+            parent=_cid(obj["parent"], "parent") if "parent" in obj else None,
+        )
