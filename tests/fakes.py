@@ -1,0 +1,75 @@
+"""An in-memory IpfsBackend for unit tests of the logic above the backend.
+
+Never used by the product: acceptance tests run on real embedded Kubo nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from storage.backend import IpfsBackend, NodeIdentity, validate_cid
+from storage.errors import BackendTimeout
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def fake_cid(data: bytes) -> str:
+    """A well-formed CIDv0 (sha2-256 multihash) of the raw bytes (not Kubo's UnixFS CID)."""
+    num = int.from_bytes(b"\x12\x20" + hashlib.sha256(data).digest(), "big")
+    out = ""
+    while num:
+        num, r = divmod(num, 58)
+        out = _B58[r] + out
+    return out
+
+
+class FakeBackend(IpfsBackend):
+    def __init__(self) -> None:
+        self.blocks: dict[str, bytes] = {}
+        self.pinned: set[str] = set()
+        self.fetches: list[str] = []
+
+    def add(self, path: Path) -> str:
+        return self.add_bytes(Path(path).read_bytes())
+
+    def add_bytes(self, data: bytes) -> str:
+        cid = fake_cid(data)
+        self.blocks[cid] = bytes(data)
+        self.pinned.add(cid)
+        return cid
+
+    def hash_only(self, path: Path) -> str:
+        return fake_cid(Path(path).read_bytes())
+
+    def pin(self, cid: str, timeout: float) -> None:
+        self.fetch_bytes(cid, timeout)
+        self.pinned.add(cid)
+
+    def unpin(self, cid: str) -> None:
+        self.pinned.discard(cid)
+
+    def pins(self) -> set[str]:
+        return set(self.pinned)
+
+    def fetch(self, cid: str, dest: Path, timeout: float) -> None:
+        Path(dest).write_bytes(self.fetch_bytes(cid, timeout))
+
+    def fetch_bytes(self, cid: str, timeout: float) -> bytes:
+        validate_cid(cid)
+        self.fetches.append(cid)
+        if cid not in self.blocks:  # like Kubo after its deadline: nobody provided it
+            raise BackendTimeout(f"timed out after {timeout} s fetching {cid}")
+        return self.blocks[cid]
+
+    def connect(self, multiaddr: str, timeout: float) -> None:
+        raise NotImplementedError
+
+    def peers(self) -> list[str]:
+        return []
+
+    def identity(self) -> NodeIdentity:
+        return NodeIdentity("12D3KooWFake", ())
+
+    def close(self) -> None:
+        pass
