@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -99,6 +100,120 @@ def format_fuse_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# -- keys, repo, put, get ---------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from node.repo import identity_text, write_private
+    from storage import age
+
+    identity = age.X25519Identity.generate()
+    text = identity_text(identity)
+    recipient = identity.recipient.to_string()
+    if args.output:
+        try:
+            write_private(Path(args.output), text)
+        except FileExistsError:
+            raise CliError(f"{args.output}: already exists; not overwriting a key") from None
+        except OSError as e:
+            raise CliError(f"{args.output}: cannot write: {e.strerror}") from e
+        print(f"wrote identity to {args.output} (mode 0600)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    print(recipient)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from node.repo import Repo, default_repo_path
+
+    path = default_repo_path(args.repo)
+    repo = Repo.init(path, args.swarm_port, args.api_port)
+    print(f"initialized fusenode repo in {path}")
+    print(f"  swarm: /ip4/{repo.config.node.swarm_host}/tcp/{repo.config.node.swarm_port}")
+    print(f"  api:   http://{repo.config.api.host}:{repo.config.api.port}")
+    print(f"  recipient: {repo.recipient()}")
+    return 0
+
+
+def _open_repo(args: argparse.Namespace):
+    from node.repo import Repo, default_repo_path
+
+    return Repo.open(default_repo_path(args.repo))
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    from node.progress import progress_bar
+    from storage import age
+    from storage.store import put_file
+
+    repo = _open_repo(args)
+    k = args.k if args.k is not None else repo.config.storage.k
+    n = args.n if args.n is not None else repo.config.storage.n
+    from storage.erasure import validate_parameters
+
+    validate_parameters(k, n)
+    source = Path(args.file)
+    if not source.is_file():
+        what = "is a directory" if source.is_dir() else "no such file"
+        raise CliError(f"{source}: {what}")
+    recipients = [age.X25519Recipient.from_string(r) for r in args.recipient or []]
+    if not recipients and not args.public:
+        recipients = [repo.identities()[0].recipient]
+    with repo.open_backend() as node, progress_bar(source.stat().st_size, "put") as update:
+        result = put_file(
+            source,
+            node,
+            recipients=recipients,
+            public=args.public,
+            k=k,
+            n=n,
+            segment_size=repo.config.storage.segment_size,
+            work_dir=repo.tmp,
+            progress=update,
+        )
+    segments = len(result.manifest.segments)
+    print(
+        f"stored {result.plaintext_size} bytes as {segments} segment(s) x {n} fragments "
+        f"(any {k} rebuild a segment), {'public' if args.public else 'encrypted'}",
+        file=sys.stderr,
+    )
+    print(
+        f"offline: no daemon runs on {repo.path}, so all {n} fragments of every segment are "
+        "in this repo only; run `fusenode daemon` to spread them over peers",
+        file=sys.stderr,
+    )
+    print(result.cid)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from node.progress import progress_bar
+    from node.repo import read_identities
+    from storage.store import get_file, load_manifest
+
+    repo = _open_repo(args)
+    identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
+    with repo.open_backend() as node:
+        timeout = repo.config.storage.fetch_timeout
+        manifest = load_manifest(args.cid, node, timeout=timeout, work_dir=repo.tmp)
+        with progress_bar(manifest.plaintext_size(), "get") as update:
+            result = get_file(
+                args.cid,
+                args.output,
+                node,
+                identities=identities,
+                fetch_timeout=timeout,
+                progress=update,
+            )
+    print(
+        f"wrote {args.output} ({result.metadata.size} bytes, stored as "
+        f"{result.metadata.name!r}, sha256 {result.metadata.sha256[:16]}...) verified",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 
@@ -153,10 +268,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.set_defaults(handler=cmd_fuse)
 
+    kg = sub.add_parser("keygen", help="create an age identity (X25519 key pair)")
+    kg.add_argument("-o", "--output", help="write the identity here (mode 0600)")
+    kg.set_defaults(handler=cmd_keygen)
+
+    i = sub.add_parser("init", help="create a node repo")
+    _repo_arg(i)
+    i.add_argument("--swarm-port", type=int, help="IPFS swarm port on 127.0.0.1 (default: free)")
+    i.add_argument("--api-port", type=int, help="HTTP API port on 127.0.0.1 (default: free)")
+    i.set_defaults(handler=cmd_init)
+
+    pu = sub.add_parser("put", help="store a file: encrypt, erasure-code, pin; print its CID")
+    pu.add_argument("file")
+    pu.add_argument("-k", type=int, help="fragments needed to rebuild a segment")
+    pu.add_argument("-n", type=int, help="fragments stored per segment")
+    pu.add_argument(
+        "--recipient",
+        action="append",
+        metavar="AGE1...",
+        help="age recipient who may read it (repeatable; default: this node)",
+    )
+    pu.add_argument("--public", action="store_true", help="store unencrypted")
+    _repo_arg(pu)
+    pu.set_defaults(handler=cmd_put)
+
+    g = sub.add_parser("get", help="retrieve a stored file by its manifest CID")
+    g.add_argument("cid")
+    g.add_argument("-o", "--output", required=True, help="where to write the file")
+    g.add_argument("--identity", help="age identity file (default: the node's)")
+    _repo_arg(g)
+    g.set_defaults(handler=cmd_get)
+
     d = sub.add_parser("demo", help="run a self-contained demonstration")
     d.add_argument("--workdir", help="keep the demo's files here (default: a temp folder)")
     d.set_defaults(handler=cmd_demo)
     return p
+
+
+def _repo_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", help="node repo (default: $FUSENODE_REPO or ~/.fusenode)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Error families whose message is meant for the user (imported only if loaded)."""
+    families: list[type[BaseException]] = [CliError]
+    for module, name in (
+        ("storage.errors", "StorageError"),
+        ("passes.errors", "PassError"),
+        ("node.errors", "NodeError"),
+    ):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            families.append(getattr(mod, name))
+    return tuple(families)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,9 +329,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except CliError as e:
-        print(f"fusenode: error: {e}", file=sys.stderr)
-        return e.code
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"fusenode: error: {e}", file=sys.stderr)
+            return e.code if isinstance(e, CliError) else EXIT_ERROR
+        if os.environ.get("FUSENODE_DEBUG"):
+            raise
+        # A failure we did not foresee: still one line, and a way to get the details.
+        print(
+            f"fusenode: error: {type(e).__name__}: {e} (set FUSENODE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("fusenode: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,167 @@
+"""Configuration: REPO/config.toml, overridden by FUSENODE_* variables, parsed once here.
+
+The documented defaults live in the project's config.toml (shipped as node/default-config.toml
+in the package); :func:`load_config` turns a repo's file into one typed :class:`Config` and
+reports every mistake with the key it concerns.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+DEFAULTS_PATH = Path(__file__).with_name("default-config.toml")
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    swarm_host: str = "127.0.0.1"
+    swarm_port: int = 0
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    k: int = 4
+    n: int = 6
+    segment_size: int = 64 << 20
+    fetch_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    bootstrap: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSection,
+    "api": ApiSection,
+    "storage": StorageSection,
+    "network": NetworkSection,
+}
+_ENV = {
+    "FUSENODE_API_PORT": ("api", "port", int),
+    "FUSENODE_SWARM_PORT": ("node", "swarm_port", int),
+    "FUSENODE_K": ("storage", "k", int),
+    "FUSENODE_N": ("storage", "n", int),
+}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"[{section}] {key}"
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(default, bool):
+            raise ConfigError(f"config: {where} must be a {type(default).__name__}")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int):
+            raise ConfigError(f"config: {where} must be an integer, not {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"config: {where} must be a number, not {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {where} must be a string, not {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config: {where} must be a list of strings")
+        return tuple(value)
+    raise ConfigError(f"config: {where} has an unsupported type")
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: [{name}] must be a table")
+        defaults = cls()
+        unknown = set(raw) - set(defaults.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"config: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+        values = {key: _coerce(name, key, raw[key], getattr(defaults, key)) for key in raw}
+        sections[name] = cls(**values)
+    unknown_sections = set(data) - set(_SECTIONS)
+    if unknown_sections:
+        raise ConfigError(f"config: unknown section(s): {', '.join(sorted(unknown_sections))}")
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    for what, port in (
+        ("[node] swarm_port", config.node.swarm_port),
+        ("[api] port", config.api.port),
+    ):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"config: {what} {port} is not a TCP port")
+    s = config.storage
+    if not 1 <= s.k < s.n <= 64:
+        raise ConfigError(f"config: [storage] k={s.k}, n={s.n}: need 1 <= k < n <= 64")
+    if not s.k <= s.segment_size <= 1 << 30:
+        raise ConfigError(f"config: [storage] segment_size {s.segment_size} out of range")
+    if s.fetch_timeout <= 0:
+        raise ConfigError("config: [storage] fetch_timeout must be positive")
+    if config.api.max_body_bytes < 1024:
+        raise ConfigError("config: [api] max_body_bytes must be at least 1024")
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
+    """Read and validate ``path``; apply FUSENODE_* overrides from ``env``."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (run `fusenode init`)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    config = parse_config(data)
+    env = os.environ if env is None else env
+    for var, (section, key, kind) in _ENV.items():
+        if var in env:
+            try:
+                value = kind(env[var])
+            except ValueError:
+                raise ConfigError(f"{var}={env[var]!r} is not a valid {kind.__name__}") from None
+            config = replace(config, **{section: replace(getattr(config, section), **{key: value})})
+    validate(config)
+    return config
+
+
+def render_config(swarm_port: int, api_port: int) -> str:
+    """The documented default file with the ports chosen at init filled in."""
+    text = DEFAULTS_PATH.read_text(encoding="utf-8")
+    text = _set_first(text, "swarm_port = 0", f"swarm_port = {swarm_port}")
+    text = _set_first(text, "port = 0 ", f"port = {api_port} ")
+    parse_config(tomllib.loads(text))  # the file we write must load
+    return text
+
+
+def _set_first(text: str, old: str, new: str) -> str:
+    if old not in text:
+        raise ConfigError(f"default config lacks {old!r}")
+    return text.replace(old, new, 1)

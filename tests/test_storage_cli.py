@@ -1,0 +1,198 @@
+"""`fusenode keygen/init/put/get` on a real embedded Kubo node (127.0.0.1 only).
+
+Damage is done to the real blockstore on disk: Kubo does not re-verify its own blocks, so
+these tests show that fusenode's own hash checks catch it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tomllib
+
+import pyrage
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def fusenode(*args, timeout=120):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def clean_error(proc, text=None):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fusenode: error:"), proc.stderr
+    if text:
+        assert text in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("node") / "repo"
+    ok(fusenode("init", "--repo", path))
+    cfg = path / "config.toml"
+    cfg.write_text(cfg.read_text().replace("fetch_timeout = 60.0", "fetch_timeout = 3.0"))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(os.urandom(300_000))
+    return path
+
+
+def put(repo, path, *extra):
+    proc = ok(fusenode("put", path, "--repo", repo, *extra))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_init(repo):
+    config = tomllib.loads((repo / "config.toml").read_text())
+    assert config["api"]["host"] == "127.0.0.1" and config["api"]["port"] > 0
+    assert config["node"]["swarm_port"] > 0
+    assert stat.S_IMODE((repo / "identity.txt").stat().st_mode) == 0o600
+    import json
+
+    kubo = json.loads((repo / "kubo" / "config").read_text())
+    assert kubo["Bootstrap"] == [] and kubo["Discovery"]["MDNS"]["Enabled"] is False
+    assert all("127.0.0.1" in a for a in kubo["Addresses"]["Swarm"])
+    clean_error(fusenode("init", "--repo", repo), "already")
+
+
+def test_keygen(tmp_path):
+    key = tmp_path / "key.txt"
+    proc = ok(fusenode("keygen", "-o", key))
+    recipient = proc.stdout.strip().splitlines()[-1]
+    assert recipient.startswith("age1")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    identity = next(x for x in key.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1"))
+    rage = pyrage.x25519.Identity.from_str(identity)
+    assert str(rage.to_public()) == recipient
+    clean_error(fusenode("keygen", "-o", key), "already exists")
+    proc = ok(fusenode("keygen"))
+    assert proc.stdout.splitlines()[-1].startswith("age1")
+    assert "AGE-SECRET-KEY-1" in proc.stdout
+
+
+def test_put_get_round_trip(repo, model, tmp_path):
+    cid = put(repo, model)
+    assert cid.startswith("Qm")
+    out = tmp_path / "out.onnx"
+    proc = ok(fusenode("get", cid, "-o", out, "--repo", repo))
+    assert out.read_bytes() == model.read_bytes()
+    assert "\r" not in proc.stderr  # piped: no progress bar drawn
+
+
+def test_other_recipient_and_identity(repo, model, tmp_path):
+    key = tmp_path / "alice.txt"
+    alice = ok(fusenode("keygen", "-o", key)).stdout.strip().splitlines()[-1]
+    cid = put(repo, model, "--recipient", alice, "-k", "3", "-n", "5")
+    out = tmp_path / "out"
+    clean_error(fusenode("get", cid, "-o", out, "--repo", repo), "no identity matches")
+    assert not out.exists()
+    ok(fusenode("get", cid, "-o", out, "--repo", repo, "--identity", key))
+    assert out.read_bytes() == model.read_bytes()
+
+
+@pytest.mark.parametrize(("k", "n"), [("4", "4"), ("0", "3"), ("5", "65"), ("x", "6")])
+def test_invalid_k_n(repo, model, k, n):
+    proc = fusenode("put", model, "--repo", repo, "-k", k, "-n", n)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_bad_files(repo, tmp_path):
+    clean_error(fusenode("put", tmp_path / "missing", "--repo", repo), "no such file")
+    (tmp_path / "empty").touch()
+    clean_error(fusenode("put", tmp_path / "empty", "--repo", repo), "empty")
+    clean_error(fusenode("put", tmp_path, "--repo", repo), "directory")
+    clean_error(fusenode("put", tmp_path / "x", "--repo", tmp_path / "nope"), "not a fusenode")
+
+
+def test_bad_cids(repo, tmp_path):
+    out = tmp_path / "o"
+    clean_error(fusenode("get", "not-a-cid", "-o", out, "--repo", repo))
+    unknown = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+    clean_error(fusenode("get", unknown, "-o", out, "--repo", repo), "not found")
+    assert not out.exists()
+
+
+def _block_files_containing(repo, needle: bytes):
+    hits = []
+    for root, _, files in os.walk(repo / "kubo" / "blocks"):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                if needle in f.read():
+                    hits.append(path)
+    return hits
+
+
+def _corrupt(repo, content: bytes) -> None:
+    needle = content[200:232]
+    hits = _block_files_containing(repo, needle)
+    assert len(hits) == 1
+    with open(hits[0], "rb") as f:
+        data = bytearray(f.read())
+    data[data.index(needle) + 5] ^= 0xFF
+    os.chmod(hits[0], 0o644)
+    with open(hits[0], "wb") as f:
+        f.write(data)
+
+
+def _manifest(repo, cid):
+    from storage.kubo import KuboNode
+    from storage.manifest import Manifest
+
+    with KuboNode(repo) as node:
+        manifest = Manifest.from_bytes(node.fetch_bytes(cid, 10))
+        blobs = {f.cid: node.fetch_bytes(f.cid, 10) for f in manifest.segments[0].fragments}
+    return manifest, blobs
+
+
+def test_corrupted_blocks_on_disk(repo, tmp_path):
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(200_000))  # one segment, 4-of-6, fragments of ~50 KB
+    cid = put(repo, src)
+    manifest, blobs = _manifest(repo, cid)
+    frags = manifest.segments[0].fragments
+    _corrupt(repo, blobs[frags[1].cid])  # one data fragment silently damaged
+    out = tmp_path / "o"
+    ok(fusenode("get", cid, "-o", out, "--repo", repo))
+    assert out.read_bytes() == src.read_bytes()  # detected and replaced by a parity fragment
+    for f in frags[2:4] + frags[4:5]:  # now 4 of 6 bad: fewer than k remain
+        _corrupt(repo, blobs[f.cid])
+    out2 = tmp_path / "o2"
+    clean_error(fusenode("get", cid, "-o", out2, "--repo", repo), "fragments")
+    assert not out2.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o2")]
+
+
+def test_corrupted_manifest_on_disk(repo, tmp_path):
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(50_000))
+    cid = put(repo, src)
+    from storage.kubo import KuboNode
+
+    with KuboNode(repo) as node:
+        raw = node.fetch_bytes(cid, 10)
+    _corrupt(repo, raw)
+    clean_error(fusenode("get", cid, "-o", tmp_path / "o", "--repo", repo), "corrupted")
