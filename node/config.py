@@ -42,6 +42,19 @@ class StorageSection:
 @dataclass(frozen=True)
 class NetworkSection:
     bootstrap: tuple[str, ...] = ()
+    accept_from: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class PlacementSection:
+    allow_weak: bool = False
+    pin_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class RepairSection:
+    interval: float = 60.0
+    unreachable_after: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,8 @@ class Config:
     api: ApiSection = field(default_factory=ApiSection)
     storage: StorageSection = field(default_factory=StorageSection)
     network: NetworkSection = field(default_factory=NetworkSection)
+    placement: PlacementSection = field(default_factory=PlacementSection)
+    repair: RepairSection = field(default_factory=RepairSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -57,6 +72,8 @@ _SECTIONS: dict[str, type] = {
     "api": ApiSection,
     "storage": StorageSection,
     "network": NetworkSection,
+    "placement": PlacementSection,
+    "repair": RepairSection,
 }
 _ENV = {
     "FUSENODE_API_PORT": ("api", "port", int),
@@ -125,6 +142,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config: [storage] segment_size {s.segment_size} out of range")
     if s.fetch_timeout <= 0:
         raise ConfigError("config: [storage] fetch_timeout must be positive")
+    for what, value in (
+        ("[placement] pin_timeout", config.placement.pin_timeout),
+        ("[repair] interval", config.repair.interval),
+        ("[repair] unreachable_after", config.repair.unreachable_after),
+    ):
+        if value <= 0:
+            raise ConfigError(f"config: {what} must be positive")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("config: [api] max_body_bytes must be at least 1024")
 

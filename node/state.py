@@ -1,0 +1,218 @@
+"""Node state in SQLite (REPO/state.db): what a restart must not lose.
+
+Tables:
+
+- ``models``: models this node placed (it is their *owner*: it repairs them).
+- ``placements``: for each owned model, which peer holds fragment *i* of segment *s*, and
+  when that peer last confirmed it pinned it. Placement is kept here, not in the manifest,
+  because repair changes it (docs/format.md).
+- ``held``: pins this node keeps for others (or itself): fragment or manifest CIDs and the
+  owner who asked. A CID stays pinned while any row references it.
+- ``peers``: fusenode peers seen, when they last answered, and their last error: repair
+  decides from ``last_seen`` whether a peer has been away longer than the threshold.
+
+One connection, WAL mode, short transactions; callers serialize through the lock, so the
+daemon's event loop and worker threads can share it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    cid TEXT PRIMARY KEY,
+    k INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    segments INTEGER NOT NULL,
+    placement TEXT NOT NULL,           -- distinct | weak | local
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    manifest TEXT NOT NULL,
+    segment INTEGER NOT NULL,
+    fragment INTEGER NOT NULL,
+    cid TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    confirmed TEXT NOT NULL,
+    PRIMARY KEY (manifest, segment, fragment)
+);
+CREATE INDEX IF NOT EXISTS placements_peer ON placements (peer);
+CREATE TABLE IF NOT EXISTS held (
+    cid TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    pinned TEXT NOT NULL,
+    PRIMARY KEY (cid, owner)
+);
+CREATE TABLE IF NOT EXISTS peers (
+    peer_id TEXT PRIMARY KEY,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT,
+    last_error TEXT
+);
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Placement:
+    manifest: str
+    segment: int
+    fragment: int
+    cid: str
+    peer: str
+    confirmed: str
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    peer_id: str
+    first_seen: str
+    last_seen: str | None
+    last_error: str | None
+
+
+class State:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def _many(self, sql: str, rows: Iterable[Iterable]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(sql, [tuple(r) for r in rows])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- owned models and their placements -------------------------------------------------
+    def record_model(
+        self,
+        cid: str,
+        k: int,
+        n: int,
+        segments: int,
+        placement: str,
+        placements: Iterable[tuple[int, int, str, str]],
+    ) -> None:
+        """Record a model and where its fragments are, in one transaction."""
+        stamp = now_iso()
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                    (cid, k, n, segments, placement, stamp),
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, ?)",
+                    [(cid, s, i, frag, peer, stamp) for s, i, frag, peer in placements],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def models(self) -> list[tuple[str, int, int, int, str]]:
+        return self._run("SELECT cid, k, n, segments, placement FROM models ORDER BY created")
+
+    def model(self, cid: str) -> tuple[str, int, int, int, str] | None:
+        rows = self._run("SELECT cid, k, n, segments, placement FROM models WHERE cid = ?", [cid])
+        return rows[0] if rows else None
+
+    def placements(self, manifest: str | None = None) -> list[Placement]:
+        if manifest is None:
+            rows = self._run("SELECT * FROM placements ORDER BY manifest, segment, fragment")
+        else:
+            rows = self._run(
+                "SELECT * FROM placements WHERE manifest = ? ORDER BY segment, fragment",
+                [manifest],
+            )
+        return [Placement(*r) for r in rows]
+
+    def move_placement(self, manifest: str, segment: int, fragment: int, peer: str) -> None:
+        self._run(
+            "UPDATE placements SET peer = ?, confirmed = ? "
+            "WHERE manifest = ? AND segment = ? AND fragment = ?",
+            [peer, now_iso(), manifest, segment, fragment],
+        )
+
+    # -- pins held for owners --------------------------------------------------------------
+    def hold(self, cids: Iterable[str], owner: str) -> None:
+        stamp = now_iso()
+        self._many("INSERT OR IGNORE INTO held VALUES (?, ?, ?)", ((c, owner, stamp) for c in cids))
+
+    def held(self, cids: Iterable[str] | None = None) -> set[str]:
+        if cids is None:
+            return {r[0] for r in self._run("SELECT DISTINCT cid FROM held")}
+        wanted = list(cids)
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            found |= {
+                r[0] for r in self._run(f"SELECT cid FROM held WHERE cid IN ({marks})", chunk)
+            }
+        return found
+
+    def release(self, cid: str, owner: str) -> bool:
+        """Drop one owner's hold; True when nobody holds the CID any more (unpin it)."""
+        self._run("DELETE FROM held WHERE cid = ? AND owner = ?", [cid, owner])
+        return not self._run("SELECT 1 FROM held WHERE cid = ? LIMIT 1", [cid])
+
+    # -- peers -------------------------------------------------------------------------------
+    def peer_answered(self, peer_id: str) -> None:
+        stamp = now_iso()
+        self._run(
+            "INSERT INTO peers VALUES (?, ?, ?, NULL) ON CONFLICT(peer_id) DO UPDATE "
+            "SET last_seen = excluded.last_seen, last_error = NULL",
+            [peer_id, stamp, stamp],
+        )
+
+    def peer_failed(self, peer_id: str, error: str) -> None:
+        self._run(
+            "INSERT INTO peers VALUES (?, ?, NULL, ?) ON CONFLICT(peer_id) DO UPDATE "
+            "SET last_error = excluded.last_error",
+            [peer_id, now_iso(), error[:500]],
+        )
+
+    def peer(self, peer_id: str) -> PeerRecord | None:
+        rows = self._run("SELECT * FROM peers WHERE peer_id = ?", [peer_id])
+        return PeerRecord(*rows[0]) if rows else None
+
+    def peers(self) -> list[PeerRecord]:
+        return [PeerRecord(*r) for r in self._run("SELECT * FROM peers ORDER BY peer_id")]

@@ -1,0 +1,55 @@
+"""config.toml: the shipped defaults load; mistakes are reported with their key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from node.config import load_config, parse_config, render_config
+from node.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_defaults_load():
+    config = parse_config(tomllib.loads((ROOT / "config.toml").read_text()))
+    assert config.api.host == "127.0.0.1" and config.node.swarm_host == "127.0.0.1"
+    assert (config.storage.k, config.storage.n) == (4, 6)
+    assert config.network.bootstrap == ()
+
+
+def test_rendered_config_has_ports(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(render_config(4101, 5101))
+    config = load_config(path, env={})
+    assert config.node.swarm_port == 4101 and config.api.port == 5101
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[storage]\nk = 6\nn = 4\n", "k=6, n=4"),
+        ("[storage]\nk = 'four'\n", "must be an integer"),
+        ("[api]\nport = 70000\n", "not a TCP port"),
+        ("[nope]\n", "unknown section"),
+        ("[api]\nhots = 1\n", "unknown key"),
+        ("[repair]\ninterval = 0\n", "must be positive"),
+        ("[storage\n", "invalid TOML"),
+    ],
+)
+def test_bad_config(tmp_path, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, env={})
+
+
+def test_env_overrides(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("")
+    config = load_config(path, env={"FUSENODE_K": "2", "FUSENODE_N": "3"})
+    assert (config.storage.k, config.storage.n) == (2, 3)
+    with pytest.raises(ConfigError, match="FUSENODE_K"):
+        load_config(path, env={"FUSENODE_K": "x"})
