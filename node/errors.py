@@ -6,7 +6,8 @@ reach the edges unchanged; the CLI and the HTTP API map all three families.
     NodeError
     ├── ConfigError      config.toml or a FUSENODE_* variable is invalid
     ├── RepoError        the repo is missing, already exists, or is damaged
-    └── DaemonError      talking to a running daemon failed
+    ├── DaemonError      talking to a running daemon failed
+    └── PlacementError   too few reachable nodes for the placement asked for
 """
 
 
@@ -24,3 +25,7 @@ class RepoError(NodeError):
 
 class DaemonError(NodeError):
     """A request to the daemon failed."""
+
+
+class PlacementError(NodeError):
+    """Not enough reachable nodes for the requested placement."""
