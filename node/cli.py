@@ -142,12 +142,37 @@ def _open_repo(args: argparse.Namespace):
     return Repo.open(default_repo_path(args.repo))
 
 
+def _daemon(repo):
+    """The running daemon's client, or None (then commands work offline on the repo)."""
+    from node.client import find_daemon
+
+    return find_daemon(repo.path)
+
+
 def cmd_put(args: argparse.Namespace) -> int:
     from node.progress import progress_bar
     from storage import age
     from storage.store import put_file
 
     repo = _open_repo(args)
+    client = _daemon(repo)
+    if client is not None:
+        source = Path(args.file).resolve()
+        reply = client.put(
+            str(source),
+            k=args.k,
+            n=args.n,
+            recipients=list(args.recipient or []),
+            public=bool(args.public),
+        )
+        holders = ", ".join(f"{p[:12]}..: {c}" for p, c in reply["holders"].items())
+        print(
+            f"stored {reply['segments']} segment(s) x {reply['n']} fragments (any {reply['k']} "
+            f"rebuild a segment), placement {reply['placement']}: {holders}",
+            file=sys.stderr,
+        )
+        print(reply["cid"])
+        return 0
     k = args.k if args.k is not None else repo.config.storage.k
     n = args.n if args.n is not None else repo.config.storage.n
     from storage.erasure import validate_parameters
@@ -193,6 +218,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     from storage.store import get_file, load_manifest
 
     repo = _open_repo(args)
+    client = _daemon(repo)
+    if client is not None:
+        identity = str(Path(args.identity).resolve()) if args.identity else None
+        reply = client.get(args.cid, str(Path(args.output).resolve()), identity_path=identity)
+        print(
+            f"wrote {reply['path']} ({reply['size']} bytes, stored as {reply['name']!r}) verified",
+            file=sys.stderr,
+        )
+        return 0
     identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
     with repo.open_backend() as node:
         timeout = repo.config.storage.fetch_timeout
@@ -211,6 +245,100 @@ def cmd_get(args: argparse.Namespace) -> int:
         f"{result.metadata.name!r}, sha256 {result.metadata.sha256[:16]}...) verified",
         file=sys.stderr,
     )
+    return 0
+
+
+# -- daemon, id, peers, status ----------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from node.daemon import main as daemon_main
+    from node.repo import default_repo_path
+
+    return daemon_main(default_repo_path(args.repo), list(args.bootstrap or []))
+
+
+def offline_identity(repo) -> dict:
+    """Peer ID and addresses from the repo's files: answers with or without a daemon."""
+    kubo_config = repo.path / "kubo" / "config"
+    try:
+        cfg = json.loads(kubo_config.read_text())
+        peer_id = cfg["Identity"]["PeerID"]
+        swarm = cfg["Addresses"]["Swarm"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CliError(f"{kubo_config}: cannot read the node identity ({e})") from e
+    return {
+        "peer_id": peer_id,
+        "addresses": [f"{a}/p2p/{peer_id}" for a in swarm],
+        "recipient": repo.recipient(),
+    }
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    client = _daemon(repo)
+    info = client.identity() if client is not None else offline_identity(repo)
+    info = {
+        "peer_id": info["peer_id"],
+        "addresses": list(info["addresses"]),
+        "recipient": info["recipient"],
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"peer ID:   {info['peer_id']}")
+        for a in info["addresses"]:
+            print(f"address:   {a}")
+        print(f"recipient: {info['recipient']}")
+    return 0
+
+
+def _require_daemon(repo, what: str):
+    client = _daemon(repo)
+    if client is None:
+        raise CliError(
+            f"no daemon is running on {repo.path}: {what} needs one (start `fusenode daemon`)"
+        )
+    return client
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    peers = _require_daemon(repo, "peers").peers()
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    connected = [p for p in peers if p["connected"]]
+    for p in connected:
+        kind = "fusenode" if p.get("fusenode") else "ipfs"
+        print(f"{p['peer_id']}  {kind}")
+    print(f"{len(connected)} connected peer(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    st = _require_daemon(repo, "status").status(args.cid)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(
+        f"{st['cid']}: k={st['k']} n={st['n']} "
+        f"{'healthy' if st['healthy'] else 'DEGRADED'}"
+        f"{' (placed by this node)' if st.get('owner') else ''}"
+    )
+    for seg in st["segments"]:
+        ok = sum(f["answered"] for f in seg["fragments"])
+        print(f"  segment {seg['index']}: {ok}/{len(seg['fragments'])} fragments answered")
+        for f in seg["fragments"]:
+            mark = "ok " if f["answered"] else "-- "
+            print(f"    {mark}fragment {f['index']}  {f['peer'] or 'no known holder'}")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    print(json.dumps(_require_daemon(repo, "repair").repair(), indent=2))
     return 0
 
 
@@ -298,6 +426,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--identity", help="age identity file (default: the node's)")
     _repo_arg(g)
     g.set_defaults(handler=cmd_get)
+
+    dm = sub.add_parser("daemon", help="run a storage node in the foreground")
+    _repo_arg(dm)
+    dm.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="peer to join, /ip4/127.0.0.1/tcp/PORT/p2p/PEERID (repeatable)",
+    )
+    dm.set_defaults(handler=cmd_daemon)
+
+    idp = sub.add_parser("id", help="this node's peer ID, addresses and age recipient")
+    _repo_arg(idp)
+    idp.add_argument("--json", action="store_true")
+    idp.set_defaults(handler=cmd_id)
+
+    pe = sub.add_parser("peers", help="list connected peers (needs a running daemon)")
+    _repo_arg(pe)
+    pe.add_argument("--json", action="store_true")
+    pe.set_defaults(handler=cmd_peers)
+
+    stp = sub.add_parser("status", help="which peer holds which fragment of a stored model")
+    stp.add_argument("cid")
+    _repo_arg(stp)
+    stp.add_argument("--json", action="store_true")
+    stp.set_defaults(handler=cmd_status)
+
+    rp = sub.add_parser("repair", help="run a repair pass now (needs a running daemon)")
+    _repo_arg(rp)
+    rp.set_defaults(handler=cmd_repair)
 
     d = sub.add_parser("demo", help="run a self-contained demonstration")
     d.add_argument("--workdir", help="keep the demo's files here (default: a temp folder)")

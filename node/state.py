@@ -17,6 +17,7 @@ daemon's event loop and worker threads can share it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS peers (
     peer_id TEXT PRIMARY KEY,
     first_seen TEXT NOT NULL,
     last_seen TEXT,
-    last_error TEXT
+    last_error TEXT,
+    addresses TEXT                     -- JSON list of multiaddrs, to redial after restarts
 );
 """
 
@@ -86,6 +88,10 @@ class PeerRecord:
     first_seen: str
     last_seen: str | None
     last_error: str | None
+    addresses: str | None = None
+
+    def multiaddrs(self) -> list[str]:
+        return json.loads(self.addresses) if self.addresses else []
 
 
 class State:
@@ -195,17 +201,19 @@ class State:
         return not self._run("SELECT 1 FROM held WHERE cid = ? LIMIT 1", [cid])
 
     # -- peers -------------------------------------------------------------------------------
-    def peer_answered(self, peer_id: str) -> None:
+    def peer_answered(self, peer_id: str, addresses: list[str] | None = None) -> None:
         stamp = now_iso()
+        addrs = json.dumps(addresses) if addresses else None
         self._run(
-            "INSERT INTO peers VALUES (?, ?, ?, NULL) ON CONFLICT(peer_id) DO UPDATE "
-            "SET last_seen = excluded.last_seen, last_error = NULL",
-            [peer_id, stamp, stamp],
+            "INSERT INTO peers VALUES (?, ?, ?, NULL, ?) ON CONFLICT(peer_id) DO UPDATE "
+            "SET last_seen = excluded.last_seen, last_error = NULL, "
+            "addresses = COALESCE(excluded.addresses, peers.addresses)",
+            [peer_id, stamp, stamp, addrs],
         )
 
     def peer_failed(self, peer_id: str, error: str) -> None:
         self._run(
-            "INSERT INTO peers VALUES (?, ?, NULL, ?) ON CONFLICT(peer_id) DO UPDATE "
+            "INSERT INTO peers VALUES (?, ?, NULL, ?, NULL) ON CONFLICT(peer_id) DO UPDATE "
             "SET last_error = excluded.last_error",
             [peer_id, now_iso(), error[:500]],
         )

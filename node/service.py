@@ -1,0 +1,466 @@
+"""The daemon's service: put with placement on distinct peers, get from live holders,
+status, and repair. The HTTP API (node.api) and the peer API (node.peering) call into it.
+
+Placement: fragment i of segment s goes to ``candidates[(i + s) % len(candidates)]`` where
+the candidates are this node followed by the live fusenode peers (sorted by peer ID). With at
+least n candidates, the n fragments of a segment land on n distinct nodes, and rotating by s
+spreads the load. A fragment counts as stored only once its holder answered the pin request
+(it fetched the fragment from us over bitswap and pinned it). The manifest is written only
+after every fragment is confirmed, then pinned on every live peer: a put interrupted before
+that leaves no manifest claiming anything.
+
+Get: before fetching, live peers are asked which fragments they hold, so fragments are taken
+from live holders first; a fragment with no known live holder is only tried last, with a
+short deadline (a fetch of a block nobody has never ends by itself in Kubo).
+
+Repair (owner only): holders are checked every ``[repair] interval``; a holder unheard of for
+``[repair] unreachable_after`` seconds has its fragments rebuilt from k others (erasure coding
+is deterministic, so the rebuilt fragment has the same CID) and placed on a live node that
+holds no fragment of that segment yet; the placement table records the move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from node.errors import NodeError, PlacementError
+from node.peering import PeerClient, PeerRefused, PeerUnreachable
+from node.repo import Repo, read_identities
+from node.state import State, parse_iso
+from storage import age
+from storage.erasure import ErasureCoder
+from storage.errors import BackendError, BackendTimeout, InvalidArgument
+from storage.manifest import Manifest
+from storage.store import get_file, load_manifest, put_file
+
+log = logging.getLogger("fusenode.service")
+HEALTH_TIMEOUT = 3.0
+UNKNOWN_HOLDER_TIMEOUT = 10.0
+
+
+class NodeService:
+    def __init__(self, repo: Repo, kubo: Any, state: State, peers: PeerClient) -> None:
+        self.repo = repo
+        self.config = repo.config
+        self.kubo = kubo
+        self.state = state
+        self.client = peers
+        self.peer_id: str = kubo.identity().peer_id
+        self.addresses = list(kubo.identity().addresses)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._repair_lock = asyncio.Lock()
+
+    # -- identity and peers ----------------------------------------------------------------
+    async def identity(self) -> dict:
+        return {
+            "peer_id": self.peer_id,
+            "addresses": self.addresses,
+            "recipient": self.repo.recipient(),
+        }
+
+    async def connected(self) -> list[str]:
+        return sorted(await asyncio.to_thread(self.kubo.peers))
+
+    async def health(self, peer_id: str) -> bool:
+        try:
+            reply = await self.client.call(
+                peer_id, "GET", "/peer/v1/health", timeout=HEALTH_TIMEOUT
+            )
+        except (PeerUnreachable, PeerRefused) as e:
+            self.state.peer_failed(peer_id, str(e))
+            return False
+        addresses = [a for a in reply.get("addresses", []) if isinstance(a, str)]
+        self.state.peer_answered(peer_id, addresses)
+        return True
+
+    async def keep_connected(self, stop: asyncio.Event, every: float = 5.0) -> None:
+        """Learn the addresses of connected peers and redial known peers that dropped off.
+
+        libp2p does not reconnect by itself, and the peer store lives in memory only: without
+        this, two nodes that lost each other (a restart on either side) stay apart.
+        """
+        while not stop.is_set():
+            try:
+                connected = set(await self.connected())
+                records = {r.peer_id: r for r in self.state.peers()}
+                fresh = [p for p in connected if not (records.get(p) and records[p].addresses)]
+                await asyncio.gather(*(self.health(p) for p in fresh))
+                for rec in records.values():
+                    if rec.peer_id in connected or rec.peer_id == self.peer_id:
+                        continue
+                    for addr in rec.multiaddrs():
+                        try:
+                            await self.connect(addr, timeout=5.0)
+                            break
+                        except Exception as e:
+                            log.debug("redial %s at %s: %s", rec.peer_id, addr, e)
+            except Exception:
+                log.exception("keep-connected pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
+
+    async def live_peers(self) -> list[str]:
+        """Connected peers whose fusenode daemon answers (sorted by peer ID)."""
+        connected = await self.connected()
+        answers = await asyncio.gather(*(self.health(p) for p in connected))
+        return [p for p, ok in zip(connected, answers, strict=True) if ok]
+
+    async def peers(self) -> list[dict]:
+        connected = set(await self.connected())
+        live = set(await self.live_peers())
+        known = {r.peer_id: r for r in self.state.peers()}
+        out = []
+        for peer in sorted(connected | set(known)):
+            rec = known.get(peer)
+            out.append(
+                {
+                    "peer_id": peer,
+                    "connected": peer in connected,
+                    "fusenode": peer in live,
+                    "last_seen": rec.last_seen if rec else None,
+                }
+            )
+        return out
+
+    async def connect(self, multiaddr: str, timeout: float = 20.0) -> None:
+        await asyncio.to_thread(self.kubo.connect, multiaddr, timeout)
+
+    # -- serving peers ------------------------------------------------------------------------
+    async def pin_for(self, owner: str, cids: list[str]) -> list[str]:
+        timeout = self.config.placement.pin_timeout
+        for cid in cids:
+            await asyncio.to_thread(self.kubo.pin, cid, timeout)
+        self.state.hold(cids, owner)
+        return cids
+
+    async def unpin_for(self, owner: str, cids: list[str]) -> list[str]:
+        released = []
+        for cid in cids:
+            if self.state.release(cid, owner):
+                await asyncio.to_thread(self.kubo.unpin, cid)
+                released.append(cid)
+        return released
+
+    # -- put -------------------------------------------------------------------------------
+    async def put(
+        self, path: str, k: int | None, n: int | None, recipients: list[str], public: bool
+    ) -> dict:
+        k = k if k is not None else self.config.storage.k
+        n = n if n is not None else self.config.storage.n
+        ErasureCoder(k, n)  # validates k and n before anything is stored
+        parsed = [age.X25519Recipient.from_string(r) for r in recipients]
+        if not parsed and not public:
+            parsed = [self.repo.identities()[0].recipient]
+        candidates = [self.peer_id, *await self.live_peers()]
+        if len(candidates) >= n:
+            mode = "distinct"
+        elif self.config.placement.allow_weak:
+            mode = "weak"
+        else:
+            raise PlacementError(
+                f"only {len(candidates)} reachable node(s) (this one included) for n={n} "
+                f"fragments per segment: fragments cannot go to distinct nodes. Start more "
+                "nodes, lower n, or set [placement] allow_weak = true to accept a weaker "
+                "placement"
+            )
+        loop = asyncio.get_running_loop()
+        placements: list[tuple[int, int, str, str]] = []
+        lock = threading.Lock()
+
+        def sink(segment: int, index: int, frag_path: Path) -> str:
+            cid = self.kubo.add(frag_path)
+            holder = candidates[(index + segment) % len(candidates)]
+            if holder != self.peer_id:
+                fut = asyncio.run_coroutine_threadsafe(
+                    self.client.call(
+                        holder,
+                        "POST",
+                        "/peer/v1/pin",
+                        {"cids": [cid]},
+                        timeout=self.config.placement.pin_timeout,
+                    ),
+                    loop,
+                )
+                try:
+                    fut.result()
+                except (PeerUnreachable, PeerRefused) as e:
+                    raise NodeError(
+                        f"fragment {index} of segment {segment}: {e}; nothing was published"
+                    ) from e
+            with lock:
+                placements.append((segment, index, cid, holder))
+            return cid
+
+        result = await asyncio.to_thread(
+            put_file,
+            Path(path),
+            self.kubo,
+            recipients=parsed,
+            public=public,
+            k=k,
+            n=n,
+            segment_size=self.config.storage.segment_size,
+            work_dir=self.repo.tmp,
+            sink=sink,
+        )
+        # The manifest is on this node; pin it on every live holder too, so any node finds it.
+        holders = sorted({h for *_, h in placements if h != self.peer_id})
+        await asyncio.gather(
+            *(self._ask_pin(h, [result.cid]) for h in holders), return_exceptions=True
+        )
+        mine = {cid for _, _, cid, h in placements if h == self.peer_id}
+        self.state.hold([*mine, result.cid], self.peer_id)
+        self.state.record_model(result.cid, k, n, len(result.manifest.segments), mode, placements)
+        for h in holders:
+            self.state.peer_answered(h)
+        # Copies placed elsewhere are unpinned here (Kubo keeps the blocks until a GC).
+        for cid in {cid for _, _, cid, h in placements if h != self.peer_id} - mine:
+            await asyncio.to_thread(self.kubo.unpin, cid)
+        counts: dict[str, int] = defaultdict(int)
+        for *_, h in placements:
+            counts[h] += 1
+        return {
+            "cid": result.cid,
+            "segments": len(result.manifest.segments),
+            "k": k,
+            "n": n,
+            "placement": mode,
+            "holders": dict(sorted(counts.items())),
+        }
+
+    async def _ask_pin(self, peer: str, cids: list[str]) -> None:
+        await self.client.call(
+            peer, "POST", "/peer/v1/pin", {"cids": cids}, timeout=self.config.placement.pin_timeout
+        )
+
+    # -- who holds what -------------------------------------------------------------------------
+    async def holders(self, manifest: Manifest) -> tuple[dict[str, set[str]], list[str]]:
+        """For each fragment CID, the live nodes that say they hold it; and the live peers."""
+        cids = [c for c in manifest.fragment_cids()]
+        live = await self.live_peers()
+        found: dict[str, set[str]] = defaultdict(set)
+        for cid in self.state.held(cids):
+            found[cid].add(self.peer_id)
+
+        async def ask(peer: str) -> None:
+            try:
+                reply = await self.client.call(peer, "POST", "/peer/v1/has", {"cids": cids})
+            except (PeerUnreachable, PeerRefused):
+                return
+            for cid in reply.get("held", []):
+                found[cid].add(peer)
+
+        await asyncio.gather(*(ask(p) for p in live))
+        return found, live
+
+    # -- get -------------------------------------------------------------------------------
+    async def get(self, cid: str, output: str, identity_path: str | None) -> dict:
+        identities = (
+            read_identities(Path(identity_path)) if identity_path else self.repo.identities()
+        )
+        timeout = self.config.storage.fetch_timeout
+        manifest = await asyncio.to_thread(
+            load_manifest, cid, self.kubo, timeout=timeout, work_dir=self.repo.tmp
+        )
+        found, _ = await self.holders(manifest)
+        local = self.peer_id
+
+        def order(segment: int) -> list[int]:
+            frags = manifest.segments[segment].fragments
+
+            def rank(i: int) -> tuple[int, int]:
+                who = found.get(frags[i].cid, set())
+                return (0 if local in who else 1 if who else 2, i)
+
+            return sorted(range(len(frags)), key=rank)
+
+        def fetch(frag_cid: str, deadline: float) -> bytes:
+            if not found.get(frag_cid):
+                deadline = min(deadline, UNKNOWN_HOLDER_TIMEOUT)
+            return self.kubo.fetch_bytes(frag_cid, deadline)
+
+        result = await asyncio.to_thread(
+            get_file,
+            cid,
+            output,
+            self.kubo,
+            identities=identities,
+            fetch_timeout=timeout,
+            order=order,
+            fetch=fetch,
+        )
+        return {
+            "path": str(result.path),
+            "size": result.metadata.size,
+            "name": result.metadata.name,
+            "sha256": result.metadata.sha256,
+        }
+
+    # -- status ------------------------------------------------------------------------------
+    async def status(self, cid: str) -> dict:
+        manifest = await asyncio.to_thread(
+            load_manifest,
+            cid,
+            self.kubo,
+            timeout=self.config.storage.fetch_timeout,
+            work_dir=self.repo.tmp,
+        )
+        found, _live = await self.holders(manifest)
+        placed = {(p.segment, p.fragment): p.peer for p in self.state.placements(cid)}
+        segments = []
+        healthy = True
+        for seg in manifest.segments:
+            frags = []
+            for f in seg.fragments:
+                who = found.get(f.cid, set())
+                peer = placed.get((seg.index, f.index)) or (sorted(who)[0] if who else None)
+                answered = peer is not None and peer in who
+                healthy &= answered
+                frags.append({"index": f.index, "cid": f.cid, "peer": peer, "answered": answered})
+            segments.append({"index": seg.index, "fragments": frags})
+        return {
+            "cid": cid,
+            "k": manifest.erasure.k,
+            "n": manifest.erasure.n,
+            "owner": self.state.model(cid) is not None,
+            "healthy": healthy,
+            "segments": segments,
+        }
+
+    # -- repair ------------------------------------------------------------------------------
+    async def repair(self) -> dict:
+        async with self._repair_lock:
+            return await self._repair()
+
+    async def _repair(self) -> dict:
+        placements = self.state.placements()
+        peers = sorted({p.peer for p in placements if p.peer != self.peer_id})
+        answers = dict(
+            zip(peers, await asyncio.gather(*(self.health(p) for p in peers)), strict=True)
+        )
+        now = datetime.now(UTC)
+        limit = self.config.repair.unreachable_after
+        away = []
+        for peer in peers:
+            if answers[peer]:
+                continue
+            rec = self.state.peer(peer)
+            seen = parse_iso(rec.last_seen) if rec and rec.last_seen else None
+            if seen is None or (now - seen).total_seconds() >= limit:
+                away.append(peer)
+        summary: dict[str, Any] = {
+            "checked": len(peers),
+            "unreachable": sorted(p for p in peers if not answers[p]),
+            "replaced": sorted(away),
+            "repaired": [],
+            "failed": [],
+        }
+        if not away:
+            return summary
+        live = await self.live_peers()
+        by_segment: dict[tuple[str, int], list] = defaultdict(list)
+        for p in placements:
+            by_segment[(p.manifest, p.segment)].append(p)
+        for (manifest_cid, segment), rows in sorted(by_segment.items()):
+            lost = [r for r in rows if r.peer in away]
+            if not lost:
+                continue
+            try:
+                moves = await self._repair_segment(manifest_cid, segment, rows, lost, live)
+                summary["repaired"].extend(moves)
+            except Exception as e:  # keep repairing the others; report this one
+                log.warning("repair of %s segment %d failed: %s", manifest_cid, segment, e)
+                summary["failed"].append(
+                    {"manifest": manifest_cid, "segment": segment, "error": str(e)}
+                )
+        return summary
+
+    async def _repair_segment(self, manifest_cid, segment, rows, lost, live) -> list[dict]:
+        timeout = self.config.storage.fetch_timeout
+        manifest = await asyncio.to_thread(
+            load_manifest, manifest_cid, self.kubo, timeout=timeout, work_dir=self.repo.tmp
+        )
+        seg = manifest.segments[segment]
+        coder = ErasureCoder(manifest.erasure.k, manifest.erasure.n)
+        alive_rows = [
+            r for r in rows if r not in lost and (r.peer == self.peer_id or r.peer in live)
+        ]
+        good: dict[int, bytes] = {}
+        for r in alive_rows:
+            if len(good) >= coder.k:
+                break
+            ref = seg.fragments[r.fragment]
+            try:
+                data = await asyncio.to_thread(self.kubo.fetch_bytes, ref.cid, timeout)
+                coder.check_fragment(r.fragment, data, seg.size, ref.sha256)
+            except (BackendError, BackendTimeout, InvalidArgument, Exception) as e:
+                log.warning("repair: fragment %d of %s: %s", r.fragment, manifest_cid, e)
+                continue
+            good[r.fragment] = data
+        if len(good) < coder.k:
+            raise NodeError(f"only {len(good)} of {coder.k} fragments reachable: cannot rebuild")
+        fragments = coder.encode(coder.decode(good, seg.size))
+        used = {r.peer for r in rows if r not in lost}
+        spare = [p for p in [self.peer_id, *live] if p not in used]
+        moves = []
+        for r in lost:
+            ref = seg.fragments[r.fragment]
+            data = fragments[r.fragment]
+            with tempfile.NamedTemporaryFile(dir=self.repo.tmp, prefix=".repair-") as f:
+                f.write(data)
+                f.flush()
+                cid = await asyncio.to_thread(self.kubo.add, Path(f.name))
+            if cid != ref.cid:
+                raise NodeError(f"rebuilt fragment {r.fragment} hashes to {cid}, not {ref.cid}")
+            if not spare:
+                raise NodeError("no live node without a fragment of this segment")
+            target = spare.pop(0)
+            if target == self.peer_id:
+                self.state.hold([cid], self.peer_id)
+            else:
+                await self._ask_pin(target, [cid])
+                if cid not in self.state.held([cid]):
+                    await asyncio.to_thread(self.kubo.unpin, cid)
+            self.state.move_placement(manifest_cid, segment, r.fragment, target)
+            used.add(target)
+            moves.append(
+                {
+                    "manifest": manifest_cid,
+                    "segment": segment,
+                    "fragment": r.fragment,
+                    "from": r.peer,
+                    "to": target,
+                }
+            )
+            log.info(
+                "repaired %s segment %d fragment %d: %s -> %s",
+                manifest_cid,
+                segment,
+                r.fragment,
+                r.peer,
+                target,
+            )
+        return moves
+
+    async def repair_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.repair.interval
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                summary = await self.repair()
+                if summary["repaired"] or summary["failed"]:
+                    log.info("repair pass: %s", summary)
+            except Exception:
+                log.exception("repair pass failed")
