@@ -329,7 +329,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     for seg in st["segments"]:
         ok = sum(f["answered"] for f in seg["fragments"])
-        print(f"  segment {seg['index']}: {ok}/{len(seg['fragments'])} fragments answered")
+        spread = (
+            "" if seg.get("distinct", True) else " (some node holds two: fewer live nodes than n)"
+        )
+        print(f"  segment {seg['index']}: {ok}/{len(seg['fragments'])} fragments answered{spread}")
         for f in seg["fragments"]:
             mark = "ok " if f["answered"] else "-- "
             print(f"    {mark}fragment {f['index']}  {f['peer'] or 'no known holder'}")

@@ -325,7 +325,14 @@ class NodeService:
                 answered = peer is not None and peer in who
                 healthy &= answered
                 frags.append({"index": f.index, "cid": f.cid, "peer": peer, "answered": answered})
-            segments.append({"index": seg.index, "fragments": frags})
+            holders = [f["peer"] for f in frags if f["answered"]]
+            segments.append(
+                {
+                    "index": seg.index,
+                    "fragments": frags,
+                    "distinct": len(set(holders)) == len(holders) == len(frags),
+                }
+            )
         return {
             "cid": cid,
             "k": manifest.erasure.k,
@@ -408,8 +415,11 @@ class NodeService:
         if len(good) < coder.k:
             raise NodeError(f"only {len(good)} of {coder.k} fragments reachable: cannot rebuild")
         fragments = coder.encode(coder.decode(good, seg.size))
-        used = {r.peer for r in rows if r not in lost}
-        spare = [p for p in [self.peer_id, *live] if p not in used]
+        load: dict[str, int] = defaultdict(int)  # fragments of this segment per live node
+        for r in rows:
+            if r not in lost:
+                load[r.peer] += 1
+        nodes = [self.peer_id, *live]
         moves = []
         for r in lost:
             ref = seg.fragments[r.fragment]
@@ -420,9 +430,10 @@ class NodeService:
                 cid = await asyncio.to_thread(self.kubo.add, Path(f.name))
             if cid != ref.cid:
                 raise NodeError(f"rebuilt fragment {r.fragment} hashes to {cid}, not {ref.cid}")
-            if not spare:
-                raise NodeError("no live node without a fragment of this segment")
-            target = spare.pop(0)
+            # A node without a fragment of this segment if there is one; otherwise (fewer
+            # live nodes than n) the least loaded: all n fragments again, on fewer nodes, is
+            # still better than leaving them missing. status shows it as not distinct.
+            target = min(nodes, key=lambda p: (load[p], p != self.peer_id, p))
             if target == self.peer_id:
                 self.state.hold([cid], self.peer_id)
             else:
@@ -430,7 +441,7 @@ class NodeService:
                 if cid not in self.state.held([cid]):
                     await asyncio.to_thread(self.kubo.unpin, cid)
             self.state.move_placement(manifest_cid, segment, r.fragment, target)
-            used.add(target)
+            load[target] += 1
             moves.append(
                 {
                     "manifest": manifest_cid,

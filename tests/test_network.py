@@ -1,0 +1,220 @@
+"""The peer network on real daemons (separate processes, 127.0.0.1 only).
+
+One 6-node network is shared by the scenario tests below, which run in order: placement,
+retrieval after SIGKILL of n-k nodes, repair, restart. A small 3-node network covers refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from node.localnet import LocalNetwork
+
+pytestmark = pytest.mark.slow
+
+FAST = {
+    ("storage", "segment_size"): "262144",  # several segments from a small file
+    ("storage", "fetch_timeout"): "10.0",
+    ("repair", "interval"): "1.0",
+    ("repair", "unreachable_after"): "3.0",
+}
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def cid_of(proc) -> str:
+    return ok(proc).stdout.strip().splitlines()[-1]
+
+
+def status(net, i, cid) -> dict:
+    return json.loads(ok(net.cli(i, "status", cid, "--json")).stdout)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    network = LocalNetwork(tmp_path_factory.mktemp("net6"), 6, FAST)
+    network.start()
+    yield network
+    network.stop()
+
+
+@pytest.fixture(scope="module")
+def stored(net, tmp_path_factory):
+    src = tmp_path_factory.mktemp("data") / "model.onnx"
+    src.write_bytes(os.urandom(700_000))  # 3 segments of 256 KiB
+    cid = cid_of(net.cli(0, "put", str(src), "-k", "4", "-n", "6"))
+    return src, cid
+
+
+def test_peers_joined(net):
+    deadline = time.monotonic() + 20
+    while True:
+        peers = json.loads(ok(net.cli(0, "peers", "--json")).stdout)
+        connected = {p["peer_id"] for p in peers if p["connected"]}
+        if connected >= {n.peer_id for n in net.nodes[1:]} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert connected >= {n.peer_id for n in net.nodes[1:]}
+
+
+def test_placement_on_distinct_peers(net, stored):
+    _, cid = stored
+    st = status(net, 0, cid)
+    assert st["healthy"] and st["owner"] and (st["k"], st["n"]) == (4, 6)
+    assert len(st["segments"]) == 3
+    everyone = {n.peer_id for n in net.nodes}
+    for seg in st["segments"]:
+        holders = [f["peer"] for f in seg["fragments"]]
+        assert len(set(holders)) == 6 and set(holders) <= everyone
+        assert all(f["answered"] for f in seg["fragments"])
+
+
+def test_id_matches_daemon(net):
+    info = json.loads(ok(net.cli(1, "id", "--json")).stdout)
+    assert set(info) == {"peer_id", "addresses", "recipient"}
+    assert info["peer_id"] == net.nodes[1].peer_id
+    assert info["recipient"].startswith("age1")
+    assert any(a.endswith("/p2p/" + info["peer_id"]) for a in info["addresses"])
+
+
+def test_get_after_sigkill_of_n_minus_k_nodes(net, stored, tmp_path):
+    src, cid = stored
+    net.kill(4)
+    net.kill(5)
+    out = tmp_path / "out.onnx"
+    identity = str(net.nodes[0].repo / "identity.txt")
+    ok(net.cli(2, "get", cid, "-o", str(out), "--identity", identity))
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_repair_restores_redundancy(net, stored):
+    _, cid = stored
+    dead = {net.nodes[4].peer_id, net.nodes[5].peer_id}
+    deadline = time.monotonic() + 60
+    while True:
+        st = status(net, 0, cid)
+        holders = {f["peer"] for s in st["segments"] for f in s["fragments"]}
+        if st["healthy"] and not holders & dead:
+            break
+        assert time.monotonic() < deadline, json.dumps(st, indent=1)
+        time.sleep(1)
+    for seg in st["segments"]:  # the 4 live nodes hold all 6 fragments: two nodes hold two
+        assert all(f["answered"] for f in seg["fragments"])
+
+
+def test_restart_keeps_state(net, stored, tmp_path):
+    src, cid = stored
+    net.kill(0, signal.SIGTERM)
+    net.start_node(0)
+    deadline = time.monotonic() + 30
+    while True:  # node 0 has no bootstrap peers: it redials the peers it knew
+        st = status(net, 0, cid)
+        if st["healthy"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert st["owner"] and st["healthy"]
+    out = tmp_path / "again.onnx"
+    ok(net.cli(0, "get", cid, "-o", str(out)))
+    assert out.read_bytes() == src.read_bytes()
+
+
+# -- a small network: refusals and failures ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    network = LocalNetwork(tmp_path_factory.mktemp("net3"), 3, FAST)
+    network.start()
+    yield network
+    network.stop()
+
+
+def test_too_few_nodes_for_distinct_placement(small, tmp_path):
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(10_000))
+    proc = small.cli(0, "put", str(src), "-k", "4", "-n", "6")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "reachable node(s)" in proc.stderr and "allow_weak" in proc.stderr
+    assert proc.stdout.strip() == ""  # no CID: nothing claims to be stored
+
+
+def _request(url, method="GET", body=None, token=None, content_type="application/json"):
+    req = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", content_type)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_unauthenticated_and_malformed_requests(small, tmp_path):
+    api = small.nodes[1].api_url + "/api/v1"
+    token = (small.nodes[1].repo / "api.token").read_text().strip()
+    body = json.dumps({"path": str(tmp_path / "x")}).encode()
+    for bad in (None, "wrong-token"):
+        code, reply = _request(api + "/put", "POST", body, token=bad)
+        assert code == 401 and "error" in reply
+    for payload in (b"{", b"[]", b'{"path": 3}', b'{"path": "/x", "bogus": 1}'):
+        code, reply = _request(api + "/put", "POST", payload, token=token)
+        assert code == 400 and reply["error"]["message"]
+    code, _ = _request(api + "/put", "POST", b"x" * (2 << 20), token=token)
+    assert code == 413
+    code, reply = _request(api + "/status/not-a-cid")
+    assert 400 <= code < 500 and "error" in reply
+    assert _request(api + "/health")[0] == 200  # still serving
+    code, doc = _request(api + "/openapi.json")
+    assert code == 200 and "/put" in json.dumps(doc["paths"])
+
+
+def test_interrupted_put_publishes_nothing(small, tmp_path):
+    """Kill the placing daemon mid-put: no manifest, no model in its state after restart."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(24 << 20))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+    put = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "put",
+            str(src),
+            "-k",
+            "2",
+            "-n",
+            "3",
+            "--repo",
+            str(small.nodes[0].repo),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    time.sleep(1.5)
+    small.kill(0)  # SIGKILL the placing daemon while it places fragments
+    out, err = put.communicate(timeout=60)
+    assert put.returncode != 0 and out.strip() == "", (out, err)
+    small.start_node(0)
+    db = sqlite3.connect(small.nodes[0].repo / "state.db")
+    try:
+        assert db.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM placements").fetchone()[0] == 0
+    finally:
+        db.close()
