@@ -376,12 +376,15 @@ class NodeService:
         by_segment: dict[tuple[str, int], list] = defaultdict(list)
         for p in placements:
             by_segment[(p.manifest, p.segment)].append(p)
+        total: dict[str, int] = defaultdict(int)  # fragments per node, all models
+        for p in placements:
+            total[p.peer] += 1
         for (manifest_cid, segment), rows in sorted(by_segment.items()):
             lost = [r for r in rows if r.peer in away]
             if not lost:
                 continue
             try:
-                moves = await self._repair_segment(manifest_cid, segment, rows, lost, live)
+                moves = await self._repair_segment(manifest_cid, segment, rows, lost, live, total)
                 summary["repaired"].extend(moves)
             except Exception as e:  # keep repairing the others; report this one
                 log.warning("repair of %s segment %d failed: %s", manifest_cid, segment, e)
@@ -390,7 +393,7 @@ class NodeService:
                 )
         return summary
 
-    async def _repair_segment(self, manifest_cid, segment, rows, lost, live) -> list[dict]:
+    async def _repair_segment(self, manifest_cid, segment, rows, lost, live, total) -> list[dict]:
         timeout = self.config.storage.fetch_timeout
         manifest = await asyncio.to_thread(
             load_manifest, manifest_cid, self.kubo, timeout=timeout, work_dir=self.repo.tmp
@@ -433,7 +436,7 @@ class NodeService:
             # A node without a fragment of this segment if there is one; otherwise (fewer
             # live nodes than n) the least loaded: all n fragments again, on fewer nodes, is
             # still better than leaving them missing. status shows it as not distinct.
-            target = min(nodes, key=lambda p: (load[p], p != self.peer_id, p))
+            target = min(nodes, key=lambda p: (load[p], total[p], p))
             if target == self.peer_id:
                 self.state.hold([cid], self.peer_id)
             else:
@@ -442,6 +445,8 @@ class NodeService:
                     await asyncio.to_thread(self.kubo.unpin, cid)
             self.state.move_placement(manifest_cid, segment, r.fragment, target)
             load[target] += 1
+            total[target] += 1
+            total[r.peer] -= 1
             moves.append(
                 {
                     "manifest": manifest_cid,
