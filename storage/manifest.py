@@ -8,7 +8,8 @@ field, e.g. ``segments[2].fragments[5].sha256``). The dataclasses validate thems
 construction, so an invalid manifest cannot be built in code either.
 
 This module is pure: no I/O, no IPFS, no cryptography. It treats the age header and the
-sealed metadata as opaque bytes and checks only their outer shape.
+sealed metadata as opaque bytes and checks only their outer shape; the one thing it borrows
+from :mod:`storage.age` is the parser of ``age1...`` strings, to check recorded recipients.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from storage.age import X25519Recipient
 from storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
-from storage.errors import InvalidArgument, ManifestError
+from storage.errors import InvalidArgument, ManifestError, StorageError
 
 __all__ = [
     "ENCRYPTION_AGE",
@@ -392,6 +394,34 @@ def _check_provenance(provenance: Any) -> dict[str, Any]:
     return json.loads(encoded)
 
 
+def _check_recipients(recipients: Any) -> tuple[str, ...]:
+    """Distinct ``age1...`` strings in their one canonical spelling, at least one.
+
+    Canonical and distinct because the list is compared and extended (a share appends, a
+    republish copies it): two spellings of one key would count it twice. Empty is refused
+    so that "none recorded" has one spelling, the omitted member.
+    """
+    if isinstance(recipients, str | bytes) or not isinstance(recipients, Sequence):
+        raise ManifestError(f"recipients must be an array of strings, got {_json_type(recipients)}")
+    if not recipients:
+        raise ManifestError("recipients must not be empty (omit the member instead)")
+    seen: set[str] = set()
+    for i, text in enumerate(recipients):
+        _str(text, f"recipients[{i}]")
+        try:
+            canonical = X25519Recipient.from_string(text).to_string()
+        except StorageError:
+            canonical = None
+        if canonical != text:
+            raise ManifestError(
+                f"recipients[{i}] {text!r:.80} is not an age X25519 recipient (lowercase age1...)"
+            )
+        if text in seen:
+            raise ManifestError(f"recipients[{i}] {text!r:.80} is listed twice")
+        seen.add(text)
+    return tuple(recipients)
+
+
 @dataclass(frozen=True)
 class Metadata:
     """What the plaintext is; sealed with age in encrypted mode, in clear in public mode."""
@@ -402,9 +432,12 @@ class Metadata:
     created: datetime
     media_type: str | None = None
     provenance: Mapping[str, Any] | None = None
+    #: The X25519 recipients (``age1...``) the file key is wrapped to, when the writer
+    #: recorded them: the header cannot tell (docs/format.md 6). Encrypted mode only.
+    recipients: tuple[str, ...] | None = None
 
     _REQUIRED: ClassVar[set[str]] = {"name", "size", "sha256", "created"}
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"media_type", "provenance"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"media_type", "provenance", "recipients"})
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -417,8 +450,20 @@ class Metadata:
             raise ManifestError(f"media_type {self.media_type!r:.80} is not 'type/subtype'")
         if self.provenance is not None:
             object.__setattr__(self, "provenance", _check_provenance(self.provenance))
+        if self.recipients is not None:
+            object.__setattr__(self, "recipients", _check_recipients(self.recipients))
         if len(canonical_json(self.to_obj())) > MAX_METADATA_SIZE:
             raise ManifestError(f"metadata is larger than {MAX_METADATA_SIZE} bytes")
+
+    @staticmethod
+    def recipient_strings(recipients: Iterable[object]) -> tuple[str, ...] | None:
+        """What ``recipients`` records for a file encrypted to ``recipients``, or None.
+
+        Only X25519 recipients are listed (a passphrase is nobody's key, and age allows it
+        only alone, so a passphrase file records None); duplicates are dropped, order kept.
+        """
+        listed = (r.to_string() for r in recipients if isinstance(r, X25519Recipient))
+        return tuple(dict.fromkeys(listed)) or None
 
     def to_obj(self) -> dict[str, Any]:
         """The JSON object (optional members omitted, never null)."""
@@ -432,6 +477,8 @@ class Metadata:
             obj["media_type"] = self.media_type
         if self.provenance is not None:
             obj["provenance"] = self.provenance
+        if self.recipients is not None:
+            obj["recipients"] = list(self.recipients)
         return obj
 
     def to_json(self) -> bytes:
@@ -448,6 +495,7 @@ class Metadata:
             created=parse_time(obj["created"], "created"),
             media_type=_str(obj["media_type"], "media_type") if "media_type" in obj else None,
             provenance=obj.get("provenance"),
+            recipients=_list(obj["recipients"], "recipients") if "recipients" in obj else None,
         )
 
     @classmethod
@@ -637,6 +685,9 @@ class Manifest:
                 raise ManifestError("age_header must be absent when encryption is 'none'")
             if not isinstance(self.metadata, Metadata):
                 raise ManifestError("metadata must be a clear object when encryption is 'none'")
+            if self.metadata.recipients is not None:
+                # A public model has no recipients; a list here would only leak keys.
+                raise ManifestError("metadata.recipients must be absent when encryption is 'none'")
             if self.metadata.size != self.payload_size:
                 raise ManifestError(
                     f"metadata.size {self.metadata.size} differs from payload_size "

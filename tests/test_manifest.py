@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from storage.age import ScryptPassphrase, X25519Identity
 from storage.erasure import fragment_size
 from storage.errors import ManifestError
 from storage.manifest import (
@@ -43,6 +44,9 @@ AGE_HEADER = (
     b"--- tQcqLMMLA2aGQzOUI4PQ6CgdY1XjjJROZCly7NWeSMk\n"
 )
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+#: Fixed (throwaway) X25519 recipients, so that expected bytes can be written down.
+KEY_A, KEY_B = (X25519Identity(bytes([seed]) * 32).recipient for seed in (1, 2))
+AGE_A, AGE_B = KEY_A.to_string(), KEY_B.to_string()
 
 
 def _b58(raw: bytes) -> str:
@@ -337,6 +341,10 @@ PUBLIC_INVALID: dict[str, tuple[Mutation, str]] = {
     "metadata-size": (_set("metadata.size", 99), "metadata.size 99 differs from payload_size"),
     "metadata-unknown-key": (_set("metadata.owner", "x"), "metadata has unknown key.*owner"),
     "metadata-name-path": (_set("metadata.name", "../x"), "is a path"),
+    "metadata-recipients": (
+        _set("metadata.recipients", [AGE_A]),
+        "metadata.recipients must be absent when encryption is 'none'",
+    ),
 }
 
 
@@ -529,6 +537,29 @@ def test_metadata_round_trip() -> None:
     assert Metadata.from_json(minimal.to_json()) == minimal
 
 
+def test_metadata_recipients_round_trip() -> None:
+    metadata = _metadata(media_type=None, provenance=None, recipients=[AGE_B, AGE_A])
+    assert metadata.recipients == (AGE_B, AGE_A)  # a tuple, order kept (not sorted)
+    data = metadata.to_json()
+    assert data == (
+        b'{"created":"2025-11-25T12:00:00Z","name":"resnet50.onnx",'
+        b'"recipients":["' + AGE_B.encode() + b'","' + AGE_A.encode() + b'"],'
+        b'"sha256":"' + _sha("model").encode() + b'","size":102400}'
+    )
+    assert Metadata.from_json(data) == metadata
+    assert "recipients" not in json.loads(_metadata().to_json())  # omitted, never null
+    obj = json.loads(data)
+    with pytest.raises(ManifestError, match="recipients must be an array"):
+        Metadata.from_json(canonical_json({**obj, "recipients": None}))
+
+
+def test_metadata_recipient_strings() -> None:
+    """What put_file records: X25519 keys only, deduplicated, order kept; None if none."""
+    assert Metadata.recipient_strings([KEY_B, KEY_A, KEY_B]) == (AGE_B, AGE_A)
+    assert Metadata.recipient_strings([ScryptPassphrase("pw", log_n=2)]) is None
+    assert Metadata.recipient_strings([]) is None
+
+
 def test_metadata_unicode_name_is_raw_utf8() -> None:
     metadata = _metadata(name="modèle-ü.onnx")
     assert "modèle-ü.onnx".encode() in metadata.to_json()
@@ -567,6 +598,16 @@ def test_metadata_provenance_is_copied() -> None:
         ({"provenance": {"a": {1: "x"}}}, "provenance.a has a non-string key 1"),
         ({"provenance": {"x": [b"raw"]}}, r"provenance.x\[0\] holds a bytes"),
         ({"provenance": {"x": "y" * (1024 * 1024)}}, "larger than"),
+        ({"recipients": ()}, "recipients must not be empty"),
+        ({"recipients": AGE_A}, "recipients must be an array of strings, got a string"),
+        ({"recipients": {AGE_A: 1}}, "recipients must be an array of strings, got an object"),
+        ({"recipients": (AGE_A, 5)}, r"recipients\[1\] must be a string"),
+        ({"recipients": (AGE_A, AGE_A)}, r"recipients\[1\] .* is listed twice"),
+        ({"recipients": (AGE_A.upper(),)}, "is not an age X25519 recipient"),
+        ({"recipients": (f" {AGE_A}",)}, "is not an age X25519 recipient"),  # not canonical
+        ({"recipients": (AGE_A[:-1] + "q",)}, "is not an age X25519 recipient"),  # checksum
+        ({"recipients": ("age1" + "q" * 58,)}, "is not an age X25519 recipient"),
+        ({"recipients": (X25519Identity(bytes(32)).to_string(),)}, "not an age X25519"),
     ],
 )
 def test_invalid_metadata_is_refused(changes: dict[str, Any], message: str) -> None:
