@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from node.errors import ConfigError, NodeError, PlacementError, RepoError
+from node.errors import ConfigError, NodeError, NotFoundError, PlacementError, RepoError
 from passes.errors import PassError, VerificationError
 from storage.backend import validate_cid
 from storage.errors import (
@@ -120,6 +120,20 @@ class NodeService(Protocol):
         """``{"cid", "k", "n", "healthy", "segments": [{"index", "fragments": [...]}]}``."""
         ...
 
+    async def optimize(self, cid: str, recipients: list[str]) -> dict[str, Any]:
+        """Queue (or find) the optimization job of ``cid``; returns the job."""
+        ...
+
+    async def jobs(self) -> list[dict[str, Any]]: ...
+
+    async def job(self, job_id: int) -> dict[str, Any]: ...
+
+    async def share(
+        self, cid: str, recipients: list[str], identity_path: str | None
+    ) -> dict[str, Any]: ...
+
+    async def info(self, cid: str, identity_path: str | None) -> dict[str, Any]: ...
+
     async def repair(self) -> dict[str, Any]:
         """Run one repair pass now and return its summary."""
         ...
@@ -147,7 +161,8 @@ ERROR_STATUS: dict[type[BaseException], int] = {
     PassError: 400,
     VerificationError: 422,
     NodeError: 409,
-    PlacementError: 503,  # not enough nodes up now: the same request may work later
+    PlacementError: 503,
+    NotFoundError: 404,  # not enough nodes up now: the same request may work later
     ConfigError: 400,
     RepoError: 400,
 }
@@ -350,6 +365,19 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "identity_path": Field(_optional_absolute_path, None),
     },
     "repair": {},
+    "optimize": {
+        "cid": Field(_cid),
+        "recipients": Field(_string_list, ()),
+    },
+    "share": {
+        "cid": Field(_cid),
+        "recipients": Field(_string_list),
+        "identity_path": Field(_optional_absolute_path, None),
+    },
+    "info": {
+        "cid": Field(_cid),
+        "identity_path": Field(_optional_absolute_path, None),
+    },
 }
 
 
@@ -462,6 +490,32 @@ async def _repair(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SERVICE_KEY].repair())
 
 
+async def _optimize(request: web.Request) -> web.Response:
+    body = await _json_body(request, "optimize")
+    return web.json_response(await request.app[SERVICE_KEY].optimize(**body), status=202)
+
+
+async def _jobs(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SERVICE_KEY].jobs())
+
+
+async def _job(request: web.Request) -> web.Response:
+    text = request.match_info["job_id"]
+    if not text.isdigit() or len(text) > 18:
+        raise _bad(f"job id must be a positive integer, not {text!r}")
+    return web.json_response(await request.app[SERVICE_KEY].job(int(text)))
+
+
+async def _share(request: web.Request) -> web.Response:
+    body = await _json_body(request, "share")
+    return web.json_response(await request.app[SERVICE_KEY].share(**body))
+
+
+async def _info(request: web.Request) -> web.Response:
+    body = await _json_body(request, "info")
+    return web.json_response(await request.app[SERVICE_KEY].info(**body))
+
+
 def create_app(service: NodeService, *, token: str, max_body_bytes: int) -> web.Application:
     """The API application around ``service``; the caller binds it to 127.0.0.1.
 
@@ -489,4 +543,9 @@ def create_app(service: NodeService, *, token: str, max_body_bytes: int) -> web.
     app.router.add_post(f"{p}/put", _put)
     app.router.add_post(f"{p}/get", _get)
     app.router.add_post(f"{p}/repair", _repair)
+    app.router.add_post(f"{p}/optimize", _optimize)
+    app.router.add_get(f"{p}/jobs", _jobs, allow_head=False)
+    app.router.add_get(f"{p}/jobs/{{job_id}}", _job, allow_head=False)
+    app.router.add_post(f"{p}/share", _share)
+    app.router.add_post(f"{p}/info", _info)
     return app

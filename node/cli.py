@@ -345,6 +345,143 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- optimize, jobs, share, info --------------------------------------------------------------
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import time
+
+    repo = _open_repo(args)
+    client = _require_daemon(repo, "optimize")
+    job = client.optimize(args.cid, list(args.recipient or []))
+    print(f"job {job['id']}: {job['state']} (optimize {job['source']})", file=sys.stderr)
+    if args.detach:
+        print(job["id"])
+        return 0
+    last = job["state"]
+    while job["state"] in ("queued", "running"):
+        time.sleep(0.5)
+        job = client.job(job["id"])
+        if job["state"] != last:
+            print(f"job {job['id']}: {job['state']}", file=sys.stderr)
+            last = job["state"]
+    if job["state"] == "failed":
+        raise CliError(f"job {job['id']} failed: {job['error']}")
+    report = job.get("report") or {}
+    verify = report.get("verification") or {}
+    if report:
+        print(
+            f"fused {report.get('n_fused')} BatchNorm (skipped {report.get('n_skipped')}), "
+            f"nodes {report.get('nodes_before')} -> {report.get('nodes_after')}; verified with "
+            f"{verify.get('engine')}: max abs error {verify.get('max_abs_error', 0):.3g}; "
+            f"{job.get('seconds')} s",
+            file=sys.stderr,
+        )
+    print(job["result"])
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    repo = _open_repo(args)
+    jobs = _require_daemon(repo, "jobs").jobs()
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    for j in jobs:
+        took = f"{j['seconds']:.1f}s" if j.get("seconds") is not None else "-"
+        outcome = j["result"] or (j["error"] or "")
+        print(f"{j['id']:>4}  {j['state']:<8} {took:>7}  {j['kind']} {j['source']}  {outcome}")
+    print(f"{len(jobs)} job(s)", file=sys.stderr)
+    return 0
+
+
+def _local_manifest(repo, cid):
+    from storage.store import load_manifest
+
+    node = repo.open_backend()
+    try:
+        return node, load_manifest(
+            cid, node, timeout=repo.config.storage.fetch_timeout, work_dir=repo.tmp
+        )
+    except BaseException:
+        node.close()
+        raise
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    from node.repo import read_identities
+    from storage import age
+    from storage.share import share_cid
+
+    repo = _open_repo(args)
+    client = _daemon(repo)
+    if client is not None:
+        identity = str(Path(args.identity).resolve()) if args.identity else None
+        reply = client.share(args.cid, list(args.recipient), identity)
+        print(reply["cid"])
+        return 0
+    identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
+    recipients = [age.X25519Recipient.from_string(r) for r in args.recipient]
+    with repo.open_backend() as node:
+        new_cid, _ = share_cid(
+            args.cid, node, identities, recipients, repo.config.storage.fetch_timeout
+        )
+    print(new_cid)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from node.repo import read_identities
+    from node.service import describe
+
+    repo = _open_repo(args)
+    client = _daemon(repo)
+    if client is not None:
+        identity = str(Path(args.identity).resolve()) if args.identity else None
+        info = client.info(args.cid, identity)
+    else:
+        identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
+        node, manifest = _local_manifest(repo, args.cid)
+        with node:
+            info = describe(args.cid, manifest, identities)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['cid']}")
+    print(
+        f"  {'encrypted (age)' if info['encrypted'] else 'public'}, "
+        f"{info['segments']} segment(s), k={info['k']} n={info['n']}, created {info['created']}"
+    )
+    if info.get("parent"):
+        print(f"  derived from {info['parent']}")
+    meta = info.get("metadata")
+    if not meta:
+        print("  metadata: sealed (no identity given here can open it)")
+        return 0
+    print(f"  name {meta['name']}, {meta['size']} bytes, sha256 {meta['sha256']}")
+    if meta.get("recipients"):
+        print(f"  recipients: {', '.join(meta['recipients'])}")
+    prov = meta.get("provenance")
+    if prov:
+        rep = prov.get("report", {})
+        ver = prov.get("verification", {})
+        print(
+            f"  provenance: {prov.get('pass')} {prov.get('pass_version')} by "
+            f"{prov.get('optimized_by')} on {prov.get('device')} ({prov.get('tool')})"
+        )
+        print(f"    source {prov.get('source')} (sha256 {prov.get('input_sha256')})")
+        print(
+            f"    fused {rep.get('n_fused')}, skipped {rep.get('n_skipped')}, nodes "
+            f"{rep.get('nodes_before')} -> {rep.get('nodes_after')}"
+        )
+        print(
+            f"    verified with {ver.get('engine')}: max abs error "
+            f"{ver.get('max_abs_error')}, max rel error {ver.get('max_rel_error')} "
+            f"(rtol {ver.get('rtol')}, atol {ver.get('atol')})"
+        )
+    return 0
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 
@@ -459,6 +596,37 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("repair", help="run a repair pass now (needs a running daemon)")
     _repo_arg(rp)
     rp.set_defaults(handler=cmd_repair)
+
+    op = sub.add_parser("optimize", help="fuse a stored model by CID and republish it")
+    op.add_argument("cid")
+    op.add_argument(
+        "--recipient",
+        action="append",
+        metavar="AGE1...",
+        help="who may read the result (default: the source model's recipients)",
+    )
+    op.add_argument("--detach", action="store_true", help="print the job id and return")
+    _repo_arg(op)
+    op.set_defaults(handler=cmd_optimize)
+
+    jb = sub.add_parser("jobs", help="list optimization jobs with state and timing")
+    jb.add_argument("--json", action="store_true")
+    _repo_arg(jb)
+    jb.set_defaults(handler=cmd_jobs)
+
+    sh = sub.add_parser("share", help="grant another key access (new manifest CID, same data)")
+    sh.add_argument("cid")
+    sh.add_argument("--recipient", action="append", required=True, metavar="AGE1...")
+    sh.add_argument("--identity", help="an identity that can read the model (default: node's)")
+    _repo_arg(sh)
+    sh.set_defaults(handler=cmd_share)
+
+    inf = sub.add_parser("info", help="a stored model's metadata and provenance")
+    inf.add_argument("cid")
+    inf.add_argument("--identity", help="identity to open the sealed metadata (default: node's)")
+    inf.add_argument("--json", action="store_true")
+    _repo_arg(inf)
+    inf.set_defaults(handler=cmd_info)
 
     d = sub.add_parser("demo", help="run a self-contained demonstration")
     d.add_argument("--workdir", help="keep the demo's files here (default: a temp folder)")

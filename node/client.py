@@ -138,6 +138,24 @@ class DaemonClient:
     def repair(self) -> dict[str, Any]:
         return self._call("POST", "/repair", {})
 
+    def optimize(self, cid: str, recipients: Sequence[str] = ()) -> dict[str, Any]:
+        return self._call("POST", "/optimize", {"cid": cid, "recipients": list(recipients)})
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/jobs")
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{int(job_id)}")
+
+    def share(
+        self, cid: str, recipients: Sequence[str], identity_path: str | None = None
+    ) -> dict[str, Any]:
+        body = {"cid": cid, "recipients": list(recipients), "identity_path": identity_path}
+        return self._call("POST", "/share", body)
+
+    def info(self, cid: str, identity_path: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/info", {"cid": cid, "identity_path": identity_path})
+
     # -- transport --------------------------------------------------------------------------
 
     _DEFAULT = object()

@@ -58,6 +58,14 @@ class RepairSection:
 
 
 @dataclass(frozen=True)
+class OptimizerSection:
+    enabled: bool = False
+    auto_optimize: bool = True
+    device: str = "auto"
+    announce: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     api: ApiSection = field(default_factory=ApiSection)
@@ -65,6 +73,7 @@ class Config:
     network: NetworkSection = field(default_factory=NetworkSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
     repair: RepairSection = field(default_factory=RepairSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -74,6 +83,7 @@ _SECTIONS: dict[str, type] = {
     "network": NetworkSection,
     "placement": PlacementSection,
     "repair": RepairSection,
+    "optimizer": OptimizerSection,
 }
 _ENV = {
     "FUSENODE_API_PORT": ("api", "port", int),
@@ -149,6 +159,8 @@ def validate(config: Config) -> None:
     ):
         if value <= 0:
             raise ConfigError(f"config: {what} must be positive")
+    if config.optimizer.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"config: [optimizer] device {config.optimizer.device!r}: auto|cpu|cuda")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("config: [api] max_body_bytes must be at least 1024")
 

@@ -128,6 +128,8 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         )
         tasks.append(asyncio.create_task(service.repair_loop(stop)))
         tasks.append(asyncio.create_task(service.keep_connected(stop)))
+        tasks.append(asyncio.create_task(service.optimizer.run_forever(stop)))
+        tasks.append(asyncio.create_task(service.optimizer.listen(stop)))
         await stop.wait()
         print("stopping", flush=True)
         return 0

@@ -7,7 +7,8 @@ reach the edges unchanged; the CLI and the HTTP API map all three families.
     ├── ConfigError      config.toml or a FUSENODE_* variable is invalid
     ├── RepoError        the repo is missing, already exists, or is damaged
     ├── DaemonError      talking to a running daemon failed
-    └── PlacementError   too few reachable nodes for the placement asked for
+    ├── PlacementError   too few reachable nodes for the placement asked for
+    └── NotFoundError    no such job (or other named thing)
 """
 
 
@@ -29,3 +30,7 @@ class DaemonError(NodeError):
 
 class PlacementError(NodeError):
     """Not enough reachable nodes for the requested placement."""
+
+
+class NotFoundError(NodeError):
+    """The thing asked for does not exist."""

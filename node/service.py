@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node.errors import NodeError, PlacementError
+from node.errors import NodeError, NotFoundError, PlacementError
 from node.peering import PeerClient, PeerRefused, PeerUnreachable
 from node.repo import Repo, read_identities
 from node.state import State, parse_iso
@@ -39,7 +39,7 @@ from storage import age
 from storage.erasure import ErasureCoder
 from storage.errors import BackendError, BackendTimeout, InvalidArgument
 from storage.manifest import Manifest
-from storage.store import get_file, load_manifest, put_file
+from storage.store import get_file, load_manifest, open_metadata, put_file
 
 log = logging.getLogger("fusenode.service")
 HEALTH_TIMEOUT = 3.0
@@ -56,6 +56,9 @@ class NodeService:
         self.peer_id: str = kubo.identity().peer_id
         self.addresses = list(kubo.identity().addresses)
         self.loop: asyncio.AbstractEventLoop | None = None
+        from node.optimizer import Optimizer
+
+        self.optimizer = Optimizer(self)
         self._repair_lock = asyncio.Lock()
 
     # -- identity and peers ----------------------------------------------------------------
@@ -153,6 +156,23 @@ class NodeService:
     async def put(
         self, path: str, k: int | None, n: int | None, recipients: list[str], public: bool
     ) -> dict:
+        result = await self.store(Path(path), k, n, recipients, public)
+        await self.optimizer.announce(result["cid"], "stored", not public)
+        return result
+
+    async def store(
+        self,
+        path: Path,
+        k: int | None,
+        n: int | None,
+        recipients: list[str],
+        public: bool,
+        *,
+        name: str | None = None,
+        provenance: dict | None = None,
+        parent: str | None = None,
+    ) -> dict:
+        """Store a file with placement on distinct peers; see the module docstring."""
         k = k if k is not None else self.config.storage.k
         n = n if n is not None else self.config.storage.n
         ErasureCoder(k, n)  # validates k and n before anything is stored
@@ -210,6 +230,9 @@ class NodeService:
             segment_size=self.config.storage.segment_size,
             work_dir=self.repo.tmp,
             sink=sink,
+            name=name,
+            provenance=provenance,
+            parent=parent,
         )
         # The manifest is on this node; pin it on every live holder too, so any node finds it.
         holders = sorted({h for *_, h in placements if h != self.peer_id})
@@ -303,6 +326,52 @@ class NodeService:
             "name": result.metadata.name,
             "sha256": result.metadata.sha256,
         }
+
+    # -- optimize, jobs, share, info ----------------------------------------------------------
+    async def optimize(self, cid: str, recipients: list[str]) -> dict:
+        return await self.optimizer.submit(cid, recipients)
+
+    async def jobs(self) -> list[dict]:
+        return self.state.jobs()
+
+    async def job(self, job_id: int) -> dict:
+        job = self.state.job(job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id}")
+        return job
+
+    async def share(self, cid: str, recipients: list[str], identity_path: str | None) -> dict:
+        from storage.share import share_cid
+
+        if not recipients:
+            raise InvalidArgument("share needs at least one --recipient")
+        parsed = [age.X25519Recipient.from_string(r) for r in recipients]
+        identities = (
+            read_identities(Path(identity_path)) if identity_path else self.repo.identities()
+        )
+        new_cid, _manifest = await asyncio.to_thread(
+            share_cid, cid, self.kubo, identities, parsed, self.config.storage.fetch_timeout
+        )
+        if new_cid == cid:  # every key already had access: nothing new was written
+            return {"cid": cid, "source": cid, "added": 0}
+        self.state.hold([new_cid], self.peer_id)
+        live = await self.live_peers()
+        await asyncio.gather(*(self._ask_pin(p, [new_cid]) for p in live), return_exceptions=True)
+        await self.optimizer.announce(new_cid, "shared", True)
+        return {"cid": new_cid, "source": cid, "added": len(parsed)}
+
+    async def info(self, cid: str, identity_path: str | None) -> dict:
+        manifest = await asyncio.to_thread(
+            load_manifest,
+            cid,
+            self.kubo,
+            timeout=self.config.storage.fetch_timeout,
+            work_dir=self.repo.tmp,
+        )
+        identities = (
+            read_identities(Path(identity_path)) if identity_path else self.repo.identities()
+        )
+        return describe(cid, manifest, identities)
 
     # -- status ------------------------------------------------------------------------------
     async def status(self, cid: str) -> dict:
@@ -480,3 +549,28 @@ class NodeService:
                     log.info("repair pass: %s", summary)
             except Exception:
                 log.exception("repair pass failed")
+
+
+def describe(cid: str, manifest: Manifest, identities) -> dict:
+    """What anyone may see of a manifest, plus its metadata and provenance when a key fits."""
+    from storage.errors import NoIdentityMatch
+
+    info: dict[str, Any] = {
+        "cid": cid,
+        "encrypted": manifest.encrypted,
+        "created": manifest.to_obj()["created"],
+        "k": manifest.erasure.k,
+        "n": manifest.erasure.n,
+        "segments": len(manifest.segments),
+        "payload_size": manifest.payload_size,
+        "parent": manifest.parent,
+        "metadata": None,
+    }
+    try:
+        _key, metadata = open_metadata(manifest, identities)
+    except (NoIdentityMatch, InvalidArgument):
+        info["readable"] = False
+        return info
+    info["readable"] = True
+    info["metadata"] = metadata.to_obj()
+    return info

@@ -52,6 +52,24 @@ CREATE TABLE IF NOT EXISTS held (
     pinned TEXT NOT NULL,
     PRIMARY KEY (cid, owner)
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,                -- optimize
+    source TEXT NOT NULL,              -- manifest CID of the input model
+    pass TEXT NOT NULL,
+    pass_version TEXT NOT NULL,
+    recipients TEXT NOT NULL,          -- JSON list, sorted ([] = the source's recipients)
+    state TEXT NOT NULL,               -- queued | running | done | failed
+    result TEXT,                       -- manifest CID of the optimized model
+    error TEXT,                        -- why it failed (kept until it runs again)
+    report TEXT,                       -- JSON: fusion report, verification, timings
+    origin TEXT NOT NULL,              -- user | announce
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created TEXT NOT NULL,
+    started TEXT,
+    finished TEXT,
+    UNIQUE (kind, source, pass, pass_version, recipients)
+);
 CREATE TABLE IF NOT EXISTS peers (
     peer_id TEXT PRIMARY KEY,
     first_seen TEXT NOT NULL,
@@ -80,6 +98,34 @@ class Placement:
     cid: str
     peer: str
     confirmed: str
+
+
+JOB_COLUMNS = (
+    "id",
+    "kind",
+    "source",
+    "pass",
+    "pass_version",
+    "recipients",
+    "state",
+    "result",
+    "error",
+    "report",
+    "origin",
+    "attempts",
+    "created",
+    "started",
+    "finished",
+)
+
+
+def _job_dict(row: tuple) -> dict:
+    job = dict(zip(JOB_COLUMNS, row, strict=True))
+    job["recipients"] = json.loads(job["recipients"])
+    job["report"] = json.loads(job["report"]) if job["report"] else None
+    start, end = parse_iso(job["started"]), parse_iso(job["finished"])
+    job["seconds"] = round((end - start).total_seconds(), 3) if start and end else None
+    return job
 
 
 @dataclass(frozen=True)
@@ -199,6 +245,96 @@ class State:
         """Drop one owner's hold; True when nobody holds the CID any more (unpin it)."""
         self._run("DELETE FROM held WHERE cid = ? AND owner = ?", [cid, owner])
         return not self._run("SELECT 1 FROM held WHERE cid = ? LIMIT 1", [cid])
+
+    # -- jobs --------------------------------------------------------------------------------
+    def submit_job(
+        self,
+        kind: str,
+        source: str,
+        pass_name: str,
+        pass_version: str,
+        recipients: list[str],
+        origin: str,
+    ) -> tuple[dict, bool]:
+        """The job for this request: an existing one (returned as is, unless it failed: then
+        it is queued again) or a new one. Returns (job, created_or_requeued)."""
+        key = json.dumps(sorted(set(recipients)))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE kind = ? AND source = ? AND pass = ? "
+                    "AND pass_version = ? AND recipients = ?",
+                    (kind, source, pass_name, pass_version, key),
+                ).fetchone()
+                changed = False
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO jobs (kind, source, pass, pass_version, recipients, state, "
+                        "origin, created) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                        (kind, source, pass_name, pass_version, key, origin, now_iso()),
+                    )
+                    changed = True
+                elif row[JOB_COLUMNS.index("state")] == "failed":
+                    self._db.execute(
+                        "UPDATE jobs SET state = 'queued', started = NULL, finished = NULL "
+                        "WHERE id = ?",
+                        (row[0],),
+                    )
+                    changed = True
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE kind = ? AND source = ? AND pass = ? "
+                    "AND pass_version = ? AND recipients = ?",
+                    (kind, source, pass_name, pass_version, key),
+                ).fetchone()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return _job_dict(row), changed
+
+    def job(self, job_id: int) -> dict | None:
+        rows = self._run("SELECT * FROM jobs WHERE id = ?", [job_id])
+        return _job_dict(rows[0]) if rows else None
+
+    def jobs(self) -> list[dict]:
+        return [_job_dict(r) for r in self._run("SELECT * FROM jobs ORDER BY id")]
+
+    def next_queued_job(self) -> dict | None:
+        """Claim the oldest queued job (mark it running)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 "
+                "WHERE id = ?",
+                (now_iso(), row[0]),
+            )
+        return self.job(row[0])
+
+    def finish_job(self, job_id: int, result: str, report: dict) -> None:
+        self._run(
+            "UPDATE jobs SET state = 'done', result = ?, error = NULL, report = ?, finished = ? "
+            "WHERE id = ?",
+            [result, json.dumps(report), now_iso(), job_id],
+        )
+
+    def fail_job(self, job_id: int, error: str) -> None:
+        self._run(
+            "UPDATE jobs SET state = 'failed', error = ?, finished = ? WHERE id = ?",
+            [error[:2000], now_iso(), job_id],
+        )
+
+    def requeue_interrupted_jobs(self) -> int:
+        """Jobs left running by a daemon that stopped (or died): run them again."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'"
+            )
+            return cur.rowcount
 
     # -- peers -------------------------------------------------------------------------------
     def peer_answered(self, peer_id: str, addresses: list[str] | None = None) -> None:

@@ -1,0 +1,249 @@
+"""Optimization jobs: fetch a stored model by CID, fuse its BatchNorms (CUDA when present),
+verify it against the original with onnxruntime, and store the result through the same
+encrypted, erasure-coded, multi-peer path, with provenance.
+
+Jobs live in SQLite (node.state): one per (source CID, pass, pass version, recipients), so
+asking twice returns the same job (its result once done); a failed job keeps its reason until
+it is asked for again; jobs a stopped daemon left running are queued again at start. One job
+runs at a time.
+
+Announcements (PubSub topic :data:`ANNOUNCE_TOPIC`): after storing a manifest a node publishes
+``{"v": 1, "cid": ..., "kind": "stored" | "optimized" | "shared", "encrypted": bool}``; the
+sender is the libp2p peer that signed the message. A node with ``[optimizer] enabled`` and
+``auto_optimize`` picks up announced ONNX models it can decrypt (or public ones) that are not
+themselves derived models (no ``parent``), and queues a job for each. PubSub is best effort:
+a dropped announcement just means no automatic job; ``fusenode optimize`` always works.
+
+Provenance of an optimized model: the manifest's public ``parent`` is the source CID; the
+sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
+verification figures, the input's sha256 (the output's is the metadata's own ``sha256``),
+the device, and the optimizing node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from node import __version__
+from node.errors import NodeError
+from passes import fuse_bn
+from storage.backend import validate_cid
+from storage.errors import NoIdentityMatch, StorageError
+from storage.store import load_manifest, open_metadata
+
+ANNOUNCE_TOPIC = "fusenode/announce/v1"
+log = logging.getLogger("fusenode.optimizer")
+
+
+class JobError(NodeError):
+    """An optimization job cannot complete; the message is the job's recorded reason."""
+
+
+class Optimizer:
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.state = service.state
+        self.config = service.config
+        self._wake = asyncio.Event()
+
+    # -- jobs ------------------------------------------------------------------------------
+    async def submit(self, cid: str, recipients: list[str], origin: str = "user") -> dict:
+        from storage import age
+
+        validate_cid(cid)
+        for r in recipients:
+            age.X25519Recipient.from_string(r)  # HeaderError -> 400 before anything is queued
+        job, changed = self.state.submit_job(
+            "optimize", cid, fuse_bn.NAME, fuse_bn.VERSION, recipients, origin
+        )
+        if changed:
+            self._wake.set()
+        return job
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        requeued = self.state.requeue_interrupted_jobs()
+        if requeued:
+            log.info("%d interrupted job(s) queued again", requeued)
+        while not stop.is_set():
+            job = self.state.next_queued_job()
+            if job is None:
+                self._wake.clear()
+                waiter = asyncio.create_task(self._wake.wait())
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            log.info("job %d: optimizing %s", job["id"], job["source"])
+            try:
+                result, report = await self._optimize(job)
+            except asyncio.CancelledError:
+                raise  # daemon stopping: the job stays 'running' and is queued at next start
+            except (JobError, NodeError, StorageError, Exception) as e:
+                reason = str(e) or type(e).__name__
+                log.warning("job %d failed: %s", job["id"], reason)
+                self.state.fail_job(job["id"], reason)
+                continue
+            self.state.finish_job(job["id"], result, report)
+            log.info("job %d done: %s -> %s", job["id"], job["source"], result)
+
+    async def _optimize(self, job: dict) -> tuple[str, dict]:
+        from passes.errors import PassError, VerificationError
+        from passes.fuse import fuse_file
+
+        service = self.service
+        source = job["source"]
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        manifest = await asyncio.to_thread(
+            load_manifest,
+            source,
+            service.kubo,
+            timeout=self.config.storage.fetch_timeout,
+            work_dir=service.repo.tmp,
+        )
+        try:
+            _key, metadata = open_metadata(manifest, service.repo.identities())
+        except NoIdentityMatch:
+            raise JobError(
+                f"this node holds no key for {source}: it is not one of the model's recipients"
+            ) from None
+        recipients = list(job["recipients"]) or list(getattr(metadata, "recipients", None) or [])
+        if manifest.encrypted and not recipients:
+            raise JobError(f"{source} does not record its recipients: name them with --recipient")
+        work = Path(tempfile.mkdtemp(prefix=f".job{job['id']}-", dir=service.repo.tmp))
+        try:
+            source_file = work / "input.onnx"
+            fused_file = work / "fused.onnx"
+            await service.get(source, str(source_file), None)
+            timings["fetch"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            try:
+                report = await asyncio.to_thread(
+                    fuse_file,
+                    source_file,
+                    fused_file,
+                    device=self.config.optimizer.device,
+                    verify=True,
+                )
+            except VerificationError as e:
+                raise JobError(f"the fused model failed verification: {e}") from e
+            except PassError as e:
+                raise JobError(f"{source} ({metadata.name}): {e}") from e
+            timings["fuse_and_verify"] = time.perf_counter() - t1
+            provenance = {
+                "source": source,
+                "pass": report["pass"],
+                "pass_version": report["version"],
+                "tool": f"fusenode {__version__}",
+                "optimized_by": service.peer_id,
+                "device": report["device"],
+                "input_sha256": metadata.sha256,
+                "report": {
+                    key: report[key]
+                    for key in (
+                        "n_fused",
+                        "n_skipped",
+                        "nodes_before",
+                        "nodes_after",
+                        "fused",
+                        "skipped",
+                    )
+                },
+                "verification": {
+                    key: report["verify"][key]
+                    for key in ("engine", "rtol", "atol", "max_abs_error", "max_rel_error", "ok")
+                },
+            }
+            stem, dot, suffix = metadata.name.rpartition(".")
+            name = f"{stem}.fused.{suffix}" if dot else f"{metadata.name}.fused"
+            t2 = time.perf_counter()
+            stored = await service.store(
+                fused_file,
+                manifest.erasure.k,
+                manifest.erasure.n,
+                recipients,
+                public=not manifest.encrypted,
+                name=name,
+                provenance=provenance,
+                parent=source,
+            )
+            timings["store"] = time.perf_counter() - t2
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        timings["total"] = time.perf_counter() - t0
+        await self.announce(stored["cid"], "optimized", manifest.encrypted)
+        summary = {
+            "n_fused": report["n_fused"],
+            "n_skipped": report["n_skipped"],
+            "nodes_before": report["nodes_before"],
+            "nodes_after": report["nodes_after"],
+            "verification": provenance["verification"],
+            "placement": stored["placement"],
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        return stored["cid"], summary
+
+    # -- announcements ---------------------------------------------------------------------
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
+        if not self.config.optimizer.announce:
+            return
+        message = json.dumps({"v": 1, "cid": cid, "kind": kind, "encrypted": encrypted})
+        try:
+            await asyncio.to_thread(
+                self.service.kubo.pubsub_publish, ANNOUNCE_TOPIC, message.encode()
+            )
+        except Exception as e:  # best effort by design
+            log.info("announce %s: %s", cid, e)
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Queue jobs for announced models this node can optimize (if configured to)."""
+        kubo = self.service.kubo
+        sub = await asyncio.to_thread(kubo.pubsub_subscribe, ANNOUNCE_TOPIC)
+        try:
+            while not stop.is_set():
+                msg = await asyncio.to_thread(kubo.pubsub_next_message, sub, 1.0)
+                if msg is None or msg.sender == self.service.peer_id:
+                    continue
+                if not (self.config.optimizer.enabled and self.config.optimizer.auto_optimize):
+                    continue
+                try:
+                    data = json.loads(msg.data)
+                    cid = validate_cid(data["cid"])
+                except (ValueError, KeyError, TypeError, StorageError):
+                    log.info("ignoring malformed announcement from %s", msg.sender)
+                    continue
+                try:
+                    if await self._wants(cid):
+                        job = await self.submit(cid, [], origin="announce")
+                        log.info("announced %s from %s: job %d", cid, msg.sender, job["id"])
+                except Exception as e:
+                    log.info("announced %s: not optimizing (%s)", cid, e)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(kubo.pubsub_unsubscribe, sub)
+
+    async def _wants(self, cid: str) -> bool:
+        service = self.service
+        manifest = await asyncio.to_thread(
+            load_manifest,
+            cid,
+            service.kubo,
+            timeout=self.config.storage.fetch_timeout,
+            work_dir=service.repo.tmp,
+        )
+        if manifest.parent is not None:
+            return False  # already a derived model
+        try:
+            _key, metadata = open_metadata(manifest, service.repo.identities())
+        except NoIdentityMatch:
+            return False
+        return metadata.media_type == "application/onnx" or metadata.name.endswith(".onnx")
