@@ -212,3 +212,14 @@ def test_announced_models_are_picked_up(net, keys, model):
             break
         time.sleep(0.5)
     assert mine and mine[0]["origin"] == "announce" and mine[0]["state"] == "done", mine
+
+
+def test_public_model_is_republished_public(net, model, tmp_path):
+    cid = last_line(net.cli(0, "put", str(model), "-k", "2", "-n", "4", "--public"))
+    result = last_line(net.cli(1, "optimize", cid))
+    info = json.loads(ok(net.cli(3, "info", result, "--json")).stdout)
+    assert info["encrypted"] is False and info["readable"] and info["parent"] == cid
+    assert info["metadata"]["provenance"]["source"] == cid
+    out = tmp_path / "public-fused.onnx"
+    ok(net.cli(3, "get", result, "-o", str(out)))  # no key needed
+    assert count_ops(onnx.load(out), "BatchNormalization") == 0
