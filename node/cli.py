@@ -142,6 +142,17 @@ def _open_repo(args: argparse.Namespace):
     return Repo.open(default_repo_path(args.repo))
 
 
+def _absolute(path: str | None) -> str | None:
+    """Paths go to the daemon absolute: its working directory is not ours."""
+    return str(Path(path).resolve()) if path else None
+
+
+def _identities(args: argparse.Namespace, repo):
+    from node.repo import read_identities
+
+    return read_identities(Path(args.identity)) if args.identity else repo.identities()
+
+
 def _daemon(repo):
     """The running daemon's client, or None (then commands work offline on the repo)."""
     from node.client import find_daemon
@@ -214,20 +225,19 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from node.progress import progress_bar
-    from node.repo import read_identities
     from storage.store import get_file, load_manifest
 
     repo = _open_repo(args)
     client = _daemon(repo)
     if client is not None:
-        identity = str(Path(args.identity).resolve()) if args.identity else None
+        identity = _absolute(args.identity)
         reply = client.get(args.cid, str(Path(args.output).resolve()), identity_path=identity)
         print(
             f"wrote {reply['path']} ({reply['size']} bytes, stored as {reply['name']!r}) verified",
             file=sys.stderr,
         )
         return 0
-    identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
+    identities = _identities(args, repo)
     with repo.open_backend() as node:
         timeout = repo.config.storage.fetch_timeout
         manifest = load_manifest(args.cid, node, timeout=timeout, work_dir=repo.tmp)
@@ -409,18 +419,17 @@ def _local_manifest(repo, cid):
 
 
 def cmd_share(args: argparse.Namespace) -> int:
-    from node.repo import read_identities
     from storage import age
     from storage.share import share_cid
 
     repo = _open_repo(args)
     client = _daemon(repo)
     if client is not None:
-        identity = str(Path(args.identity).resolve()) if args.identity else None
+        identity = _absolute(args.identity)
         reply = client.share(args.cid, list(args.recipient), identity)
         print(reply["cid"])
         return 0
-    identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
+    identities = _identities(args, repo)
     recipients = [age.X25519Recipient.from_string(r) for r in args.recipient]
     with repo.open_backend() as node:
         new_cid, _ = share_cid(
@@ -431,16 +440,15 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from node.repo import read_identities
     from node.service import describe
 
     repo = _open_repo(args)
     client = _daemon(repo)
     if client is not None:
-        identity = str(Path(args.identity).resolve()) if args.identity else None
+        identity = _absolute(args.identity)
         info = client.info(args.cid, identity)
     else:
-        identities = read_identities(Path(args.identity)) if args.identity else repo.identities()
+        identities = _identities(args, repo)
         node, manifest = _local_manifest(repo, args.cid)
         with node:
             info = describe(args.cid, manifest, identities)

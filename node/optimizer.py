@@ -37,7 +37,7 @@ from node.errors import NodeError
 from passes import fuse_bn
 from storage.backend import validate_cid
 from storage.errors import NoIdentityMatch, StorageError
-from storage.store import load_manifest, open_metadata
+from storage.store import open_metadata
 
 ANNOUNCE_TOPIC = "fusenode/announce/v1"
 log = logging.getLogger("fusenode.optimizer")
@@ -103,13 +103,7 @@ class Optimizer:
         source = job["source"]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        manifest = await asyncio.to_thread(
-            load_manifest,
-            source,
-            service.kubo,
-            timeout=self.config.storage.fetch_timeout,
-            work_dir=service.repo.tmp,
-        )
+        manifest = await service.manifest(source)
         try:
             _key, metadata = open_metadata(manifest, service.repo.identities())
         except NoIdentityMatch:
@@ -233,13 +227,7 @@ class Optimizer:
 
     async def _wants(self, cid: str) -> bool:
         service = self.service
-        manifest = await asyncio.to_thread(
-            load_manifest,
-            cid,
-            service.kubo,
-            timeout=self.config.storage.fetch_timeout,
-            work_dir=service.repo.tmp,
-        )
+        manifest = await service.manifest(cid)
         if manifest.parent is not None:
             return False  # already a derived model
         try:

@@ -50,6 +50,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from node.errors import NodeError
+from storage.multiformats import (
+    IDENTITY,
+    MAX_UINT64_VARINT_BYTES,
+    SHA2_256,
+    b58encode,
+    encode_multihash,
+    encode_varint,
+    read_varint,
+)
 
 __all__ = [
     "HEADER_DATE",
@@ -85,7 +94,6 @@ _RSA_MIN_BITS: Final = 2048
 _RSA_MAX_BITS: Final = 8192
 _MAX_KEY_HEADER: Final = 4096  # base64 chars: an 8192-bit RSA key is ~1.4 KB of DER
 _MAX_SIG_HEADER: Final = 2048
-_B58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
 class PeerAuthError(NodeError):
@@ -95,35 +103,10 @@ class PeerAuthError(NodeError):
 # --------------------------------------------------------------------- libp2p key encoding
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = 0
-    for shift in range(0, 64, 7):
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise ValueError("varint too long")
-
-
 def _key_proto(key_type: int, data: bytes) -> bytes:
     """Serialize a libp2p PublicKey/PrivateKey message as go-libp2p does: field 1 (Type, a
     proto2 ``required`` enum, so written even when 0) then field 2 (Data)."""
-    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
+    return b"\x08" + encode_varint(key_type) + b"\x12" + encode_varint(len(data)) + data
 
 
 def _parse_key_proto(buf: bytes) -> tuple[int, bytes]:
@@ -132,10 +115,10 @@ def _parse_key_proto(buf: bytes) -> tuple[int, bytes]:
     try:
         if buf[:1] != b"\x08":
             raise ValueError("field 1 (key type) must come first")
-        key_type, pos = _read_varint(buf, 1)
+        key_type, pos = read_varint(buf, 1, max_bytes=MAX_UINT64_VARINT_BYTES)
         if buf[pos : pos + 1] != b"\x12":
             raise ValueError("field 2 (key data) must follow the key type")
-        length, pos = _read_varint(buf, pos + 1)
+        length, pos = read_varint(buf, pos + 1, max_bytes=MAX_UINT64_VARINT_BYTES)
         data = buf[pos : pos + length]
         if len(data) != length or pos + length != len(buf):
             raise ValueError("length of the key data does not match the message")
@@ -144,16 +127,6 @@ def _parse_key_proto(buf: bytes) -> tuple[int, bytes]:
     if _key_proto(key_type, data) != buf:
         raise PeerAuthError("not a libp2p key protobuf: non-canonical encoding")
     return key_type, data
-
-
-def _b58encode(data: bytes) -> str:
-    num = int.from_bytes(data, "big")
-    out = []
-    while num:
-        num, rem = divmod(num, 58)
-        out.append(_B58_ALPHABET[rem])
-    pad = len(data) - len(data.lstrip(b"\x00"))
-    return "1" * pad + "".join(reversed(out))
 
 
 def peer_id_from_public_key(pub_proto_bytes: bytes) -> str:
@@ -171,10 +144,10 @@ def peer_id_from_public_key(pub_proto_bytes: bytes) -> str:
         raise PeerAuthError(f"an Ed25519 public key is 32 bytes, not {len(data)}")
     serialized = _key_proto(key_type, data)
     if len(serialized) <= 42:
-        multihash = b"\x00" + _varint(len(serialized)) + serialized
+        multihash = encode_multihash(IDENTITY, serialized)
     else:
-        multihash = b"\x12\x20" + hashlib.sha256(serialized).digest()
-    return _b58encode(multihash)
+        multihash = encode_multihash(SHA2_256, hashlib.sha256(serialized).digest())
+    return b58encode(multihash)
 
 
 # --------------------------------------------------------------------------- private keys

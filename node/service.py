@@ -61,6 +61,21 @@ class NodeService:
         self.optimizer = Optimizer(self)
         self._repair_lock = asyncio.Lock()
 
+    # -- shared helpers --------------------------------------------------------------------
+    async def manifest(self, cid: str) -> Manifest:
+        """A manifest fetched from the network and checked against its CID."""
+        return await asyncio.to_thread(
+            load_manifest,
+            cid,
+            self.kubo,
+            timeout=self.config.storage.fetch_timeout,
+            work_dir=self.repo.tmp,
+        )
+
+    def identities(self, identity_path: str | None) -> list[age.X25519Identity]:
+        """The identities in ``identity_path``, or this node's own."""
+        return read_identities(Path(identity_path)) if identity_path else self.repo.identities()
+
     # -- identity and peers ----------------------------------------------------------------
     async def identity(self) -> dict:
         return {
@@ -286,13 +301,9 @@ class NodeService:
 
     # -- get -------------------------------------------------------------------------------
     async def get(self, cid: str, output: str, identity_path: str | None) -> dict:
-        identities = (
-            read_identities(Path(identity_path)) if identity_path else self.repo.identities()
-        )
+        identities = self.identities(identity_path)
         timeout = self.config.storage.fetch_timeout
-        manifest = await asyncio.to_thread(
-            load_manifest, cid, self.kubo, timeout=timeout, work_dir=self.repo.tmp
-        )
+        manifest = await self.manifest(cid)
         found, _ = await self.holders(manifest)
         local = self.peer_id
 
@@ -346,9 +357,7 @@ class NodeService:
         if not recipients:
             raise InvalidArgument("share needs at least one --recipient")
         parsed = [age.X25519Recipient.from_string(r) for r in recipients]
-        identities = (
-            read_identities(Path(identity_path)) if identity_path else self.repo.identities()
-        )
+        identities = self.identities(identity_path)
         new_cid, _manifest = await asyncio.to_thread(
             share_cid, cid, self.kubo, identities, parsed, self.config.storage.fetch_timeout
         )
@@ -361,27 +370,13 @@ class NodeService:
         return {"cid": new_cid, "source": cid, "added": len(parsed)}
 
     async def info(self, cid: str, identity_path: str | None) -> dict:
-        manifest = await asyncio.to_thread(
-            load_manifest,
-            cid,
-            self.kubo,
-            timeout=self.config.storage.fetch_timeout,
-            work_dir=self.repo.tmp,
-        )
-        identities = (
-            read_identities(Path(identity_path)) if identity_path else self.repo.identities()
-        )
+        manifest = await self.manifest(cid)
+        identities = self.identities(identity_path)
         return describe(cid, manifest, identities)
 
     # -- status ------------------------------------------------------------------------------
     async def status(self, cid: str) -> dict:
-        manifest = await asyncio.to_thread(
-            load_manifest,
-            cid,
-            self.kubo,
-            timeout=self.config.storage.fetch_timeout,
-            work_dir=self.repo.tmp,
-        )
+        manifest = await self.manifest(cid)
         found, _live = await self.holders(manifest)
         placed = {(p.segment, p.fragment): p.peer for p in self.state.placements(cid)}
         segments = []
@@ -464,9 +459,7 @@ class NodeService:
 
     async def _repair_segment(self, manifest_cid, segment, rows, lost, live, total) -> list[dict]:
         timeout = self.config.storage.fetch_timeout
-        manifest = await asyncio.to_thread(
-            load_manifest, manifest_cid, self.kubo, timeout=timeout, work_dir=self.repo.tmp
-        )
+        manifest = await self.manifest(manifest_cid)
         seg = manifest.segments[segment]
         coder = ErasureCoder(manifest.erasure.k, manifest.erasure.n)
         alive_rows = [
