@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from storage.age import X25519Recipient
 from storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
 from storage.errors import InvalidArgument, ManifestError, StorageError
+from storage.multiformats import DAG_PB, IDENTITY, RAW, parse_cid
 
 __all__ = [
     "ENCRYPTION_AGE",
@@ -71,10 +72,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MEDIA_TYPE_RE = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 )
-_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_BASE58_INDEX = {c: i for i, c in enumerate(_BASE58)}
-_BASE32_RE = re.compile(r"[a-z2-7]+")
-_CID_CODECS = {0x70: "dag-pb", 0x55: "raw"}
+_CID_CODECS = {DAG_PB: "dag-pb", RAW: "raw"}
 
 
 # --- encoding helpers -------------------------------------------------------------------
@@ -236,67 +234,24 @@ def _check_time(moment: Any, name: str) -> None:
 # --- CIDs -------------------------------------------------------------------------------
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """Unsigned LEB128 as multiformats uses it: at most 9 bytes, minimally encoded."""
-    value = shift = 0
-    for i in range(pos, min(pos + 9, len(data))):
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            if byte == 0 and i > pos:
-                raise ValueError("varint is not minimally encoded")
-            return value, i + 1
-    raise ValueError("truncated or overlong varint")
-
-
-def _is_cid_v0(text: str) -> bool:
-    if len(text) != 46 or not text.startswith("Qm"):
-        return False
-    number = 0
-    for char in text:
-        digit = _BASE58_INDEX.get(char)
-        if digit is None:
-            return False
-        number = number * 58 + digit
-    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return len(raw) == 34 and raw[:2] == b"\x12\x20"
-
-
-def _is_cid_v1_base32(text: str) -> bool:
-    body = text[1:]
-    if not text.startswith("b") or len(text) > 200 or not _BASE32_RE.fullmatch(body):
-        return False
-    try:
-        raw = base64.b32decode(body.upper() + "=" * (-len(body) % 8))
-    except (binascii.Error, ValueError):
-        return False
-    if base64.b32encode(raw).decode("ascii").rstrip("=").lower() != body:
-        return False  # non-zero trailing bits: a second spelling of the same CID
-    try:
-        version, pos = _read_varint(raw, 0)
-        codec, pos = _read_varint(raw, pos)
-        hash_code, pos = _read_varint(raw, pos)
-        digest_len, pos = _read_varint(raw, pos)
-    except ValueError:
-        return False
-    # hash code 0 is "identity": the data would sit in the CID itself, never a fragment.
-    return (
-        version == 1
-        and codec in _CID_CODECS
-        and hash_code != 0
-        and 16 <= digest_len <= 64
-        and len(raw) - pos == digest_len
-    )
-
-
 def is_valid_cid(text: Any) -> bool:
     """True for a CIDv0 (``Qm...``, 46 characters) or a lowercase base32 CIDv1 (``b...``).
 
     Syntax only (multibase, version, codec dag-pb or raw, multihash length): whether IPFS
     has the content is not checked.
     """
-    return isinstance(text, str) and (_is_cid_v0(text) or _is_cid_v1_base32(text))
+    if not isinstance(text, str):
+        return False
+    try:
+        cid = parse_cid(text, minimal=True)
+    except ValueError:
+        return False
+    # hash code 0 is "identity": the data would sit in the CID itself, never a fragment.
+    return cid.version == 0 or (
+        cid.codec in _CID_CODECS
+        and cid.multihash.code != IDENTITY
+        and 16 <= len(cid.multihash.digest) <= 64
+    )
 
 
 def _cid(value: Any, name: str) -> str:

@@ -10,18 +10,12 @@ from pathlib import Path
 
 from storage.backend import IpfsBackend, NodeIdentity, validate_cid
 from storage.errors import BackendTimeout
-
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+from storage.multiformats import SHA2_256, b58encode, encode_multihash
 
 
 def fake_cid(data: bytes) -> str:
     """A well-formed CIDv0 (sha2-256 multihash) of the raw bytes (not Kubo's UnixFS CID)."""
-    num = int.from_bytes(b"\x12\x20" + hashlib.sha256(data).digest(), "big")
-    out = ""
-    while num:
-        num, r = divmod(num, 58)
-        out = _B58[r] + out
-    return out
+    return b58encode(encode_multihash(SHA2_256, hashlib.sha256(data).digest()))
 
 
 class FakeBackend(IpfsBackend):
