@@ -191,3 +191,18 @@ def test_symbolic_input_shape_override(tmp_path):
     proc = fusenode("fuse", src, "-o", out, "--verify", "--json", "--input-shape", "X=2x4x9x7")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["verify"]["outputs"][0]["shape"] == [2, 6, 9, 7]
+
+
+def test_inline_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, monkeypatch):
+    """Past 2 GB a model cannot be one protobuf: the output switches to external data
+    (shown here with the limit lowered, so the test needs no 2 GB file)."""
+    import passes.modelfile
+
+    monkeypatch.setattr(passes.modelfile, "PROTOBUF_LIMIT", 1000)
+    model, feeds = conv_bn(cin=16, cout=32)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    assert main(["fuse", str(src), "-o", str(out), "--verify"]) == 0
+    assert (tmp_path / "o.onnx.data").exists()
+    onnx.checker.check_model(str(out), full_check=True)
+    assert_close(run(out, feeds), run(src, feeds), np.float32)

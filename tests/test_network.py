@@ -218,3 +218,24 @@ def test_interrupted_put_publishes_nothing(small, tmp_path):
         assert db.execute("SELECT COUNT(*) FROM placements").fetchone()[0] == 0
     finally:
         db.close()
+
+
+def test_id_without_daemon_and_clean_sigint(tmp_path):
+    net = LocalNetwork(tmp_path, 1)
+    net.init()
+    repo = net.nodes[0].repo
+    offline = json.loads(ok(net.cli(0, "id", "--json")).stdout)
+    assert set(offline) == {"peer_id", "addresses", "recipient"}
+    proc = net.cli(0, "peers")
+    assert proc.returncode == 1 and "no daemon is running" in proc.stderr
+    node = net.start_node(0)
+    try:
+        online = json.loads(ok(net.cli(0, "id", "--json")).stdout)
+        assert online["peer_id"] == offline["peer_id"] == node.peer_id
+        assert online["recipient"] == offline["recipient"]
+        assert (repo / "api.token").stat().st_mode & 0o777 == 0o600
+        assert (repo / "api.json").exists()
+    finally:
+        net.kill(0, signal.SIGINT)
+    assert node.proc.returncode == 0  # SIGINT: a clean stop
+    assert not (repo / "api.json").exists()
