@@ -199,15 +199,19 @@ class Optimizer:
             log.info("announce %s: %s", cid, e)
 
     async def listen(self, stop: asyncio.Event) -> None:
-        """Queue jobs for announced models this node can optimize (if configured to)."""
+        """Queue jobs for announced models this node can optimize (if configured to).
+
+        Only an auto-optimizing node subscribes: reading PubSub means polling the embedded
+        node, which would cost every plain storage node CPU for nothing.
+        """
+        if not (self.config.optimizer.enabled and self.config.optimizer.auto_optimize):
+            return
         kubo = self.service.kubo
         sub = await asyncio.to_thread(kubo.pubsub_subscribe, ANNOUNCE_TOPIC)
         try:
             while not stop.is_set():
                 msg = await asyncio.to_thread(kubo.pubsub_next_message, sub, 1.0)
                 if msg is None or msg.sender == self.service.peer_id:
-                    continue
-                if not (self.config.optimizer.enabled and self.config.optimizer.auto_optimize):
                     continue
                 try:
                     data = json.loads(msg.data)

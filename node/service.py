@@ -159,6 +159,19 @@ class NodeService:
         self.state.hold(cids, owner)
         return cids
 
+    async def store_for(self, owner: str, expected: str, data: bytes) -> str:
+        """Add a fragment streamed by ``owner``; keep it only if it hashes to ``expected``."""
+        with tempfile.NamedTemporaryFile(dir=self.repo.tmp, prefix=".store-") as f:
+            f.write(data)
+            f.flush()
+            cid = await asyncio.to_thread(self.kubo.add, Path(f.name))
+        if cid != expected:
+            if cid not in self.state.held([cid]):
+                await asyncio.to_thread(self.kubo.unpin, cid)
+            raise ValueError(f"fragment hashes to {cid}, not {expected}")
+        self.state.hold([cid], owner)
+        return cid
+
     async def unpin_for(self, owner: str, cids: list[str]) -> list[str]:
         released = []
         for cid in cids:
@@ -211,25 +224,14 @@ class NodeService:
         lock = threading.Lock()
 
         def sink(segment: int, index: int, frag_path: Path) -> str:
-            cid = self.kubo.add(frag_path)
             holder = candidates[(index + segment) % len(candidates)]
-            if holder != self.peer_id:
-                fut = asyncio.run_coroutine_threadsafe(
-                    self.client.call(
-                        holder,
-                        "POST",
-                        "/peer/v1/pin",
-                        {"cids": [cid]},
-                        timeout=self.config.placement.pin_timeout,
-                    ),
-                    loop,
-                )
-                try:
-                    fut.result()
-                except (PeerUnreachable, PeerRefused) as e:
-                    raise NodeError(
-                        f"fragment {index} of segment {segment}: {e}; nothing was published"
-                    ) from e
+            fut = asyncio.run_coroutine_threadsafe(self._place(holder, frag_path), loop)
+            try:
+                cid = fut.result()
+            except (PeerUnreachable, PeerRefused) as e:
+                raise NodeError(
+                    f"fragment {index} of segment {segment}: {e}; nothing was published"
+                ) from e
             with lock:
                 placements.append((segment, index, cid, holder))
             return cid
@@ -254,14 +256,10 @@ class NodeService:
         await asyncio.gather(
             *(self._ask_pin(h, [result.cid]) for h in holders), return_exceptions=True
         )
-        mine = {cid for _, _, cid, h in placements if h == self.peer_id}
-        self.state.hold([*mine, result.cid], self.peer_id)
+        self.state.hold([result.cid], self.peer_id)
         self.state.record_model(result.cid, k, n, len(result.manifest.segments), mode, placements)
         for h in holders:
             self.state.peer_answered(h)
-        # Copies placed elsewhere are unpinned here (Kubo keeps the blocks until a GC).
-        for cid in {cid for _, _, cid, h in placements if h != self.peer_id} - mine:
-            await asyncio.to_thread(self.kubo.unpin, cid)
         counts: dict[str, int] = defaultdict(int)
         for *_, h in placements:
             counts[h] += 1
@@ -273,6 +271,33 @@ class NodeService:
             "placement": mode,
             "holders": dict(sorted(counts.items())),
         }
+
+    async def _place(self, holder: str, path: Path, cid: str | None = None) -> str:
+        """Store the fragment in ``path`` on ``holder`` (this node or a peer) and return its
+        CID once the holder confirmed it. Peers get the bytes streamed (/peer/v1/store); only
+        fragments over the stream limit go the bitswap way (add here, peer pins)."""
+        from node.peering import MAX_FRAGMENT
+
+        if holder == self.peer_id:
+            cid = await asyncio.to_thread(self.kubo.add, path)
+            self.state.hold([cid], self.peer_id)
+            return cid
+        timeout = self.config.placement.pin_timeout
+        if path.stat().st_size > MAX_FRAGMENT:
+            cid = await asyncio.to_thread(self.kubo.add, path)
+            await self.client.call(
+                holder, "POST", "/peer/v1/pin", {"cids": [cid]}, timeout=timeout, attempts=3
+            )
+            if cid not in self.state.held([cid]):
+                await asyncio.to_thread(self.kubo.unpin, cid)
+            return cid
+        if cid is None:  # the CID is ours to compute: never taken from the holder's word
+            cid = await asyncio.to_thread(self.kubo.hash_only, path)
+        data = await asyncio.to_thread(path.read_bytes)
+        await self.client.call(
+            holder, "POST", f"/peer/v1/store?cid={cid}", raw=data, timeout=timeout, attempts=3
+        )
+        return cid
 
     async def _ask_pin(self, peer: str, cids: list[str]) -> None:
         await self.client.call(
@@ -488,23 +513,18 @@ class NodeService:
         moves = []
         for r in lost:
             ref = seg.fragments[r.fragment]
-            data = fragments[r.fragment]
-            with tempfile.NamedTemporaryFile(dir=self.repo.tmp, prefix=".repair-") as f:
-                f.write(data)
-                f.flush()
-                cid = await asyncio.to_thread(self.kubo.add, Path(f.name))
-            if cid != ref.cid:
-                raise NodeError(f"rebuilt fragment {r.fragment} hashes to {cid}, not {ref.cid}")
             # A node without a fragment of this segment if there is one; otherwise (fewer
             # live nodes than n) the least loaded: all n fragments again, on fewer nodes, is
             # still better than leaving them missing. status shows it as not distinct.
             target = min(nodes, key=lambda p: (load[p], total[p], p))
-            if target == self.peer_id:
-                self.state.hold([cid], self.peer_id)
-            else:
-                await self._ask_pin(target, [cid])
-                if cid not in self.state.held([cid]):
-                    await asyncio.to_thread(self.kubo.unpin, cid)
+            with tempfile.NamedTemporaryFile(dir=self.repo.tmp, prefix=".repair-") as f:
+                f.write(fragments[r.fragment])
+                f.flush()
+                # A peer checks the bytes hash to the manifest's CID (erasure coding is
+                # deterministic); this node checks its own add.
+                cid = await self._place(target, Path(f.name), cid=ref.cid)
+            if cid != ref.cid:
+                raise NodeError(f"rebuilt fragment {r.fragment} hashes to {cid}, not {ref.cid}")
             self.state.move_placement(manifest_cid, segment, r.fragment, target)
             load[target] += 1
             total[target] += 1

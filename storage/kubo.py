@@ -213,7 +213,8 @@ def loopback_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
     The edits of design/libkubo.md (no bootstrap peers, swarm on 127.0.0.1:swarm_port, no
     API/gateway listeners, no mDNS, no UPnP/NAT-PMP, no relays, no AutoNAT service) plus one
     more, ``Swarm.AddrFilters`` denying every non-loopback address, so the node cannot dial an
-    address it learns from a peer. Returns the dict for chaining.
+    address it learns from a peer; and no per-block DHT providing (see below). Returns the
+    dict for chaining.
     """
     _check_port(swarm_port)
     config["Bootstrap"] = []
@@ -229,6 +230,10 @@ def loopback_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
     swarm["EnableHolePunching"] = False
     swarm["AddrFilters"] = list(_NON_LOOPBACK_FILTERS)
     config.setdefault("AutoNAT", {})["ServiceMode"] = "disabled"
+    # No DHT provider records for every 256 KiB block: fusenode finds holders by asking its
+    # peers and bitswap asks connected peers directly, so announcing each block only costs
+    # CPU (measured: add of 256 MiB 3.9-4.6 s -> 1.7-2.5 s, and ~1.5 CPU s less on peers).
+    config.setdefault("Experimental", {})["StrategicProviding"] = True
     return config
 
 

@@ -1,0 +1,93 @@
+"""The peer API: only signed requests from accepted peers; /store checks the bytes' CID."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.peerauth import private_key_from_protobuf, sign_request
+from node.peering import create_peer_app
+from tests.fakes import fake_cid
+from tests.test_peerauth import ed25519_protobuf
+
+SELF = "QmSelfSelfSelfSelfSelfSelfSelfSelfSelfSelfSelfS"
+
+
+class FakeState:
+    def __init__(self) -> None:
+        self.holds: set[tuple[str, str]] = set()
+
+    def hold(self, cids, owner):
+        self.holds |= {(c, owner) for c in cids}
+
+    def held(self, cids):
+        return {c for c, _ in self.holds} & set(cids)
+
+    def peer_answered(self, peer, addresses=None):
+        pass
+
+
+class FakeNode:
+    """Stands in for the daemon's service; the peer app only calls these."""
+
+    peer_id = SELF
+
+    def __init__(self) -> None:
+        self.state = FakeState()
+        self.addresses: list[str] = []
+
+    async def store_for(self, owner, expected, data):
+        cid = fake_cid(data)
+        if cid != expected:
+            raise ValueError(f"fragment hashes to {cid}, not {expected}")
+        self.state.hold([cid], owner)
+        return cid
+
+    async def pin_for(self, owner, cids):
+        self.state.hold(cids, owner)
+        return cids
+
+    async def unpin_for(self, owner, cids):
+        return cids
+
+
+@pytest.fixture
+def key():
+    return private_key_from_protobuf(ed25519_protobuf())
+
+
+async def _post(client, key, path, body, content_type="application/octet-stream"):
+    headers = sign_request(key, "POST", path, body, audience=SELF)
+    headers["Content-Type"] = content_type
+    return await client.post(path, data=body, headers=headers)
+
+
+@pytest.mark.asyncio
+async def test_store_checks_the_cid(aiohttp_client, key):
+    node = FakeNode()
+    client = await aiohttp_client(create_peer_app(node, ("*",)))
+    data = b"fragment bytes" * 100
+    good = fake_cid(data)
+    resp = await _post(client, key, f"/peer/v1/store?cid={good}", data)
+    assert resp.status == 200 and (await resp.json())["cid"] == good
+    assert (good, key.peer_id) in node.state.holds  # held for the peer that asked
+    other = fake_cid(b"something else")
+    resp = await _post(client, key, f"/peer/v1/store?cid={other}", data)
+    assert resp.status == 400 and "hashes to" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_unsigned_tampered_and_unaccepted_requests_are_refused(aiohttp_client, key):
+    node = FakeNode()
+    client = await aiohttp_client(create_peer_app(node, ("*",)))
+    body = b'{"cids": []}'
+    resp = await client.post("/peer/v1/pin", data=body)
+    assert resp.status == 401
+    headers = sign_request(key, "POST", "/peer/v1/pin", body, audience=SELF)
+    resp = await client.post("/peer/v1/pin", data=body + b" ", headers=headers)
+    assert resp.status == 401  # the body hash no longer matches the signature
+    headers = sign_request(key, "POST", "/peer/v1/pin", body, audience="QmSomeoneElse")
+    resp = await client.post("/peer/v1/pin", data=body, headers=headers)
+    assert resp.status == 401  # signed for another node: no replay here
+    strict = await aiohttp_client(create_peer_app(FakeNode(), ("QmOnlyThisPeer",)))
+    resp = await _post(strict, key, "/peer/v1/pin", body, "application/json")
+    assert resp.status == 403
