@@ -53,10 +53,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
@@ -71,12 +69,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from common import GiB, MiB, human, parse_size, sha256_file, write_random_file  # noqa: E402
+
 from storage import age, erasure  # noqa: E402
 from storage.kubo import KuboNode  # noqa: E402
 from storage.store import PutResult, get_file, put_file  # noqa: E402
 
-MiB = 2**20
-GiB = 2**30
 ENC_UPDATE = 8 * MiB
 EC_SEGMENT = 64 * MiB
 FETCH_TIMEOUT = 3600.0
@@ -88,25 +86,6 @@ TARGET_GET_RATIO = 1.5
 TARGET_ENC_MBPS = 1000.0
 TARGET_EC_MBPS = 500.0
 TARGET_RSS_MIB = 1024.0
-
-
-def parse_size(text: str) -> int:
-    """'1GiB', '512MiB', '4G', '100M', '65536' -> bytes (K/M/G are binary, like ls -h)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB, 512MiB, 100000)")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
-    size = int(float(m.group(1)) * scale)
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
-
-
-def human(n: float) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 # ----------------------------------------------------------------------------- peak memory
@@ -219,29 +198,6 @@ def measure(phase: Phase, node: KuboNode) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- the runs
-
-
-def write_random_file(path: Path, size: int) -> str:
-    """Fill ``path`` with ``size`` random bytes; return their sha256 (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 64 * MiB))
-            digest.update(block)
-            f.write(block)
-            left -= len(block)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(8 * MiB)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def file_slices(path: Path, size: int) -> Iterator[bytes]:
