@@ -480,6 +480,10 @@ def get_file(
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".part")
     except OSError as e:
         raise InvalidArgument(f"{out}: cannot write in {folder}: {e.strerror}") from e
+    # mkstemp makes the file 0600; the finished file gets the mode any new file would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         # Hashing and writing the plaintext run on a writer thread (both release the GIL), so
         # they overlap with decrypting the next segment; one segment is queued at most. The

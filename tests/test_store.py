@@ -202,3 +202,15 @@ def test_manifest_parses_back(backend, ident, tmp_path):
         work_dir=tmp_path,
     )
     assert Manifest.from_bytes(backend.blocks[put.cid]) == put.manifest
+
+
+def test_output_file_gets_the_usual_mode(backend, ident, tmp_path):
+    import stat
+
+    put = put_file(write(tmp_path, 1000), backend, recipients=[ident.recipient])
+    old = os.umask(0o022)
+    try:
+        get_file(put.cid, tmp_path / "o", backend, identities=[ident])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o644
