@@ -182,18 +182,6 @@ class PeerClient:
                 self._ports[peer_id] = port
             return port
 
-    async def forget(self, peer_id: str) -> None:
-        """Drop the forward to a peer (it will be re-created on the next call)."""
-        async with self._lock:
-            port = self._ports.pop(peer_id, None)
-        if port is not None:
-            try:
-                await asyncio.to_thread(
-                    lambda: self.kubo.p2p_close(PROTOCOL, listen=f"/ip4/127.0.0.1/tcp/{port}")
-                )
-            except Exception as e:  # best effort: the forward may already be gone
-                log.debug("closing forward to %s: %s", peer_id, e)
-
     async def call(
         self,
         peer_id: str,

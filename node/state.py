@@ -199,9 +199,6 @@ class State:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def models(self) -> list[tuple[str, int, int, int, str]]:
-        return self._run("SELECT cid, k, n, segments, placement FROM models ORDER BY created")
-
     def model(self, cid: str) -> tuple[str, int, int, int, str] | None:
         rows = self._run("SELECT cid, k, n, segments, placement FROM models WHERE cid = ?", [cid])
         return rows[0] if rows else None
