@@ -240,7 +240,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     identities = _identities(args, repo)
     with repo.open_backend() as node:
         timeout = repo.config.storage.fetch_timeout
-        manifest = load_manifest(args.cid, node, timeout=timeout, work_dir=repo.tmp)
+        manifest = load_manifest(args.cid, node, timeout=timeout)
         with progress_bar(manifest.plaintext_size(), "get") as update:
             result = get_file(
                 args.cid,
@@ -410,9 +410,7 @@ def _local_manifest(repo, cid):
 
     node = repo.open_backend()
     try:
-        return node, load_manifest(
-            cid, node, timeout=repo.config.storage.fetch_timeout, work_dir=repo.tmp
-        )
+        return node, load_manifest(cid, node, timeout=repo.config.storage.fetch_timeout)
     except BaseException:
         node.close()
         raise

@@ -38,8 +38,9 @@ from node.state import State, parse_iso
 from storage import age
 from storage.erasure import ErasureCoder
 from storage.errors import BackendError, BackendTimeout, InvalidArgument
-from storage.manifest import Manifest
+from storage.manifest import FragmentRef, Manifest
 from storage.store import get_file, load_manifest, open_metadata, put_file
+from storage.unixfs import file_cid, matches_cid
 
 log = logging.getLogger("fusenode.service")
 HEALTH_TIMEOUT = 3.0
@@ -65,11 +66,7 @@ class NodeService:
     async def manifest(self, cid: str) -> Manifest:
         """A manifest fetched from the network and checked against its CID."""
         return await asyncio.to_thread(
-            load_manifest,
-            cid,
-            self.kubo,
-            timeout=self.config.storage.fetch_timeout,
-            work_dir=self.repo.tmp,
+            load_manifest, cid, self.kubo, timeout=self.config.storage.fetch_timeout
         )
 
     def identities(self, identity_path: str | None) -> list[age.X25519Identity]:
@@ -160,7 +157,14 @@ class NodeService:
         return cids
 
     async def store_for(self, owner: str, expected: str, data: bytes) -> str:
-        """Add a fragment streamed by ``owner``; keep it only if it hashes to ``expected``."""
+        """Add a fragment streamed by ``owner`` if it hashes to ``expected``.
+
+        Checked before it is added (`storage.unixfs`), so bytes that are not what the owner
+        claims never reach the blockstore (which has no GC to take them out again); Kubo's
+        own answer is compared too, in case the two hashings ever disagree.
+        """
+        if not await asyncio.to_thread(matches_cid, expected, data):
+            raise ValueError(f"fragment does not hash to {expected}")
         with tempfile.NamedTemporaryFile(dir=self.repo.tmp, prefix=".store-") as f:
             f.write(data)
             f.flush()
@@ -291,9 +295,9 @@ class NodeService:
             if cid not in self.state.held([cid]):
                 await asyncio.to_thread(self.kubo.unpin, cid)
             return cid
-        if cid is None:  # the CID is ours to compute: never taken from the holder's word
-            cid = await asyncio.to_thread(self.kubo.hash_only, path)
         data = await asyncio.to_thread(path.read_bytes)
+        if cid is None:  # the CID is ours to compute: never taken from the holder's word
+            cid = await asyncio.to_thread(file_cid, data)
         await self.client.call(
             holder, "POST", f"/peer/v1/store?cid={cid}", raw=data, timeout=timeout, attempts=3
         )
@@ -495,9 +499,14 @@ class NodeService:
             if len(good) >= coder.k:
                 break
             ref = seg.fragments[r.fragment]
+
+            def fetch_checked(index: int = r.fragment, ref: FragmentRef = ref) -> bytes:
+                data = self.kubo.fetch_bytes(ref.cid, timeout)
+                coder.check_fragment(index, data, seg.size, cid=ref.cid, sha256=ref.sha256)
+                return data
+
             try:
-                data = await asyncio.to_thread(self.kubo.fetch_bytes, ref.cid, timeout)
-                coder.check_fragment(r.fragment, data, seg.size, ref.sha256)
+                data = await asyncio.to_thread(fetch_checked)
             except (BackendError, BackendTimeout, InvalidArgument, Exception) as e:
                 log.warning("repair: fragment %d of %s: %s", r.fragment, manifest_cid, e)
                 continue

@@ -14,6 +14,10 @@ Contract shared by every implementation:
   `InvalidArgument`, never a backend error.
 - CIDs are compared as strings. The embedded Kubo always produces CIDv0 (``Qm...``); a CIDv1 of
   the same content is a different string.
+- The CID of a file is the one Kubo's ``add`` with its default options gives it (256 KiB
+  chunks, balanced dag-pb, CIDv0): readers recompute it from the bytes they get
+  (`storage.unixfs`), so a backend that built files another way (raw leaves, another chunker)
+  would have every read refused as corrupted. A remote Kubo backend passes those defaults.
 """
 
 from __future__ import annotations

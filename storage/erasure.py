@@ -9,7 +9,7 @@ data, CRC-32 of the header) and the data; docs/format.md section 4 gives the byt
 pyeclib checks only the header by itself: ``decode`` does not check the data CRC and
 silently decodes fragments of two different segments, or a flipped data bit, into garbage.
 So :meth:`ErasureCoder.check_fragment` checks everything it can (length, header, index,
-segment size, CRC, and the SHA-256 recorded in the manifest), and :meth:`ErasureCoder.decode`
+segment size, CRC, and the CID recorded in the manifest), and :meth:`ErasureCoder.decode`
 refuses any fragment that fails.
 
 Threads: pyeclib's C calls hold the GIL for their whole duration (the extension never
@@ -35,6 +35,15 @@ from dataclasses import dataclass
 from pyeclib.ec_iface import ECDriver, ECDriverError
 
 from storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
+from storage.unixfs import matches_cid
+
+
+def _matches_cid(cid: str, data: bytes) -> bool:
+    try:
+        return matches_cid(cid, data)
+    except ValueError as err:
+        raise InvalidArgument(f"malformed CID {cid!r:.80}: {err}") from None
+
 
 __all__ = [
     "ALGORITHM",
@@ -251,14 +260,17 @@ class ErasureCoder:
         index: int,
         data: bytes,
         segment_size: int,
-        expected_sha256: str | None = None,
+        *,
+        cid: str | None = None,
+        sha256: str | None = None,
     ) -> None:
         """Raise IntegrityError unless ``data`` is good fragment ``index`` of such a segment.
 
         Meant to be called on each fragment as it arrives, so a bad one is discarded and
-        another index fetched in its place. ``expected_sha256`` (from the manifest) is the
-        check that holds against a deliberate forger; the rest is cheap and catches
-        corruption and mix-ups even without a manifest (e.g. a node scrubbing its pins).
+        another index fetched in its place. ``cid`` (from the manifest) is the check that
+        holds against a deliberate forger: the bytes must hash to it, the way Kubo's ``add``
+        hashes a file (`storage.unixfs`); ``sha256`` is version 1 manifests' extra hash. The
+        rest is cheap and catches corruption and mix-ups even without a manifest.
         """
         self._check_index(index)
         _validate_segment_size(segment_size)
@@ -287,18 +299,20 @@ class ErasureCoder:
             raise IntegrityError(f"fragment {index} carries no CRC-32 of its data")
         if zlib.crc32(memoryview(data)[FRAGMENT_HEADER_SIZE:]) != header.crc32:
             raise IntegrityError(f"fragment {index} data checksum mismatch (data corrupted)")
-        if expected_sha256 is not None:
+        if cid is not None and not _matches_cid(cid, data):
+            raise IntegrityError(f"fragment {index} does not hash to its CID {cid}")
+        if sha256 is not None:
             actual = hashlib.sha256(data).hexdigest()
-            if actual != expected_sha256:
+            if actual != sha256:
                 raise IntegrityError(
-                    f"fragment {index} has sha256 {actual}, manifest says {expected_sha256}"
+                    f"fragment {index} has sha256 {actual}, manifest says {sha256}"
                 )
 
     def decode(self, fragments: Mapping[int, bytes], segment_size: int) -> bytes:
         """Rebuild a segment of ``segment_size`` bytes from k or more of its fragments.
 
         ``fragments`` maps fragment index to bytes. Every fragment given is checked
-        (without SHA-256: do that with :meth:`check_fragment` as fragments arrive), and a
+        (without its CID: do that with :meth:`check_fragment` as fragments arrive), and a
         bad one raises IntegrityError naming it rather than being skipped, so that a caller
         that forgot to check learns which index (and so which peer) to replace. Fewer than
         k fragments raise NotEnoughFragments. Data fragments are preferred: with all of

@@ -1,10 +1,11 @@
-"""The manifest (format version 1) and the metadata object: docs/format.md sections 5 and 6.
+"""The manifest (format version 2; version 1 is still read) and the metadata object:
+docs/format.md sections 5 and 6.
 
 A manifest is immutable and named by its CID, so two things matter more than convenience:
 the same manifest must always serialize to the same bytes (canonical JSON, see
 :func:`canonical_json`), and a reader must refuse anything the format does not allow rather
 than guess (every check raises :class:`~storage.errors.ManifestError` naming the offending
-field, e.g. ``segments[2].fragments[5].sha256``). The dataclasses validate themselves on
+field, e.g. ``segments[2].fragments[5].cid``). The dataclasses validate themselves on
 construction, so an invalid manifest cannot be built in code either.
 
 This module is pure: no I/O, no IPFS, no cryptography. It treats the age header and the
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 from storage.age import X25519Recipient
 from storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
 from storage.errors import InvalidArgument, ManifestError, StorageError
-from storage.multiformats import DAG_PB, IDENTITY, RAW, parse_cid
+from storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
 
 __all__ = [
     "ENCRYPTION_AGE",
@@ -51,8 +52,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "fusenode-manifest"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+#: Version 1 listed a SHA-256 beside each fragment CID; version 2 drops it, the CID being the
+#: fragment's content hash already (docs/format.md 11). Both are read; new manifests are 2,
+#: and a version-1 manifest stays version 1 when it is re-sealed (`storage.share`), since its
+#: fragments, and so their refs, do not change.
+SUPPORTED_VERSIONS = (1, 2)
 ENCRYPTION_AGE = "age-v1"
 ENCRYPTION_NONE = "none"
 
@@ -132,7 +137,7 @@ def _at(path: str) -> Iterator[None]:
 def _check_keys(
     obj: Any, what: str, required: set[str], optional: frozenset[str] = frozenset()
 ) -> None:
-    """Exact key set: version 1 has no extension point (docs/format.md 11)."""
+    """Exact key set: the format has no extension point (docs/format.md 11)."""
     if not isinstance(obj, dict):
         raise ManifestError(f"{what} must be a JSON object, got {_json_type(obj)}")
     missing = sorted(required - obj.keys())
@@ -468,33 +473,45 @@ class Metadata:
 
 def _unsupported_encryption(value: Any) -> ManifestError:
     return ManifestError(
-        f"encryption {value!r:.80} is not supported (version 1 knows "
+        f"encryption {value!r:.80} is not supported (versions 1 and 2 know "
         f"{ENCRYPTION_AGE!r} and {ENCRYPTION_NONE!r})"
     )
 
 
 @dataclass(frozen=True)
 class FragmentRef:
-    """Where fragment ``index`` of a segment lives and how to recognize it."""
+    """Where fragment ``index`` of a segment lives and how to recognize it: its CID, which
+    is its content hash (`storage.unixfs`). ``sha256`` is the extra hash of format version 1
+    (required there, absent from version 2; the manifest checks which)."""
 
     index: int
     cid: str
     size: int
-    sha256: str
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         _int(self.index, "index", 0, 63)
         _cid(self.cid, "cid")
         _int(self.size, "size", 1)
-        _sha256(self.sha256, "sha256")
+        if self.sha256 is not None:
+            _sha256(self.sha256, "sha256")
+
+    @property
+    def checkable(self) -> bool:
+        """Whether a reader can recompute the CID from the bytes (sha2-256, dag-pb or raw)."""
+        parsed = parse_cid(self.cid)
+        return parsed.multihash.code == SHA2_256 and len(parsed.multihash.digest) == 32
 
     def to_obj(self) -> dict[str, Any]:
-        return {"index": self.index, "cid": self.cid, "size": self.size, "sha256": self.sha256}
+        obj: dict[str, Any] = {"index": self.index, "cid": self.cid, "size": self.size}
+        if self.sha256 is not None:
+            obj["sha256"] = self.sha256
+        return obj
 
     @classmethod
     def from_obj(cls, obj: Any) -> FragmentRef:
-        _check_keys(obj, "fragment", {"index", "cid", "size", "sha256"})
-        return cls(index=obj["index"], cid=obj["cid"], size=obj["size"], sha256=obj["sha256"])
+        _check_keys(obj, "fragment", {"index", "cid", "size"}, frozenset({"sha256"}))
+        return cls(index=obj["index"], cid=obj["cid"], size=obj["size"], sha256=obj.get("sha256"))
 
 
 @dataclass(frozen=True)
@@ -549,7 +566,7 @@ class ErasureParams:
     def __post_init__(self) -> None:
         if self.algorithm != ALGORITHM:
             raise ManifestError(
-                f"algorithm {self.algorithm!r:.80} is not supported (version 1 knows {ALGORITHM!r})"
+                f"algorithm {self.algorithm!r:.80} is not supported (versions 1 and 2 know {ALGORITHM!r})"
             )
         _int(self.k, "k", 1, 64)
         _int(self.n, "n", 2, 64)
@@ -587,7 +604,6 @@ class Manifest:
     """
 
     FORMAT: ClassVar[str] = FORMAT_NAME
-    VERSION: ClassVar[int] = FORMAT_VERSION
 
     created: datetime
     encryption: str
@@ -597,6 +613,7 @@ class Manifest:
     metadata: bytes | Metadata
     age_header: bytes | None = None
     parent: str | None = None
+    version: int = FORMAT_VERSION
 
     _REQUIRED: ClassVar[set[str]] = {
         "format",
@@ -610,6 +627,8 @@ class Manifest:
     }
 
     def __post_init__(self) -> None:
+        if self.version not in SUPPORTED_VERSIONS:
+            raise ManifestError(f"version {self.version!r:.20} is not supported")
         _check_time(self.created, "created")
         if not isinstance(self.erasure, ErasureParams):
             raise ManifestError("erasure must be an ErasureParams")
@@ -684,6 +703,23 @@ class Manifest:
                             f"fragments[{j}].size {fragment.size}, expected {frag_size} "
                             f"(80-byte header + ceil({segment.size} / k={self.erasure.k}))"
                         )
+                    self._check_fragment_hashes(fragment, f"fragments[{j}]")
+
+    def _check_fragment_hashes(self, fragment: FragmentRef, where: str) -> None:
+        if self.version == 1:
+            if fragment.sha256 is None:
+                raise ManifestError(f"{where} lacks required key(s): sha256")
+            return
+        if fragment.sha256 is not None:
+            raise ManifestError(
+                f"{where} has unknown key(s) for this version: sha256 (version "
+                f"{self.version} checks fragments by their CID)"
+            )
+        if not fragment.checkable:
+            raise ManifestError(
+                f"{where}.cid {fragment.cid} is not a sha2-256 CID, so the fragment's bytes "
+                "could not be checked against it"
+            )
 
     @property
     def encrypted(self) -> bool:
@@ -704,7 +740,7 @@ class Manifest:
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
             "format": self.FORMAT,
-            "version": self.VERSION,
+            "version": self.version,
             "created": format_time(self.created),
             "encryption": self.encryption,
             "erasure": self.erasure.to_obj(),
@@ -748,7 +784,7 @@ class Manifest:
         if version not in SUPPORTED_VERSIONS:
             known = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
             raise ManifestError(
-                f"manifest version {version} is not supported (this fusenode reads version "
+                f"manifest version {version} is not supported (this fusenode reads versions "
                 f"{known}); a newer fusenode may read it"
             )
         with _at("manifest"):
@@ -785,4 +821,5 @@ class Manifest:
             metadata=metadata,
             age_header=age_header,
             parent=_cid(obj["parent"], "parent") if "parent" in obj else None,
+            version=obj["version"],
         )

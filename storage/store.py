@@ -3,17 +3,18 @@
 put::
 
     file -> sha256 + age payload (streamed) -> segments -> n fragments each (erasure code)
-         -> each fragment written to a scratch file, hashed, and handed to a *sink*
-            (default: add + pin on the local node), 1.5 segments' worth at once, at most
-            three encoded segments in flight -> sealed metadata + age header
+         -> each fragment written to a scratch file and handed to a *sink* (default: add +
+            pin on the local node), which returns its CID, the fragment's content hash;
+            1.5 segments' worth at once, at most three encoded segments in flight
+         -> sealed metadata + age header
          -> manifest (canonical JSON) added last: the manifest is the commit point
 
 get::
 
     manifest CID -> manifest (checked against its CID) -> file key from the age header
       -> per segment: fetch data fragments 0..k-1 in parallel (next segment prefetched),
-         check each against its sha256 on the fetching thread, replace a bad or missing one
-         by another index
+         check each against its CID on the fetching thread (`storage.unixfs` recomputes it
+         from the bytes), replace a bad or missing one by another index
       -> decode (with all data fragments: read in place) -> decrypt -> plaintext hashed and
          written on a writer thread -> size and sha256 checked -> fsync -> atomic rename
 
@@ -61,6 +62,7 @@ from storage.manifest import (
     SegmentRef,
     utc_now,
 )
+from storage.unixfs import file_cid, matches_cid
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_K, DEFAULT_N = 4, 6
@@ -81,7 +83,8 @@ _SEGMENTS_IN_FLIGHT = 3
 _MAX_STORE_WORKERS = 12
 
 #: Stores one fragment (a file) and returns its CID once it is durably held (pinned, and
-#: confirmed by whichever peer must hold it). Called from worker threads.
+#: confirmed by whichever peer must hold it). Called from worker threads. The CID must be
+#: the one Kubo's ``add`` gives the file (`storage.unixfs.file_cid`): readers check by it.
 FragmentSink = Callable[[int, int, Path], str]
 #: The order in which to try the fragment indices of a segment (best holders first).
 FragmentOrder = Callable[[int], Sequence[int]]
@@ -384,7 +387,7 @@ def _local_sink(backend: IpfsBackend) -> FragmentSink:
 def _store_fragment(
     sink: FragmentSink, tmp: Path, segment: int, index: int, holder: list[bytes]
 ) -> FragmentRef:
-    """Write one fragment to a scratch file, hash it, and hand the file to the sink.
+    """Write one fragment to a scratch file and hand the file to the sink.
 
     The fragment arrives in a one-item list that this pops, so its memory is released once
     it is in the file, not when the (slow) sink call returns: the executor keeps a job's
@@ -396,34 +399,35 @@ def _store_fragment(
         with open(path, "wb") as f:
             f.write(data)
         size = len(data)
-        sha = hashlib.sha256(data).hexdigest()
         del data
         cid = sink(segment, index, path)
     finally:
         path.unlink(missing_ok=True)
-    return FragmentRef(index, cid, size, sha)
+    return FragmentRef(index, cid, size)
 
 
 # -- get ---------------------------------------------------------------------------------------
 
 
 def load_manifest(
-    cid: str, backend: IpfsBackend, *, timeout: float = DEFAULT_FETCH_TIMEOUT, work_dir=None
+    cid: str, backend: IpfsBackend, *, timeout: float = DEFAULT_FETCH_TIMEOUT
 ) -> Manifest:
-    """Fetch a manifest and check its bytes against its CID before parsing them."""
+    """Fetch a manifest and check its bytes against its CID before parsing them.
+
+    Kubo does not re-verify blocks of its own blockstore, so the CID is recomputed here
+    (`storage.unixfs`); a CID whose hash cannot be recomputed (not sha2-256) is refused.
+    """
     validate_cid(cid)
     try:
         data = backend.fetch_bytes(cid, timeout)
     except BackendTimeout as e:
         raise BackendTimeout(f"manifest {cid} not found: no reachable node has it ({e})") from e
-    if cid.startswith("Qm"):
-        # Kubo does not re-verify blocks of its own blockstore; recompute the CID ourselves.
-        with tempfile.NamedTemporaryFile(dir=work_dir, prefix=".fusenode-manifest-") as f:
-            f.write(data)
-            f.flush()
-            actual = backend.hash_only(Path(f.name))
-        if actual != cid:
-            raise IntegrityError(f"manifest {cid} is corrupted: its bytes hash to {actual}")
+    if not matches_cid(cid, data):
+        raise IntegrityError(
+            f"manifest {cid} is corrupted: its bytes hash to {file_cid(data)}"
+            if cid.startswith("Qm")
+            else f"manifest {cid}: its bytes do not match the CID (or it is not a sha2-256 CID)"
+        )
     return Manifest.from_bytes(data)
 
 
@@ -463,7 +467,7 @@ def get_file(
         raise InvalidArgument(f"{out}: is a directory")
     if not folder.is_dir():
         raise InvalidArgument(f"{out}: folder {folder} does not exist")
-    manifest = load_manifest(cid, backend, timeout=fetch_timeout, work_dir=folder)
+    manifest = load_manifest(cid, backend, timeout=fetch_timeout)
     file_key, metadata = open_metadata(manifest, identities)
     _tune_allocator_once()
     decryptor = age.PayloadDecryptor(file_key) if manifest.encrypted else None
@@ -579,7 +583,7 @@ class _SegmentFetch:
         is free to decrypt and write the previous segment meanwhile."""
         ref = self.segment.fragments[index]
         data = self.fetch(ref.cid, self.timeout)
-        self.coder.check_fragment(index, data, self.segment.size, ref.sha256)
+        self.coder.check_fragment(index, data, self.segment.size, cid=ref.cid, sha256=ref.sha256)
         return data
 
     def result(self) -> list[bytes | memoryview]:
@@ -617,7 +621,7 @@ def _data_pieces(fragments: dict[int, bytes], k: int, segment_size: int) -> list
     ``segment[i*L : (i+1)*L]`` after its 80-byte header, the last one zero-padded. Reading
     those bytes in place is what decoding from the data fragments amounts to, minus a copy
     of the whole segment and a second CRC pass over it (ErasureCoder.decode re-checks every
-    fragment it is given; check_fragment already did, with the manifest's SHA-256 too).
+    fragment it is given; check_fragment already did, with the manifest's CID too).
     """
     length = -(-segment_size // k)
     pieces = []

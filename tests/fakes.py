@@ -5,17 +5,16 @@ Never used by the product: acceptance tests run on real embedded Kubo nodes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from storage.backend import IpfsBackend, NodeIdentity, validate_cid
 from storage.errors import BackendTimeout
-from storage.multiformats import SHA2_256, b58encode, encode_multihash
+from storage.unixfs import file_cid
 
 
 def fake_cid(data: bytes) -> str:
-    """A well-formed CIDv0 (sha2-256 multihash) of the raw bytes (not Kubo's UnixFS CID)."""
-    return b58encode(encode_multihash(SHA2_256, hashlib.sha256(data).digest()))
+    """The CID Kubo's add gives these bytes (readers check fragments and manifests by it)."""
+    return file_cid(data)
 
 
 class FakeBackend(IpfsBackend):

@@ -26,6 +26,7 @@ from storage.erasure import (
     validate_parameters,
 )
 from storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
+from storage.unixfs import file_cid
 
 CORNERS = [(1, 2), (1, 64), (63, 64), (4, 6), (10, 16), (29, 64)]
 
@@ -237,7 +238,7 @@ def test_fragments_written_by_pyeclib_1_8_still_decode() -> None:
 # --- integrity --------------------------------------------------------------------------
 
 # Bytes of the header that no CRC covers: libec_version (63..66) and padding (71..79).
-# Only the SHA-256 from the manifest notices a change there (format.md 4.3).
+# Only the CID from the manifest notices a change there (format.md 4.3).
 _UNCOVERED = set(range(63, 67)) | set(range(71, 80))
 
 
@@ -246,12 +247,15 @@ def test_every_flipped_byte_is_detected() -> None:
     segment = _segment(20)
     fragments = coder.encode(segment)
     good = fragments[4]
-    sha = hashlib.sha256(good).hexdigest()
-    coder.check_fragment(4, good, len(segment), sha)
+    cid, sha = file_cid(good), hashlib.sha256(good).hexdigest()
+    coder.check_fragment(4, good, len(segment), cid=cid)
+    coder.check_fragment(4, good, len(segment), cid=cid, sha256=sha)  # version 1 manifests
     for position in range(len(good)):
         bad = _flip(good, position)
         with pytest.raises(IntegrityError, match="fragment 4"):
-            coder.check_fragment(4, bad, len(segment), sha)
+            coder.check_fragment(4, bad, len(segment), cid=cid)
+        with pytest.raises(IntegrityError, match="fragment 4"):
+            coder.check_fragment(4, bad, len(segment), sha256=sha)
         if position not in _UNCOVERED:
             with pytest.raises(IntegrityError, match="fragment 4"):
                 coder.check_fragment(4, bad, len(segment))
@@ -263,20 +267,20 @@ def test_corrupted_fragment_is_replaced_by_another() -> None:
     coder = ErasureCoder(4, 6)
     segment = _segment(100_000)
     fragments = coder.encode(segment)
-    hashes = [hashlib.sha256(f).hexdigest() for f in fragments]
+    cids = [file_cid(f) for f in fragments]
     received = {i: fragments[i] for i in range(4)}
     received[2] = _flip(received[2], 5000)  # a node's disk rotted
     good = {}
     for index, data in received.items():
         try:
-            coder.check_fragment(index, data, len(segment), hashes[index])
+            coder.check_fragment(index, data, len(segment), cid=cids[index])
         except IntegrityError:
             continue
         good[index] = data
     assert sorted(good) == [0, 1, 3]
     with pytest.raises(NotEnoughFragments, match="needs 4 of its 6 fragments, got 3"):
         coder.decode(good, len(segment))
-    coder.check_fragment(5, fragments[5], len(segment), hashes[5])
+    coder.check_fragment(5, fragments[5], len(segment), cid=cids[5])
     good[5] = fragments[5]
     assert coder.decode(good, len(segment)) == segment
 
@@ -290,13 +294,19 @@ def test_decode_refuses_corrupt_fragment_even_when_enough_good_ones() -> None:
         coder.decode(fragments, len(segment))
 
 
-def test_fragment_of_another_segment_is_caught_by_sha256() -> None:
-    """Same size, valid header and CRC: only the manifest's SHA-256 can tell."""
+def test_fragment_of_another_segment_is_caught_by_its_cid() -> None:
+    """Same size, valid header and CRC: only the manifest's CID (or v1's SHA-256) can tell."""
     coder = ErasureCoder(4, 6)
     mine, other = coder.encode(_segment(4096, 1)), coder.encode(_segment(4096, 2))
     coder.check_fragment(2, other[2], 4096)  # indistinguishable without the manifest
+    with pytest.raises(
+        IntegrityError, match=f"fragment 2 does not hash to its CID {file_cid(mine[2])}"
+    ):
+        coder.check_fragment(2, other[2], 4096, cid=file_cid(mine[2]))
     with pytest.raises(IntegrityError, match="fragment 2 has sha256"):
-        coder.check_fragment(2, other[2], 4096, hashlib.sha256(mine[2]).hexdigest())
+        coder.check_fragment(2, other[2], 4096, sha256=hashlib.sha256(mine[2]).hexdigest())
+    with pytest.raises(InvalidArgument, match="malformed CID"):
+        coder.check_fragment(2, mine[2], 4096, cid="Qmnope")
 
 
 def test_fragment_under_wrong_index_is_caught() -> None:

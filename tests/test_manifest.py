@@ -22,6 +22,7 @@ from storage.age import ScryptPassphrase, X25519Identity
 from storage.erasure import fragment_size
 from storage.errors import ManifestError
 from storage.manifest import (
+    FORMAT_VERSION,
     MAX_MANIFEST_SIZE,
     ErasureParams,
     FragmentRef,
@@ -66,6 +67,13 @@ def cid_v1(seed: str, codec: int = 0x70) -> str:
     return "b" + base64.b32encode(raw).decode().rstrip("=").lower()
 
 
+def _cid_blake2b(seed: str) -> str:
+    """A well-formed dag-pb CIDv1 whose multihash is blake2b-256 (code 0xb220)."""
+    digest = hashlib.blake2b(seed.encode(), digest_size=32).digest()
+    raw = bytes([1, 0x70, 0xA0, 0xE4, 0x02, 0x20]) + digest
+    return "b" + base64.b32encode(raw).decode().rstrip("=").lower()
+
+
 def _sha(seed: str) -> str:
     return hashlib.sha256(seed.encode()).hexdigest()
 
@@ -77,8 +85,10 @@ def make_manifest(
     segment_size: int = 64,
     encrypted: bool = True,
     parent: str | None = None,
+    version: int = 2,
 ) -> Manifest:
-    """A well-formed manifest with fake (but syntactically valid) CIDs and hashes."""
+    """A well-formed manifest with fake (but syntactically valid) CIDs and hashes; version 1
+    lists a SHA-256 beside each fragment CID."""
     if encrypted:
         payload_size = 16 + plaintext_size + 16 * max(1, -(-plaintext_size // 65536))
     else:
@@ -91,7 +101,7 @@ def make_manifest(
                 index=j,
                 cid=cid_v0(f"{i}/{j}"),
                 size=fragment_size(k, size),
-                sha256=_sha(f"{i}/{j}"),
+                sha256=_sha(f"{i}/{j}") if version == 1 else None,
             )
             for j in range(n)
         )
@@ -112,6 +122,7 @@ def make_manifest(
         metadata=bytes(range(16)) * 2 + b"x" * 50 if encrypted else metadata,
         age_header=AGE_HEADER if encrypted else None,
         parent=parent,
+        version=version,
     )
 
 
@@ -122,21 +133,26 @@ def _obj(manifest: Manifest) -> dict[str, Any]:
 # --- round trips and canonical bytes ----------------------------------------------------
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("encrypted", [True, False])
 @pytest.mark.parametrize(("k", "n", "segment_size"), [(2, 3, 64), (4, 6, 1000), (1, 2, 1)])
-def test_round_trip(encrypted: bool, k: int, n: int, segment_size: int) -> None:
-    manifest = make_manifest(100, k, n, segment_size, encrypted, parent=cid_v1("parent"))
+def test_round_trip(encrypted: bool, k: int, n: int, segment_size: int, version: int) -> None:
+    manifest = make_manifest(
+        100, k, n, segment_size, encrypted, parent=cid_v1("parent"), version=version
+    )
     data = manifest.to_bytes()
     again = Manifest.from_bytes(data)
-    assert again == manifest
+    assert again == manifest and again.version == version
     assert again.to_bytes() == data
+    fragment = json.loads(data)["segments"][0]["fragments"][0]
+    assert ("sha256" in fragment) == (version == 1)
 
 
 def test_canonical_bytes_shape() -> None:
     data = make_manifest().to_bytes()
     assert b" " not in data and b"\n" not in data
     assert data.startswith(b'{"age_header":"YWdlLWVuY3J5cHRpb24ub3JnL3Yx')
-    assert data.endswith(b',"version":1}')
+    assert data.endswith(b',"version":2}')
     obj = json.loads(data)
     assert list(obj) == sorted(obj)
     assert "parent" not in obj  # optional members are omitted, never null
@@ -153,26 +169,37 @@ def test_golden_bytes() -> None:
     """The format must not change silently: the same manifest must keep the same bytes.
 
     If this fails, every existing manifest CID would change for the same content. Change the
-    format on purpose (new version, docs/format.md 11), never by accident.
+    format on purpose (new version, docs/format.md 11), never by accident. Version 1's
+    bytes are pinned too: a version-1 manifest re-sealed by `share` must keep its layout.
     """
-    manifest = make_manifest(parent=cid_v0("parent"))
-    data = manifest.to_bytes()
-    assert len(data) == GOLDEN_LENGTH
-    assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256
-    public = make_manifest(encrypted=False)
-    assert isinstance(public.metadata, Metadata)
-    metadata = dataclasses.replace(
-        public.metadata, name="modèle.onnx", provenance={"atol": 1e-05, "passes": ["fuse_bn"]}
-    )
-    public_bytes = dataclasses.replace(public, metadata=metadata).to_bytes()
-    assert '"name":"modèle.onnx"'.encode() in public_bytes  # raw UTF-8, not \u00e8
-    assert b'"provenance":{"atol":1e-05,"passes":["fuse_bn"]}' in public_bytes
-    assert hashlib.sha256(public_bytes).hexdigest() == GOLDEN_PUBLIC_SHA256
+    for version, (length, digest, public_digest) in GOLDEN.items():
+        manifest = make_manifest(parent=cid_v0("parent"), version=version)
+        data = manifest.to_bytes()
+        assert len(data) == length
+        assert hashlib.sha256(data).hexdigest() == digest
+        public = make_manifest(encrypted=False, version=version)
+        assert isinstance(public.metadata, Metadata)
+        metadata = dataclasses.replace(
+            public.metadata, name="modèle.onnx", provenance={"atol": 1e-05, "passes": ["fuse_bn"]}
+        )
+        public_bytes = dataclasses.replace(public, metadata=metadata).to_bytes()
+        assert '"name":"modèle.onnx"'.encode() in public_bytes  # raw UTF-8, not \u00e8
+        assert b'"provenance":{"atol":1e-05,"passes":["fuse_bn"]}' in public_bytes
+        assert hashlib.sha256(public_bytes).hexdigest() == public_digest
 
 
-GOLDEN_LENGTH = 2115
-GOLDEN_SHA256 = "44e4145a49d2b5bea13ffb08e9a8891206a0b4d487cf733db3cf2c8d2f5921b1"
-GOLDEN_PUBLIC_SHA256 = "ec6a6c6070ef7ffd2fcb49741e3d8711b7103da29bf9399af52ce76f4cb5a5fa"
+GOLDEN = {
+    1: (
+        2115,
+        "44e4145a49d2b5bea13ffb08e9a8891206a0b4d487cf733db3cf2c8d2f5921b1",
+        "ec6a6c6070ef7ffd2fcb49741e3d8711b7103da29bf9399af52ce76f4cb5a5fa",
+    ),
+    2: (
+        1431,
+        "73f36e753f75dfadc6c307d8f711790826e4046bc28fa4d28e81b42ccb3c34bc",
+        "6b54d42fb0898ce85d4418f2b7b7fe94c81fb85c46d185ba8b7c299ca67e172e",
+    ),
+}
 
 
 def test_example_in_format_doc_is_valid() -> None:
@@ -183,6 +210,7 @@ def test_example_in_format_doc_is_valid() -> None:
     assert block is not None
     obj = json.loads(block.group(1))
     manifest = Manifest.from_bytes(canonical_json(obj))
+    assert manifest.version == FORMAT_VERSION
     stated = re.search(r"one line of (\d+) bytes", section)
     assert stated is not None and len(manifest.to_bytes()) == int(stated.group(1))
     assert manifest.age_header is not None
@@ -243,7 +271,8 @@ _FRAG = "segments.0.fragments.1"
 INVALID: dict[str, tuple[Mutation, str]] = {
     "format-wrong": (_set("format", "restic"), "not a fusenode manifest"),
     "format-missing": (_set("format", _DELETE), "not a fusenode manifest"),
-    "version-2": (_set("version", 2), "version 2 is not supported .* reads version 1"),
+    "version-3": (_set("version", 3), "version 3 is not supported .* reads versions 1, 2"),
+    "version-0": (_set("version", 0), "version 0 is not supported"),
     "version-string": (_set("version", "1"), "version must be an integer"),
     "version-bool": (_set("version", True), "version must be an integer"),
     "version-missing": (_set("version", _DELETE), "version must be an integer"),
@@ -292,9 +321,18 @@ INVALID: dict[str, tuple[Mutation, str]] = {
     "cid-v1-codec": (_set(f"{_FRAG}.cid", cid_v1("x", codec=0x71)), "is not a valid CID"),
     "cid-v1-truncated": (_set(f"{_FRAG}.cid", cid_v1("x")[:-4]), "is not a valid CID"),
     "cid-int": (_set(f"{_FRAG}.cid", 5), "cid 5 is not a valid CID"),
-    "sha-upper": (_set(f"{_FRAG}.sha256", _sha("x").upper()), "64 lowercase hex digits"),
-    "sha-short": (_set(f"{_FRAG}.sha256", _sha("x")[:63]), "64 lowercase hex digits"),
-    "sha-not-hex": (_set(f"{_FRAG}.sha256", "g" * 64), "64 lowercase hex digits"),
+    "sha-in-version-2": (
+        _set(f"{_FRAG}.sha256", _sha("x")),
+        r"fragments\[1\] has unknown key.*sha256 \(version 2 checks fragments by their CID\)",
+    ),
+    "cid-not-checkable": (
+        _set(f"{_FRAG}.cid", _cid_blake2b("x")),
+        r"fragments\[1\].cid .* is not a sha2-256 CID",
+    ),
+    "version-1-without-sha": (
+        _set("version", 1),
+        r"segments\[0\]: fragments\[0\] lacks required key.*sha256",
+    ),
     "parent-bad": (_set("parent", "Qmnope"), "parent 'Qmnope' is not a valid CID"),
     "parent-null": (_set("parent", None), "parent None is not a valid CID"),
     "created-offset": (_set("created", "2025-11-25T12:00:00+00:00"), "must look like"),
@@ -327,6 +365,23 @@ INVALID: dict[str, tuple[Mutation, str]] = {
 def test_invalid_manifest_is_refused(case: str) -> None:
     mutate, message = INVALID[case]
     obj = _obj(make_manifest(100, 2, 3, 64))
+    mutate(obj)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_bytes(canonical_json(obj))
+
+
+VERSION_1_INVALID: dict[str, tuple[Mutation, str]] = {
+    "sha-upper": (_set(f"{_FRAG}.sha256", _sha("x").upper()), "64 lowercase hex digits"),
+    "sha-short": (_set(f"{_FRAG}.sha256", _sha("x")[:63]), "64 lowercase hex digits"),
+    "sha-not-hex": (_set(f"{_FRAG}.sha256", "g" * 64), "64 lowercase hex digits"),
+    "sha-missing": (_set(f"{_FRAG}.sha256", _DELETE), r"fragments\[1\] lacks.*sha256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERSION_1_INVALID))
+def test_invalid_version_1_manifest_is_refused(case: str) -> None:
+    mutate, message = VERSION_1_INVALID[case]
+    obj = _obj(make_manifest(100, 2, 3, 64, version=1))
     mutate(obj)
     with pytest.raises(ManifestError, match=message):
         Manifest.from_bytes(canonical_json(obj))

@@ -192,3 +192,18 @@ def test_unrecorded_recipients_stay_unrecorded(backend, owner, stored, tmp_path)
     cid = backend.add_bytes(new.to_bytes())
     get_file(cid, tmp_path / "out", backend, identities=[friend])
     assert (tmp_path / "out").read_bytes() == data
+
+
+def test_version_1_manifest_stays_version_1(backend, owner, stored, tmp_path):
+    """Sharing re-seals the metadata and keeps the fragments, so their refs (with version
+    1's SHA-256s) and the manifest's version stay as they were."""
+    from tests.test_store import as_version_1
+
+    _, manifest, data = stored
+    old = as_version_1(backend, manifest)
+    friend = age.X25519Identity.generate()
+    new_cid, shared = share_cid(old, backend, [owner], [friend.recipient])
+    assert shared.version == 1 and shared.segments == load_manifest(old, backend).segments
+    assert load_manifest(new_cid, backend).version == 1
+    get_file(new_cid, tmp_path / "o", backend, identities=[friend])
+    assert (tmp_path / "o").read_bytes() == data

@@ -214,3 +214,54 @@ def test_output_file_gets_the_usual_mode(backend, ident, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o644
+
+
+def as_version_1(backend, manifest):
+    """The same model as a format version 1 manifest (a SHA-256 beside each fragment CID),
+    the way fusenode wrote manifests before version 2; returns its CID."""
+    import dataclasses
+    import hashlib
+
+    segments = tuple(
+        dataclasses.replace(
+            seg,
+            fragments=tuple(
+                dataclasses.replace(f, sha256=hashlib.sha256(backend.blocks[f.cid]).hexdigest())
+                for f in seg.fragments
+            ),
+        )
+        for seg in manifest.segments
+    )
+    return backend.add_bytes(dataclasses.replace(manifest, segments=segments, version=1).to_bytes())
+
+
+def test_version_1_manifests_are_still_read_and_checked(backend, ident, tmp_path):
+    src = write(tmp_path, 3 * SEG)
+    put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+    assert put.manifest.version == 2
+    assert all(f.sha256 is None for s in put.manifest.segments for f in s.fragments)
+    old = as_version_1(backend, put.manifest)
+    assert b'"version":1' in backend.blocks[old] and b'"sha256"' in backend.blocks[old]
+    got = get_file(old, tmp_path / "o", backend, identities=[ident])
+    assert got.manifest.version == 1
+    assert (tmp_path / "o").read_bytes() == src.read_bytes()
+    # A damaged fragment is still caught and replaced (both its CID and its SHA-256 differ).
+    frag = put.manifest.segments[1].fragments[1]
+    backend.blocks[frag.cid] = backend.blocks[frag.cid][:-1] + b"\0"
+    backend.fetches.clear()
+    get_file(old, tmp_path / "o2", backend, identities=[ident])
+    assert (tmp_path / "o2").read_bytes() == src.read_bytes()
+    assert put.manifest.segments[1].fragments[4].cid in backend.fetches
+
+
+def test_fragment_not_matching_its_cid_is_replaced(backend, ident, tmp_path):
+    """A holder returning other bytes under a fragment's CID (a forger, or a blockstore
+    that is not verified, like Kubo's own): same length, valid header and CRC, only the CID
+    can tell."""
+    src = write(tmp_path, 2 * SEG)
+    put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+    first, second = put.manifest.segments[:2]  # both full-size segments
+    backend.blocks[first.fragments[0].cid] = backend.blocks[second.fragments[0].cid]
+    get_file(put.cid, tmp_path / "o", backend, identities=[ident])
+    assert (tmp_path / "o").read_bytes() == src.read_bytes()
+    assert first.fragments[4].cid in backend.fetches
