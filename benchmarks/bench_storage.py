@@ -5,7 +5,8 @@
 
 One random file (``--size``, default 1 GiB) is written once into a fresh temporary folder.
 Each repeat (``--repeat``, default 3) then uses a fresh repo, so nothing is deduplicated
-against an earlier repeat, and times, in this order:
+against an earlier repeat (repos are deleted at the end, with the temporary folder: disk
+space for --repeat times 2.5x --size), and times, in this order:
 
     baseline add   node.add(plaintext)            Kubo chunks, stores and pins the plaintext
     baseline read  node.fetch(cid, dest, timeout) the plaintext back from the local blockstore
@@ -48,6 +49,11 @@ short last segment, the manifest) weigh more, and plain Kubo's whole-file Downlo
 yet slowed by its buffering, so both ratios are worse (64 MiB: ~3.0 and ~1.8 here).
 
 The temporary folder (input file, repos, outputs) is deleted at the end unless --keep-dir.
+On ext4 without a journal (this machine's disk), creating a file skips the inodes deleted in
+the last minute or more, reading the inode table to check each: that is why each repeat
+keeps its repo until the end, and why a run started right after another one (or after
+deleting many files) measures every Kubo phase slower; here 1 GiB adds took 2.4-3.0 s on a
+quiet disk and 3.3-4.9 s after such deletions. Leave a few minutes between runs.
 Everything listens on 127.0.0.1 only (KuboNode's loopback-only repo config).
 """
 
@@ -235,6 +241,7 @@ def bench_erasure(path: Path, k: int, n: int) -> float:
 
 def one_repeat(
     work: Path,
+    number: int,
     src: Path,
     src_sha: str,
     args: argparse.Namespace,
@@ -247,8 +254,7 @@ def one_repeat(
     keeps the heap a phase grew, so without a restart one phase's peak RSS (the 4.5x of the
     baseline read) would show up as the next phase's too.
     """
-    repo = work / "repo"
-    shutil.rmtree(repo, ignore_errors=True)
+    repo = work / f"repo-{number}"
     ident = age.X25519Identity.generate()
 
     def phase(name: str, fn: Callable[[KuboNode], object]) -> object:
@@ -260,38 +266,39 @@ def one_repeat(
         log(f"{name} {phases[name].samples[-1].seconds:.2f} s")
         return value
 
-    try:
-        if not args.skip_baseline:
-            plain_cid = str(phase("baseline add", lambda node: node.add(src)))
-            dest = work / "baseline.out"
-            phase("baseline read", lambda node: node.fetch(plain_cid, dest, FETCH_TIMEOUT))
-            if dest.stat().st_size != src.stat().st_size:
-                raise SystemExit("FAIL: baseline read returned a file of the wrong size")
-            dest.unlink()
-        result = phase(
-            "put",
-            lambda node: put_file(
-                src,
-                node,
-                recipients=[ident.recipient],
-                k=args.k,
-                n=args.n,
-                work_dir=node.repo_dir / "tmp",  # as the CLI does: scratch beside the repo
-            ),
-        )
-        assert isinstance(result, PutResult)
-        out = work / "get.out"
-        phase(
-            "get",
-            lambda node: get_file(
-                result.cid, out, node, identities=[ident], fetch_timeout=FETCH_TIMEOUT
-            ),
-        )
-        if sha256_file(out) != src_sha:
-            raise SystemExit("FAIL: get_file output differs from the input")
-        out.unlink()
-    finally:
-        shutil.rmtree(repo, ignore_errors=True)
+    # The repo stays until the end of the run (the work folder goes then). Deleting its
+    # ~10,000 block files here would slow down the next repeat, its baseline add the most:
+    # ext4 without a journal (this machine's disk) skips inodes deleted in the last minute
+    # or more when it creates files, reading the inode table to check each one.
+    if not args.skip_baseline:
+        plain_cid = str(phase("baseline add", lambda node: node.add(src)))
+        dest = work / "baseline.out"
+        phase("baseline read", lambda node: node.fetch(plain_cid, dest, FETCH_TIMEOUT))
+        if dest.stat().st_size != src.stat().st_size:
+            raise SystemExit("FAIL: baseline read returned a file of the wrong size")
+        dest.unlink()
+    result = phase(
+        "put",
+        lambda node: put_file(
+            src,
+            node,
+            recipients=[ident.recipient],
+            k=args.k,
+            n=args.n,
+            work_dir=node.repo_dir / "tmp",  # as the CLI does: scratch beside the repo
+        ),
+    )
+    assert isinstance(result, PutResult)
+    out = work / "get.out"
+    phase(
+        "get",
+        lambda node: get_file(
+            result.cid, out, node, identities=[ident], fetch_timeout=FETCH_TIMEOUT
+        ),
+    )
+    if sha256_file(out) != src_sha:
+        raise SystemExit("FAIL: get_file output differs from the input")
+    out.unlink()
 
 
 def verdict(ok: bool) -> str:
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         ec_untuned = bench_erasure(src, args.k, args.n)  # before anything tunes malloc
         for i in range(args.repeat):
             log(f"repeat {i + 1}/{args.repeat}")
-            one_repeat(work, src, src_sha, args, phases, log)
+            one_repeat(work, i + 1, src, src_sha, args, phases, log)
         erasure.tune_allocator()  # a no-op if put_file/get_file did it already
         enc_times = [bench_encryption(src) for _ in range(args.repeat)]
         ec_times = [bench_erasure(src, args.k, args.n) for _ in range(args.repeat)]
