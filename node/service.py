@@ -164,7 +164,7 @@ class NodeService:
         own answer is compared too, in case the two hashings ever disagree.
         """
         if not await asyncio.to_thread(matches_cid, expected, data):
-            raise ValueError(f"fragment does not hash to {expected}")
+            raise ValueError(f"fragment hashes to {file_cid(data)}, not {expected}")
         with tempfile.NamedTemporaryFile(dir=self.repo.tmp, prefix=".store-") as f:
             f.write(data)
             f.flush()

@@ -1,0 +1,37 @@
+"""A holder's /store on a real embedded node: bytes are checked against the CID the placing
+node claims before anything reaches the blockstore (which has no GC to take them out)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from node.repo import Repo
+from node.service import NodeService
+from node.state import State
+from storage.errors import BackendTimeout
+from storage.unixfs import file_cid
+
+OWNER = "12D3KooWOwnerOwnerOwnerOwnerOwnerOwnerOwnerOwner"
+
+
+def test_store_for_checks_the_bytes_before_adding(tmp_path: Path) -> None:
+    repo = Repo.init(tmp_path / "node")
+    with repo.open_backend() as kubo:
+        service = NodeService(repo, kubo, State(repo.path / "state.db"), peers=None)  # type: ignore[arg-type]
+        good = os.urandom(300_000)  # two chunks: a real UnixFS tree
+        cid = file_cid(good)
+        assert asyncio.run(service.store_for(OWNER, cid, good)) == cid
+        assert cid in kubo.pins() and service.state.held([cid]) == {cid}
+
+        forged = os.urandom(len(good))
+        pins_before = kubo.pins()
+        with pytest.raises(ValueError, match=f"fragment hashes to {file_cid(forged)}, not {cid}"):
+            asyncio.run(service.store_for(OWNER, cid, forged))
+        assert kubo.pins() == pins_before  # nothing pinned...
+        with pytest.raises(BackendTimeout):  # ...and not a block of it in the blockstore
+            kubo.fetch_bytes(file_cid(forged), 1.0)
+        assert kubo.fetch_bytes(cid, 5.0) == good  # what was held is untouched
