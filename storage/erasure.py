@@ -3,14 +3,22 @@
 The code is Reed-Solomon with a Cauchy matrix from Intel ISA-L, reached through pyeclib and
 its bundled liberasurecode (no system library). Cauchy rather than ISA-L's Vandermonde
 variant because the Cauchy matrix is MDS for every k/n, so *any* k fragments decode.
-Fragments are liberasurecode's own format: an 80-byte header (index, sizes, CRC-32 of the
-data, CRC-32 of the header) and the data; docs/format.md section 4 gives the byte layout.
+Fragments are liberasurecode's own format: an 80-byte header (index, sizes, a CRC-32 of the
+header) and the data; docs/format.md section 4 gives the byte layout.
 
-pyeclib checks only the header by itself: ``decode`` does not check the data CRC and
-silently decodes fragments of two different segments, or a flipped data bit, into garbage.
-So :meth:`ErasureCoder.check_fragment` checks everything it can (length, header, index,
-segment size, CRC, and the CID recorded in the manifest), and :meth:`ErasureCoder.decode`
-refuses any fragment that fails.
+No CRC of the data (``chksum_type`` none) since format version 2: what proves a fragment's
+bytes is its CID, recomputed from them (`storage.unixfs`) by every reader, and a CRC-32 on
+top cost a put ~0.4 CPU s per GiB (liberasurecode computes it in software) and a get
+another pass, for nothing the CID does not already catch. Version 1 fragments carry one
+(``inline_crc32``); it is still checked when present.
+
+pyeclib checks only the header by itself: ``decode`` silently decodes fragments of two
+different segments, or a flipped data bit, into garbage. So
+:meth:`ErasureCoder.check_fragment` checks everything it can (length, header, index, segment
+size, the data CRC when there is one, and the CID recorded in the manifest), and
+:meth:`ErasureCoder.decode` refuses any fragment whose header fails; a fragment's data is
+the caller's to check against its CID before decoding (the readers in `storage.store` and
+`node.service` do, on the fetching threads).
 
 Threads: pyeclib's C calls hold the GIL for their whole duration (the extension never
 releases it) and liberasurecode guards its instance table with a lock, so one cached driver
@@ -75,7 +83,8 @@ FRAGMENT_HEADER_SIZE = 80
 # liberasurecode's packed fragment_header_t (little-endian); see docs/format.md 4.3.
 _HEADER = struct.Struct("<IIIQB32sBBIIII9s")
 _MAGIC = 0x0B0C5ECC
-_CHKSUM_CRC32 = 2
+_CHKSUM_NONE = 1  # format version 2
+_CHKSUM_CRC32 = 2  # format version 1
 _BACKEND_ISA_L_RS_CAUCHY = 7
 _METADATA_LEN = 59  # bytes covered by metadata_chksum
 assert _HEADER.size == FRAGMENT_HEADER_SIZE
@@ -211,7 +220,7 @@ def _driver(k: int, n: int) -> ECDriver:
         with _drivers_lock:
             driver = _drivers.get(key)
             if driver is None:
-                driver = ECDriver(ec_type=ALGORITHM, k=k, m=n - k, chksum_type="inline_crc32")
+                driver = ECDriver(ec_type=ALGORITHM, k=k, m=n - k, chksum_type="none")
                 _drivers[key] = driver
     return driver
 
@@ -269,8 +278,9 @@ class ErasureCoder:
         Meant to be called on each fragment as it arrives, so a bad one is discarded and
         another index fetched in its place. ``cid`` (from the manifest) is the check that
         holds against a deliberate forger: the bytes must hash to it, the way Kubo's ``add``
-        hashes a file (`storage.unixfs`); ``sha256`` is version 1 manifests' extra hash. The
-        rest is cheap and catches corruption and mix-ups even without a manifest.
+        hashes a file (`storage.unixfs`); ``sha256`` is version 1 manifests' extra hash.
+        Without them only the header is checked (and the data CRC of a version 1 fragment):
+        enough for mix-ups of index or segment, not for damaged data.
         """
         self._check_index(index)
         _validate_segment_size(segment_size)
@@ -295,10 +305,14 @@ class ErasureCoder:
             raise IntegrityError(
                 f"fragment {index} was made by erasure backend {header.backend_id}, not {ALGORITHM}"
             )
-        if header.checksum_type != _CHKSUM_CRC32:
-            raise IntegrityError(f"fragment {index} carries no CRC-32 of its data")
-        if zlib.crc32(memoryview(data)[FRAGMENT_HEADER_SIZE:]) != header.crc32:
-            raise IntegrityError(f"fragment {index} data checksum mismatch (data corrupted)")
+        if header.checksum_type == _CHKSUM_CRC32:
+            if zlib.crc32(memoryview(data)[FRAGMENT_HEADER_SIZE:]) != header.crc32:
+                raise IntegrityError(f"fragment {index} data checksum mismatch (data corrupted)")
+        elif header.checksum_type != _CHKSUM_NONE:
+            raise IntegrityError(
+                f"fragment {index} has checksum type {header.checksum_type}, neither none "
+                "nor CRC-32"
+            )
         if cid is not None and not _matches_cid(cid, data):
             raise IntegrityError(f"fragment {index} does not hash to its CID {cid}")
         if sha256 is not None:
@@ -311,10 +325,11 @@ class ErasureCoder:
     def decode(self, fragments: Mapping[int, bytes], segment_size: int) -> bytes:
         """Rebuild a segment of ``segment_size`` bytes from k or more of its fragments.
 
-        ``fragments`` maps fragment index to bytes. Every fragment given is checked
-        (without its CID: do that with :meth:`check_fragment` as fragments arrive), and a
-        bad one raises IntegrityError naming it rather than being skipped, so that a caller
-        that forgot to check learns which index (and so which peer) to replace. Fewer than
+        ``fragments`` maps fragment index to bytes. Every fragment given is checked as
+        :meth:`check_fragment` does without a CID (header, index, segment size; the data CRC
+        of a version 1 fragment), and a bad one raises IntegrityError naming it rather than
+        being skipped. The data of a version 2 fragment is checked only by its CID: check
+        each with :meth:`check_fragment` as it arrives, before decoding. Fewer than
         k fragments raise NotEnoughFragments. Data fragments are preferred: with all of
         0..k-1, decoding is a copy.
         """

@@ -15,6 +15,7 @@ import threading
 import zlib
 
 import pytest
+from pyeclib.ec_iface import ECDriver
 
 from storage.erasure import (
     FRAGMENT_HEADER_SIZE,
@@ -33,6 +34,13 @@ CORNERS = [(1, 2), (1, 64), (63, 64), (4, 6), (10, 16), (29, 64)]
 
 def _segment(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def version_1_fragments(k: int, n: int, segment: bytes) -> list[bytes]:
+    """Fragments as format version 1 wrote them: with a CRC-32 of the data in the header."""
+    return ECDriver(ec_type="isa_l_rs_cauchy", k=k, m=n - k, chksum_type="inline_crc32").encode(
+        segment
+    )
 
 
 def _flip(data: bytes, position: int) -> bytes:
@@ -183,9 +191,13 @@ def test_header_layout_matches_format_doc() -> None:
         padding,
     ) = struct.unpack("<IIIQB32sBBIIII9s", fragment[:80])
     assert (idx, size, backend_meta, orig) == (5, 250, 0, 1000)
-    assert (chksum_type, mismatch, backend_id, magic) == (2, 0, 7, 0x0B0C5ECC)
-    assert chksum == zlib.crc32(fragment[80:]).to_bytes(4, "little") + bytes(28)
+    assert (chksum_type, mismatch, backend_id, magic) == (1, 0, 7, 0x0B0C5ECC)  # 1: none
+    assert chksum == bytes(32)
     assert metadata_crc == zlib.crc32(fragment[:59])
+    # Version 1 fragments (still read) carry a CRC-32 of the data in the same place.
+    old = version_1_fragments(4, 6, segment)[5]
+    assert old[80:] == fragment[80:] and old[20] == 2
+    assert old[21:53] == zlib.crc32(old[80:]).to_bytes(4, "little") + bytes(28)
     assert padding == bytes(9)
     header = FragmentHeader.parse(fragment)
     library = coder._driver.get_metadata(fragment, 1)
@@ -205,14 +217,21 @@ def test_fragments_are_stable() -> None:
     not a new hash here. The two version fields of the header (and the header CRC that
     covers one of them) are left out: they legitimately record the writer's versions.
     """
-    fragments = ErasureCoder(4, 6).encode(bytes(range(256)) * 4 + b"tail")
-    digest = hashlib.sha256()
-    for f in fragments:
-        digest.update(f[:55] + f[59:63] + f[71:])
-    assert digest.hexdigest() == GOLDEN_FRAGMENTS_SHA256
+    segment = bytes(range(256)) * 4 + b"tail"
+    for fragments, golden in (
+        (ErasureCoder(4, 6).encode(segment), GOLDEN_FRAGMENTS_SHA256),
+        (version_1_fragments(4, 6, segment), GOLDEN_VERSION_1_FRAGMENTS_SHA256),
+    ):
+        digest = hashlib.sha256()
+        for f in fragments:
+            digest.update(f[:55] + f[59:63] + f[71:])
+        assert digest.hexdigest() == golden
 
 
-GOLDEN_FRAGMENTS_SHA256 = "6fb7c0936999916e5e6af8b808e8a0d265ccb036d54dfcb12e470f28dfad9ed7"
+GOLDEN_FRAGMENTS_SHA256 = "169a7f44f2b81ecc3c0ec2939060f4712b46211b85ca9d1e14a756ddee6522ab"
+GOLDEN_VERSION_1_FRAGMENTS_SHA256 = (
+    "6fb7c0936999916e5e6af8b808e8a0d265ccb036d54dfcb12e470f28dfad9ed7"
+)
 
 
 def test_fragments_written_by_pyeclib_1_8_still_decode() -> None:
@@ -238,25 +257,28 @@ def test_fragments_written_by_pyeclib_1_8_still_decode() -> None:
 # --- integrity --------------------------------------------------------------------------
 
 # Bytes of the header that no CRC covers: libec_version (63..66) and padding (71..79).
-# Only the CID from the manifest notices a change there (format.md 4.3).
+# Only the CID from the manifest notices a change there (format.md 4.3), and in the data of
+# a version 2 fragment (no data CRC).
 _UNCOVERED = set(range(63, 67)) | set(range(71, 80))
 
 
-def test_every_flipped_byte_is_detected() -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_flipped_byte_is_detected(version: int) -> None:
     coder = ErasureCoder(3, 5)
     segment = _segment(20)
-    fragments = coder.encode(segment)
+    fragments = coder.encode(segment) if version == 2 else version_1_fragments(3, 5, segment)
     good = fragments[4]
     cid, sha = file_cid(good), hashlib.sha256(good).hexdigest()
     coder.check_fragment(4, good, len(segment), cid=cid)
     coder.check_fragment(4, good, len(segment), cid=cid, sha256=sha)  # version 1 manifests
+    uncovered = _UNCOVERED | (set(range(80, len(good))) if version == 2 else set())
     for position in range(len(good)):
         bad = _flip(good, position)
         with pytest.raises(IntegrityError, match="fragment 4"):
             coder.check_fragment(4, bad, len(segment), cid=cid)
         with pytest.raises(IntegrityError, match="fragment 4"):
             coder.check_fragment(4, bad, len(segment), sha256=sha)
-        if position not in _UNCOVERED:
+        if position not in uncovered:
             with pytest.raises(IntegrityError, match="fragment 4"):
                 coder.check_fragment(4, bad, len(segment))
             with pytest.raises(IntegrityError, match="fragment 4"):
@@ -289,9 +311,15 @@ def test_decode_refuses_corrupt_fragment_even_when_enough_good_ones() -> None:
     coder = ErasureCoder(4, 6)
     segment = _segment(4096)
     fragments = dict(enumerate(coder.encode(segment)))
-    fragments[5] = _flip(fragments[5], 100)  # not even needed for decoding
-    with pytest.raises(IntegrityError, match="fragment 5 data checksum mismatch"):
+    fragments[5] = _flip(fragments[5], 20)  # its header; not even needed for decoding
+    with pytest.raises(IntegrityError, match="fragment 5: fragment header checksum mismatch"):
         coder.decode(fragments, len(segment))
+    old = dict(enumerate(version_1_fragments(4, 6, segment)))
+    old[5] = _flip(old[5], 100)  # data: a version 1 fragment's CRC catches it
+    with pytest.raises(IntegrityError, match="fragment 5 data checksum mismatch"):
+        coder.decode(old, len(segment))
+    old[5] = fragments[5] = coder.encode(segment)[5]
+    assert coder.decode(old, len(segment)) == segment  # versions mix: same code, same data
 
 
 def test_fragment_of_another_segment_is_caught_by_its_cid() -> None:
