@@ -390,15 +390,14 @@ def _local_sink(backend: IpfsBackend) -> FragmentSink:
 class _ScratchFiles:
     """One scratch file per worker thread, overwritten in place from fragment to fragment.
 
-    Why not a new file per fragment, deleted once stored: on ext4 without a journal (the
-    disk of the machine these figures come from), creating a file skips every inode deleted
-    in the last minute or more, reading the inode table to check each one; with ~100 scratch
-    files deleted per GiB, each of the ~6,000 block files Kubo creates per GiB of fragments
-    paid for that (find_get_block / recently_deleted: ~9% of Kubo's CPU in a put, ~5% of
-    ours). Overwriting a file of the same size in place allocates nothing, and not
-    truncating it avoids ext4's flush-on-close after a truncate. Fragments of all but the
-    last segment have the same size, so a put overwrites; a fragment of another size gets
-    the file truncated and rewritten. The files go with the put's scratch folder.
+    Rather than a new file per fragment, deleted once stored: overwriting a file of the same
+    size in place allocates no inode and no blocks (measured on this ext4 disk, 96 fragments
+    of 16 MiB: 0.16-0.20 CPU s overwriting, 0.27-0.28 creating and deleting; ext4 without a
+    journal also makes every file creation check the inodes deleted in the last minute or
+    more). Not truncating matters: after a truncate to zero ext4 flushes the file on close
+    (truncate-and-rewrite took 0.4-0.7 CPU s and 1.5 s). Fragments of all but the last
+    segment have the same size, so a put overwrites; a fragment of another size gets the
+    file truncated. The files go with the put's scratch folder.
     """
 
     def __init__(self, folder: Path) -> None:
