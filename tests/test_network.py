@@ -183,10 +183,23 @@ def test_unauthenticated_and_malformed_requests(small, tmp_path):
     assert code == 200 and "/put" in json.dumps(doc["paths"])
 
 
+def _held_rows(node) -> int:
+    db = sqlite3.connect(node.repo / "state.db", timeout=10)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM held").fetchone()[0])
+    finally:
+        db.close()
+
+
 def test_interrupted_put_publishes_nothing(small, tmp_path):
-    """Kill the placing daemon mid-put: no manifest, no model in its state after restart."""
+    """Kill the placing daemon mid-put: no manifest, no model in its state after restart.
+
+    Mid-put for sure, whatever the machine's speed: five segments, and the kill comes as
+    soon as a peer has confirmed holding the first fragment (a row in its ``held`` table).
+    """
     src = tmp_path / "big.bin"
-    src.write_bytes(os.urandom(24 << 20))
+    src.write_bytes(os.urandom(5 * 64 << 20))
+    before = [_held_rows(node) for node in small.nodes[1:]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
     put = subprocess.Popen(
         [
@@ -207,7 +220,10 @@ def test_interrupted_put_publishes_nothing(small, tmp_path):
         text=True,
         env=env,
     )
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while [_held_rows(node) for node in small.nodes[1:]] == before:
+        assert put.poll() is None and time.monotonic() < deadline, "no fragment was placed"
+        time.sleep(0.02)
     small.kill(0)  # SIGKILL the placing daemon while it places fragments
     out, err = put.communicate(timeout=60)
     assert put.returncode != 0 and out.strip() == "", (out, err)
