@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 ALGORITHM = "isa_l_rs_cauchy"
-"""The only algorithm of format version 1; the name is pyeclib's ``ec_type``."""
+"""The only algorithm of format versions 1 and 2; the name is pyeclib's ``ec_type``."""
 
 MAX_FRAGMENTS = 64
 DEFAULT_K = 4
