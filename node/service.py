@@ -513,7 +513,7 @@ class NodeService:
             good[r.fragment] = data
         if len(good) < coder.k:
             raise NodeError(f"only {len(good)} of {coder.k} fragments reachable: cannot rebuild")
-        fragments = coder.encode(coder.decode(good, seg.size))
+        fragments = coder.rebuild(good, seg.size)  # the same bytes, so the same CIDs
         load: dict[str, int] = defaultdict(int)  # fragments of this segment per live node
         for r in rows:
             if r not in lost:

@@ -208,19 +208,21 @@ def tune_allocator() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
 
 
-_drivers: dict[tuple[int, int], ECDriver] = {}
+_drivers: dict[tuple[int, int, bool], ECDriver] = {}
 _drivers_lock = threading.Lock()
 
 
-def _driver(k: int, n: int) -> ECDriver:
-    """One driver per (k, n) for the whole process: creating one builds ISA-L tables."""
-    key = (k, n)
+def _driver(k: int, n: int, crc32: bool = False) -> ECDriver:
+    """One driver per (k, n, checksum) for the whole process: creating one builds ISA-L
+    tables. Any driver decodes fragments of either checksum type."""
+    key = (k, n, crc32)
     driver = _drivers.get(key)
     if driver is None:
         with _drivers_lock:
             driver = _drivers.get(key)
             if driver is None:
-                driver = ECDriver(ec_type=ALGORITHM, k=k, m=n - k, chksum_type="none")
+                chksum = "inline_crc32" if crc32 else "none"
+                driver = ECDriver(ec_type=ALGORITHM, k=k, m=n - k, chksum_type=chksum)
                 _drivers[key] = driver
     return driver
 
@@ -241,19 +243,24 @@ class ErasureCoder:
     def __repr__(self) -> str:
         return f"ErasureCoder(k={self.k}, n={self.n})"
 
-    def encode(self, segment: bytes | bytearray | memoryview) -> list[bytes]:
+    def encode(
+        self, segment: bytes | bytearray | memoryview, *, crc32: bool = False
+    ) -> list[bytes]:
         """Return the n fragments of ``segment``; fragment i is at position i.
 
-        Empty segments are refused: a payload is never empty (docs/format.md 4.1), so an
-        empty segment means a bug in the caller's segmenting.
+        ``crc32`` writes version 1 fragments (a CRC-32 of the data in each header): only for
+        rebuilding fragments of a version 1 model, whose CIDs depend on those bytes (see
+        :meth:`rebuild`). Empty segments are refused: a payload is never empty
+        (docs/format.md 4.1), so an empty segment means a bug in the caller's segmenting.
         """
         if not isinstance(segment, bytes):
             segment = bytes(segment)  # pyeclib accepts only bytes; this copies
         if not segment:
             raise InvalidArgument("cannot erasure-code an empty segment")
         _validate_segment_size(len(segment))
+        driver = _driver(self.k, self.n, crc32) if crc32 else self._driver
         try:
-            fragments = self._driver.encode(segment)
+            fragments = driver.encode(segment)
         except ECDriverError as err:  # pragma: no cover - would be a pyeclib bug
             raise InvalidArgument(f"erasure encoding failed: {err}") from err
         if len(fragments) != self.n:  # pragma: no cover - would be a pyeclib bug
@@ -354,6 +361,20 @@ class ErasureCoder:
                 f"decoded segment is {len(segment)} bytes, expected {segment_size}"
             )
         return segment
+
+    def rebuild(self, fragments: Mapping[int, bytes], segment_size: int) -> list[bytes]:
+        """All n fragments of a segment, byte for byte as they were written, from k of them.
+
+        Erasure coding is deterministic, so a lost fragment re-encoded from the others has
+        the bytes, and so the CID, its manifest lists: what repair relies on. That holds only
+        if the fragments are re-encoded the way they were written, with or without a data
+        CRC (format version 1 or 2): the given fragments' headers say which.
+        """
+        types = {FragmentHeader.parse(data).checksum_type for data in fragments.values()}
+        if len(types) > 1:
+            raise IntegrityError("the fragments of this segment mix checksum types")
+        segment = self.decode(fragments, segment_size)
+        return self.encode(segment, crc32=types == {_CHKSUM_CRC32})
 
     def _check_index(self, index: int) -> None:
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < self.n:
