@@ -285,7 +285,9 @@ class ErasureCoder:
         Meant to be called on each fragment as it arrives, so a bad one is discarded and
         another index fetched in its place. ``cid`` (from the manifest) is the check that
         holds against a deliberate forger: the bytes must hash to it, the way Kubo's ``add``
-        hashes a file (`storage.unixfs`); ``sha256`` is version 1 manifests' extra hash.
+        hashes a file (`storage.unixfs`). Version 1 manifests list a ``sha256`` too: when it
+        is given, it is the check instead (a version 1 fragment CID may be any CID form,
+        which cannot always be recomputed).
         Without them only the header is checked (and the data CRC of a version 1 fragment):
         enough for mix-ups of index or segment, not for damaged data.
         """
@@ -320,14 +322,14 @@ class ErasureCoder:
                 f"fragment {index} has checksum type {header.checksum_type}, neither none "
                 "nor CRC-32"
             )
-        if cid is not None and not _matches_cid(cid, data):
-            raise IntegrityError(f"fragment {index} does not hash to its CID {cid}")
-        if sha256 is not None:
+        if sha256 is not None:  # version 1: the SHA-256 is the check, the CID may be any form
             actual = hashlib.sha256(data).hexdigest()
             if actual != sha256:
                 raise IntegrityError(
                     f"fragment {index} has sha256 {actual}, manifest says {sha256}"
                 )
+        elif cid is not None and not _matches_cid(cid, data):
+            raise IntegrityError(f"fragment {index} does not hash to its CID {cid}")
 
     def decode(self, fragments: Mapping[int, bytes], segment_size: int) -> bytes:
         """Rebuild a segment of ``segment_size`` bytes from k or more of its fragments.

@@ -436,8 +436,18 @@ def _store_fragment(
     data = holder.pop()
     size = len(data)
     path = scratch.write(data)
+    # One fragment per put (~1% of the bytes) is hashed here too: readers recompute every
+    # fragment's CID as Kubo's default add builds it (docs/format.md 5.4), so a node whose
+    # add differs (another Kubo version or Import settings) must fail the put, not every get.
+    expected = file_cid(data) if segment == 0 and index == 0 else None
     del data
     cid = sink(segment, index, path)
+    if expected is not None and cid != expected:
+        raise BackendError(
+            f"the IPFS node stored a fragment as {cid}, but its bytes hash to {expected} the "
+            "way readers check them (Kubo's default add: docs/format.md 5.4); nothing was "
+            "published"
+        )
     return FragmentRef(index, cid, size)
 
 

@@ -1,6 +1,6 @@
 """The content hash of a file as Kubo's ``add`` builds it, computed here from the bytes.
 
-A fragment's CID *is* its content hash (docs/format.md 5.3): every read recomputes it from
+A fragment's CID *is* its content hash (docs/format.md 5.4): every read recomputes it from
 the bytes it got and compares, and a placing node computes it before streaming a fragment to
 the peer that will hold it. Doing that here rather than through Kubo's ``add --only-hash``
 costs one SHA-256 pass over the data (~1.6 GB/s with SHA-NI) and no scratch file, child

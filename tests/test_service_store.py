@@ -4,6 +4,7 @@ node claims before anything reaches the blockstore (which has no GC to take them
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from node.repo import Repo
 from node.service import NodeService
 from node.state import State
 from storage.errors import BackendTimeout
+from storage.multiformats import b58decode
 from storage.unixfs import file_cid
 
 OWNER = "12D3KooWOwnerOwnerOwnerOwnerOwnerOwnerOwnerOwner"
@@ -35,3 +37,13 @@ def test_store_for_checks_the_bytes_before_adding(tmp_path: Path) -> None:
         with pytest.raises(BackendTimeout):  # ...and not a block of it in the blockstore
             kubo.fetch_bytes(file_cid(forged), 1.0)
         assert kubo.fetch_bytes(cid, 5.0) == good  # what was held is untouched
+
+        # The same content named as a CIDv1: Kubo's add would store it as CIDv0, so the
+        # holder could not hold it under the name asked for; refused before adding.
+        other = os.urandom(1000)
+        digest = b58decode(file_cid(other))[2:]
+        v1 = "b" + base64.b32encode(b"\x01\x70\x12\x20" + digest).decode().rstrip("=").lower()
+        with pytest.raises(ValueError, match="expected a CIDv0"):
+            asyncio.run(service.store_for(OWNER, v1, other))
+        with pytest.raises(BackendTimeout):
+            kubo.fetch_bytes(file_cid(other), 1.0)

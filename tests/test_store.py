@@ -9,6 +9,7 @@ import pytest
 
 from storage import age
 from storage.errors import (
+    BackendError,
     IntegrityError,
     InvalidArgument,
     ManifestError,
@@ -265,3 +266,55 @@ def test_fragment_not_matching_its_cid_is_replaced(backend, ident, tmp_path):
     get_file(put.cid, tmp_path / "o", backend, identities=[ident])
     assert (tmp_path / "o").read_bytes() == src.read_bytes()
     assert first.fragments[4].cid in backend.fetches
+
+
+def test_version_1_fragments_under_any_cid_form_are_read(backend, ident, tmp_path):
+    """Version 1 allowed any CID form for a fragment (its SHA-256 was the check), e.g. one
+    another IPFS backend made with blake2b: such a model must still read."""
+    import base64
+    import dataclasses
+    import hashlib
+
+    src = write(tmp_path, 2 * SEG)
+    put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+
+    def blake_cid(data):
+        raw = (
+            bytes([1, 0x55, 0xA0, 0xE4, 0x02, 0x20])
+            + hashlib.blake2b(data, digest_size=32).digest()
+        )
+        return "b" + base64.b32encode(raw).decode().rstrip("=").lower()
+
+    segments = []
+    for seg in put.manifest.segments:
+        refs = []
+        for f in seg.fragments:
+            data = backend.blocks[f.cid]
+            cid = blake_cid(data)
+            backend.blocks[cid] = data
+            refs.append(dataclasses.replace(f, cid=cid, sha256=hashlib.sha256(data).hexdigest()))
+        segments.append(dataclasses.replace(seg, fragments=tuple(refs)))
+    old = dataclasses.replace(put.manifest, segments=tuple(segments), version=1)
+    cid = backend.add_bytes(old.to_bytes())
+    get_file(cid, tmp_path / "o", backend, identities=[ident])
+    assert (tmp_path / "o").read_bytes() == src.read_bytes()
+
+
+def test_put_fails_when_the_node_adds_files_another_way(ident, tmp_path):
+    """A node whose add builds another DAG (say raw leaves) gives CIDs readers cannot
+    recompute: the put must fail before publishing anything, not every later get."""
+    from storage.multiformats import SHA2_256, b58encode, encode_multihash
+
+    class OtherLayout(FakeBackend):
+        def add_bytes(self, data):
+            import hashlib
+
+            cid = b58encode(encode_multihash(SHA2_256, hashlib.sha256(data).digest()))
+            self.blocks[cid] = bytes(data)
+            return cid
+
+    backend = OtherLayout()
+    src = write(tmp_path, 3 * SEG)
+    with pytest.raises(BackendError, match=r"hash to \S+ the way readers check them"):
+        put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+    assert not any(b'"fusenode-manifest"' in data for data in backend.blocks.values())
