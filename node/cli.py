@@ -249,6 +249,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 identities=identities,
                 fetch_timeout=timeout,
                 progress=update,
+                manifest=manifest,
             )
     print(
         f"wrote {args.output} ({result.metadata.size} bytes, stored as "

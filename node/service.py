@@ -362,6 +362,7 @@ class NodeService:
             fetch_timeout=timeout,
             order=order,
             fetch=fetch,
+            manifest=manifest,
         )
         return {
             "path": str(result.path),

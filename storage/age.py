@@ -860,15 +860,7 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, recipients: Iterable[Recipient]
     file_key = new_file_key()
     header = encode_header(file_key, recipients)
     dst.write(header)
-    written = len(header)
-    enc = PayloadEncryptor(file_key)
-    while block := src.read(_IO_BLOCK):
-        out = enc.update(block)
-        dst.write(out)
-        written += len(out)
-    out = enc.finalize()
-    dst.write(out)
-    return written + len(out)
+    return len(header) + _pump(src, dst, PayloadEncryptor(file_key))
 
 
 def decrypt_stream(src: BinaryIO, dst: BinaryIO, identities: Iterable[Identity]) -> int:
@@ -878,13 +870,17 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, identities: Iterable[Identity])
     temporary file and rename it only when this returns.
     """
     header = read_header(src)
-    dec = PayloadDecryptor(unwrap_file_key(header, identities))
+    return _pump(src, dst, PayloadDecryptor(unwrap_file_key(header, identities)))
+
+
+def _pump(src: BinaryIO, dst: BinaryIO, cipher: PayloadEncryptor | PayloadDecryptor) -> int:
+    """Stream the rest of ``src`` through ``cipher`` into ``dst``; return bytes written."""
     written = 0
     while block := src.read(_IO_BLOCK):
-        out = dec.update(block)
+        out = cipher.update(block)
         dst.write(out)
         written += len(out)
-    out = dec.finalize()
+    out = cipher.finalize()
     dst.write(out)
     return written + len(out)
 

@@ -1429,7 +1429,8 @@ class KuboNode(IpfsBackend):
         re-verified by hash before use anyway.
 
         Whole object in memory inside Kubo (RSS ~4.5x its size): tens of MiB at most. Blocks
-        already in the local blockstore are not re-verified by Kubo: check with `hash_only`.
+        already in the local blockstore are not re-verified by Kubo: check the bytes against
+        the CID (`storage.unixfs.matches_cid`).
         """
         validate_cid(cid)
         dest = Path(dest).resolve()
@@ -1438,14 +1439,7 @@ class KuboNode(IpfsBackend):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
         try:
-            self._call(
-                "download",
-                (cid, str(tmp)),
-                timeout,
-                f"fetching {cid}",
-                on_timeout=self._no_provider,
-                cleanup=tmp,
-            )
+            self._download(cid, tmp, timeout)
             if durable:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
@@ -1459,15 +1453,18 @@ class KuboNode(IpfsBackend):
         """The content of ``cid`` as bytes; for small objects such as manifests."""
         validate_cid(cid)
         with self._scratch(".fetch") as tmp:
-            self._call(
-                "download",
-                (cid, str(tmp)),
-                timeout,
-                f"fetching {cid}",
-                on_timeout=self._no_provider,
-                cleanup=tmp,
-            )
+            self._download(cid, tmp, timeout)
             return tmp.read_bytes()
+
+    def _download(self, cid: str, path: Path, timeout: float) -> None:
+        self._call(
+            "download",
+            (cid, str(path)),
+            timeout,
+            f"fetching {cid}",
+            on_timeout=self._no_provider,
+            cleanup=path,
+        )
 
     def connect(self, multiaddr: str, timeout: float) -> None:
         """Connect to a peer and remember it, so it is redialled after a restart.

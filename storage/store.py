@@ -504,15 +504,21 @@ def get_file(
     order: FragmentOrder | None = None,
     progress: Progress | None = None,
     fetch: Callable[[str, float], bytes] | None = None,
+    manifest: Manifest | None = None,
 ) -> GetResult:
-    """Retrieve, verify, decrypt and write a stored file atomically to ``out``."""
+    """Retrieve, verify, decrypt and write a stored file atomically to ``out``.
+
+    ``manifest``: the manifest ``cid`` names, when the caller already has it from
+    `load_manifest` (which checked it against ``cid``), so it is not fetched and hashed twice.
+    """
     out = Path(out)
     folder = out.parent
     if out.is_dir():
         raise InvalidArgument(f"{out}: is a directory")
     if not folder.is_dir():
         raise InvalidArgument(f"{out}: folder {folder} does not exist")
-    manifest = load_manifest(cid, backend, timeout=fetch_timeout)
+    if manifest is None:
+        manifest = load_manifest(cid, backend, timeout=fetch_timeout)
     file_key, metadata = open_metadata(manifest, identities)
     _tune_allocator_once()
     decryptor = age.PayloadDecryptor(file_key) if manifest.encrypted else None

@@ -318,3 +318,13 @@ def test_put_fails_when_the_node_adds_files_another_way(ident, tmp_path):
     with pytest.raises(BackendError, match=r"hash to \S+ the way readers check them"):
         put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
     assert not any(b'"fusenode-manifest"' in data for data in backend.blocks.values())
+
+
+def test_a_manifest_already_loaded_is_not_fetched_again(backend, ident, tmp_path):
+    src = write(tmp_path, 2 * SEG)
+    put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+    manifest = load_manifest(put.cid, backend)
+    backend.fetches.clear()
+    get_file(put.cid, tmp_path / "o", backend, identities=[ident], manifest=manifest)
+    assert put.cid not in backend.fetches
+    assert (tmp_path / "o").read_bytes() == src.read_bytes()
