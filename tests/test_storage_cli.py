@@ -196,3 +196,54 @@ def test_corrupted_manifest_on_disk(repo, tmp_path):
         raw = node.fetch_bytes(cid, 10)
     _corrupt(repo, raw)
     clean_error(fusenode("get", cid, "-o", tmp_path / "o", "--repo", repo), "corrupted")
+
+
+def _on_terminal(*args, sized=True, timeout=120):
+    """Run fusenode with stderr on a pseudo-terminal (stdout piped); return (proc, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+    leader, follower = pty.openpty()
+    if sized:  # 24 x 100, as a user's terminal would be; a fresh pty reports no size
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            env=env,
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        os.close(leader)
+    proc.stdout_text = out
+    return proc, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal(repo, tmp_path):
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(24 << 20))
+    proc, err = _on_terminal("put", src, "--repo", repo)
+    assert proc.returncode == 0, err
+    assert "put" in err and "\r" in err and "%" in err  # a tqdm bar was drawn and updated
+    cid = proc.stdout_text.strip().splitlines()[-1]
+    assert cid.startswith("Qm")  # stdout stays clean for scripts
+    out = tmp_path / "out.bin"
+    proc, err = _on_terminal("get", cid, "-o", out, "--repo", repo, sized=False)
+    assert proc.returncode == 0, err
+    assert "get" in err and "\r" in err and "%" in err
+    assert out.read_bytes() == src.read_bytes()
