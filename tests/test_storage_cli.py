@@ -15,6 +15,8 @@ import tomllib
 import pyrage
 import pytest
 
+from node.repo import free_loopback_port as free_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -76,6 +78,25 @@ def test_init(repo):
     assert kubo["Bootstrap"] == [] and kubo["Discovery"]["MDNS"]["Enabled"] is False
     assert all("127.0.0.1" in a for a in kubo["Addresses"]["Swarm"])
     clean_error(fusenode("init", "--repo", repo), "already")
+
+
+def test_default_repo_is_fusenode_repo_or_home(tmp_path):
+    """No --repo: $FUSENODE_REPO if set, else ~/.fusenode; ports given on the command line
+    are the ones configured."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+
+    def init(env, *extra):
+        cmd = [sys.executable, "-m", "node.cli", "init", *map(str, extra)]
+        return ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env))
+
+    init({**base, "FUSENODE_REPO": str(tmp_path / "from-env")})
+    assert (tmp_path / "from-env" / "config.toml").is_file()
+    home = tmp_path / "home"
+    home.mkdir()
+    swarm, api = free_port(), free_port()
+    init({**base, "HOME": str(home)}, "--swarm-port", swarm, "--api-port", api)
+    config = tomllib.loads((home / ".fusenode" / "config.toml").read_text())
+    assert config["node"]["swarm_port"] == swarm and config["api"]["port"] == api
 
 
 def test_keygen(tmp_path):
