@@ -4,7 +4,7 @@
 
 For the ResNet-50-like model (node/examples.py) at ~100 MB and ~400 MB of fp32 weights it runs:
 
-    fusenode      python -m node.cli fuse IN -o OUT --json
+    fusenode      python -m fusenode.node.cli fuse IN -o OUT --json
     onnxruntime   offline optimization, ORT_ENABLE_BASIC, CPU provider, optimized_model_filepath
     onnxoptimizer onnxoptimizer.optimize(model, ["fuse_bn_into_conv"]), then onnx.save
     onnxscript    the rewriter's three fuse_batchnorm rules (Conv, ConvTranspose, Gemm)
@@ -117,7 +117,16 @@ class Row:
 
 def command(tool: str, src: Path, dst: Path) -> list[str]:
     if tool == "fusenode":
-        return [sys.executable, "-m", "node.cli", "fuse", str(src), "-o", str(dst), "--json"]
+        return [
+            sys.executable,
+            "-m",
+            "fusenode.node.cli",
+            "fuse",
+            str(src),
+            "-o",
+            str(dst),
+            "--json",
+        ]
     return [sys.executable, "-c", WORKERS[tool], str(src), str(dst)]
 
 
@@ -169,7 +178,7 @@ def ensure_model(size: str, out_dir: Path) -> Path:
     The file name carries every parameter, and the file is written under a temporary name
     and renamed, so a file that exists is complete and built with these parameters.
     """
-    from node import examples
+    from fusenode.node import examples
 
     width = examples.RESNET50_WIDTHS[size]
     path = out_dir / f"resnet50_like-w{width:g}-img{IMAGE_SIZE}-op{OPSET}.onnx"
@@ -211,8 +220,7 @@ def max_rel_err(got: list[Any], want: list[Any]) -> float:
 def inspect_output(row: Row, feeds: dict[str, Any], want: list[Any]) -> None:
     """Fill BN left, node count, error and size for a tool's output (errors go to the note)."""
     import onnx
-
-    from node.examples import count_ops
+    from fusenode.node.examples import count_ops
 
     assert row.out is not None
     try:
@@ -385,7 +393,7 @@ def bench(args: argparse.Namespace) -> int:
     target_size = "400mb" if "400mb" in args.sizes else args.sizes[-1]
     all_pass = True
     for size in args.sizes:
-        from node.examples import count_ops, random_inputs
+        from fusenode.node.examples import count_ops, random_inputs
 
         src = ensure_model(size, out_dir)
         original = count_ops(src)

@@ -82,10 +82,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from common import GiB, MiB, human, parse_size, sha256_file, write_random_file  # noqa: E402
-
-from node.localnet import LocalNetwork  # noqa: E402
-from storage.kubo import KuboNode  # noqa: E402
-from storage.manifest import Manifest  # noqa: E402
+from fusenode.node.localnet import LocalNetwork  # noqa: E402
+from fusenode.storage.kubo import KuboNode  # noqa: E402
+from fusenode.storage.manifest import Manifest  # noqa: E402
 
 NODES = 6
 K, N = 4, 6

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from node import examples
-from node.localnet import LocalNetwork
+from fusenode.node import examples
+from fusenode.node.localnet import LocalNetwork
 
 MODELS = {
     "mobilenetv2_like": lambda p: examples.mobilenetv2_like(p),
@@ -48,7 +48,7 @@ def main() -> int:
                 [
                     sys.executable,
                     "-m",
-                    "node.cli",
+                    "fusenode.node.cli",
                     "fuse",
                     str(path),
                     "-o",

@@ -49,11 +49,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
-
-from node.errors import ConfigError, NodeError, NotFoundError, PlacementError, RepoError
-from passes.errors import PassError, VerificationError
-from storage.backend import validate_cid
-from storage.errors import (
+from fusenode.node.errors import ConfigError, NodeError, NotFoundError, PlacementError, RepoError
+from fusenode.passes.errors import PassError, VerificationError
+from fusenode.storage.backend import validate_cid
+from fusenode.storage.errors import (
     BackendTimeout,
     DecryptionError,
     HeaderError,

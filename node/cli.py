@@ -48,8 +48,8 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from passes.errors import PassError, VerificationError
-    from passes.fuse import fuse_file
+    from fusenode.passes.errors import PassError, VerificationError
+    from fusenode.passes.fuse import fuse_file
 
     try:
         report = fuse_file(
@@ -104,8 +104,8 @@ def format_fuse_report(r: dict) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from node.repo import identity_text, write_private
-    from storage import age
+    from fusenode.node.repo import identity_text, write_private
+    from fusenode.storage import age
 
     identity = age.X25519Identity.generate()
     text = identity_text(identity)
@@ -125,7 +125,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from node.repo import Repo, default_repo_path
+    from fusenode.node.repo import Repo, default_repo_path
 
     path = default_repo_path(args.repo)
     repo = Repo.init(path, args.swarm_port, args.api_port)
@@ -137,7 +137,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _open_repo(args: argparse.Namespace):
-    from node.repo import Repo, default_repo_path
+    from fusenode.node.repo import Repo, default_repo_path
 
     return Repo.open(default_repo_path(args.repo))
 
@@ -148,22 +148,22 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _identities(args: argparse.Namespace, repo):
-    from node.repo import read_identities
+    from fusenode.node.repo import read_identities
 
     return read_identities(Path(args.identity)) if args.identity else repo.identities()
 
 
 def _daemon(repo):
     """The running daemon's client, or None (then commands work offline on the repo)."""
-    from node.client import find_daemon
+    from fusenode.node.client import find_daemon
 
     return find_daemon(repo.path)
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    from node.progress import progress_bar
-    from storage import age
-    from storage.store import put_file
+    from fusenode.node.progress import progress_bar
+    from fusenode.storage import age
+    from fusenode.storage.store import put_file
 
     repo = _open_repo(args)
     client = _daemon(repo)
@@ -186,7 +186,7 @@ def cmd_put(args: argparse.Namespace) -> int:
         return 0
     k = args.k if args.k is not None else repo.config.storage.k
     n = args.n if args.n is not None else repo.config.storage.n
-    from storage.erasure import validate_parameters
+    from fusenode.storage.erasure import validate_parameters
 
     validate_parameters(k, n)
     source = Path(args.file)
@@ -224,8 +224,8 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from node.progress import progress_bar
-    from storage.store import get_file, load_manifest
+    from fusenode.node.progress import progress_bar
+    from fusenode.storage.store import get_file, load_manifest
 
     repo = _open_repo(args)
     client = _daemon(repo)
@@ -263,8 +263,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from node.daemon import main as daemon_main
-    from node.repo import default_repo_path
+    from fusenode.node.daemon import main as daemon_main
+    from fusenode.node.repo import default_repo_path
 
     return daemon_main(default_repo_path(args.repo), list(args.bootstrap or []))
 
@@ -407,7 +407,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _local_manifest(repo, cid):
-    from storage.store import load_manifest
+    from fusenode.storage.store import load_manifest
 
     node = repo.open_backend()
     try:
@@ -418,8 +418,8 @@ def _local_manifest(repo, cid):
 
 
 def cmd_share(args: argparse.Namespace) -> int:
-    from storage import age
-    from storage.share import share_cid
+    from fusenode.storage import age
+    from fusenode.storage.share import share_cid
 
     repo = _open_repo(args)
     client = _daemon(repo)
@@ -439,7 +439,7 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from node.service import describe
+    from fusenode.node.service import describe
 
     repo = _open_repo(args)
     client = _daemon(repo)
@@ -493,7 +493,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from node.demo import run_demo
+    from fusenode.node.demo import run_demo
 
     return run_demo(args)
 
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusenode",
         description="Decentralized storage and optimization node for ML models.",
     )
-    from node import __version__
+    from fusenode import __version__
 
     p.add_argument("--version", action="version", version=f"fusenode {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -649,9 +649,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Error families whose message is meant for the user (imported only if loaded)."""
     families: list[type[BaseException]] = [CliError]
     for module, name in (
-        ("storage.errors", "StorageError"),
-        ("passes.errors", "PassError"),
-        ("node.errors", "NodeError"),
+        ("fusenode.storage.errors", "StorageError"),
+        ("fusenode.passes.errors", "PassError"),
+        ("fusenode.node.errors", "NodeError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.errors import DaemonError
+from fusenode.node.errors import DaemonError
 
 __all__ = ["API_FILE", "HEALTH_TIMEOUT", "TOKEN_FILE", "DaemonClient", "find_daemon"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from node.errors import ConfigError
+from fusenode.node.errors import ConfigError
 
 DEFAULTS_PATH = Path(__file__).with_name("default-config.toml")
 

@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-
-from node.repo import Repo, write_private
+from fusenode.node.repo import Repo, write_private
 
 API_JSON = "api.json"
 API_TOKEN = "api.token"
@@ -67,11 +66,11 @@ async def _bootstrap(service, addresses: list[str], stop: asyncio.Event) -> None
 
 
 async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
-    from node.api import create_app
-    from node.peerauth import load_private_key
-    from node.peering import PROTOCOL, PeerClient, create_peer_app, free_port
-    from node.service import NodeService
-    from node.state import State
+    from fusenode.node.api import create_app
+    from fusenode.node.peerauth import load_private_key
+    from fusenode.node.peering import PROTOCOL, PeerClient, create_peer_app, free_port
+    from fusenode.node.service import NodeService
+    from fusenode.node.state import State
 
     config = repo.config
     stop = asyncio.Event()
@@ -157,7 +156,7 @@ def main(repo_path: Path, bootstrap: list[str]) -> int:
         stream=sys.stderr,
     )
     repo = Repo.open(repo_path)
-    from node.client import find_daemon
+    from fusenode.node.client import find_daemon
 
     if find_daemon(repo.path) is not None:
         print(f"fusenode: error: a daemon is already running on {repo.path}", file=sys.stderr)

@@ -56,10 +56,10 @@ def _holders(status: dict, names: dict[str, str]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from node import examples
-    from node.localnet import LocalNetwork
-    from passes.fuse import fuse_file
-    from storage import age
+    from fusenode.node import examples
+    from fusenode.node.localnet import LocalNetwork
+    from fusenode.passes.fuse import fuse_file
+    from fusenode.storage import age
 
     keep = args.workdir is not None
     work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="fusenode-demo-"))

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.repo import Repo
+from fusenode.node.repo import Repo
 
 READY_TIMEOUT = 60.0
 
@@ -84,7 +84,7 @@ class LocalNetwork:
 
     def start_node(self, i: int) -> LocalNode:
         node = self.nodes[i]
-        cmd = [sys.executable, "-m", "node.cli", "daemon", "--repo", str(node.repo)]
+        cmd = [sys.executable, "-m", "fusenode.node.cli", "daemon", "--repo", str(node.repo)]
         if i != 0 and self.nodes[0].multiaddr:
             cmd += ["--bootstrap", self.nodes[0].multiaddr]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
@@ -164,7 +164,7 @@ class LocalNetwork:
     def cli(self, i: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
         return subprocess.run(
-            [sys.executable, "-m", "node.cli", *args, "--repo", str(self.nodes[i].repo)],
+            [sys.executable, "-m", "fusenode.node.cli", *args, "--repo", str(self.nodes[i].repo)],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node import __version__
-from node.errors import NodeError
-from passes import fuse_bn
-from storage.backend import validate_cid
-from storage.errors import NoIdentityMatch, StorageError
-from storage.store import open_metadata
+from fusenode.node.errors import NodeError
+from fusenode.passes import fuse_bn
+from fusenode.storage.backend import validate_cid
+from fusenode.storage.errors import NoIdentityMatch, StorageError
+from fusenode.storage.store import open_metadata
+
+from fusenode import __version__
 
 ANNOUNCE_TOPIC = "fusenode/announce/v1"
 log = logging.getLogger("fusenode.optimizer")
@@ -56,7 +57,7 @@ class Optimizer:
 
     # -- jobs ------------------------------------------------------------------------------
     async def submit(self, cid: str, recipients: list[str], origin: str = "user") -> dict:
-        from storage import age
+        from fusenode.storage import age
 
         validate_cid(cid)
         for r in recipients:
@@ -96,8 +97,8 @@ class Optimizer:
             log.info("job %d done: %s -> %s", job["id"], job["source"], result)
 
     async def _optimize(self, job: dict) -> tuple[str, dict]:
-        from passes.errors import PassError, VerificationError
-        from passes.fuse import fuse_file
+        from fusenode.passes.errors import PassError, VerificationError
+        from fusenode.passes.fuse import fuse_file
 
         service = self.service
         source = job["source"]

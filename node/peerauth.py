@@ -48,9 +48,8 @@ from typing import Final
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-
-from node.errors import NodeError
-from storage.multiformats import (
+from fusenode.node.errors import NodeError
+from fusenode.storage.multiformats import (
     IDENTITY,
     MAX_UINT64_VARINT_BYTES,
     SHA2_256,

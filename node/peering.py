@@ -43,8 +43,7 @@ import socket
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
-
-from node.errors import NodeError
+from fusenode.node.errors import NodeError
 
 PROTOCOL = "/x/fusenode/peer/1"
 MAX_BODY = 1 << 20
@@ -75,7 +74,7 @@ REQUESTER = web.RequestKey("requester", str) if hasattr(web, "RequestKey") else 
 
 def create_peer_app(node: Any, accept_from: tuple[str, ...]) -> web.Application:
     """The peer API; ``node`` is the daemon's service (node.service.NodeService)."""
-    from node.peerauth import PeerAuthError, verify_request
+    from fusenode.node.peerauth import PeerAuthError, verify_request
 
     @web.middleware
     async def authenticate(request: web.Request, handler):
@@ -110,7 +109,7 @@ def create_peer_app(node: Any, accept_from: tuple[str, ...]) -> web.Application:
             )
 
     async def cids_of(request: web.Request) -> list[str]:
-        from storage.backend import validate_cid
+        from fusenode.storage.backend import validate_cid
 
         if (request.content_length or 0) > MAX_BODY:
             raise ValueError(f"body over {MAX_BODY} bytes")
@@ -138,7 +137,7 @@ def create_peer_app(node: Any, accept_from: tuple[str, ...]) -> web.Application:
         return web.json_response({"released": released})
 
     async def store(request: web.Request) -> web.Response:
-        from storage.backend import validate_cid
+        from fusenode.storage.backend import validate_cid
 
         expected = validate_cid(request.query.get("cid", ""))
         data = await request.read()  # already read (and its hash signed) by the middleware
@@ -205,9 +204,8 @@ class PeerClient:
         raise AssertionError("unreachable")
 
     async def _call_once(self, peer_id, method, path, body, timeout, raw) -> dict:
+        from fusenode.node.peerauth import sign_request
         from yarl import URL
-
-        from node.peerauth import sign_request
 
         if self._session is None:
             # No keep-alive: a pooled connection through a tunnel dies silently when the far

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from node.config import Config, load_config, render_config
-from node.errors import RepoError
-from storage import age
+from fusenode.node.config import Config, load_config, render_config
+from fusenode.node.errors import RepoError
+from fusenode.storage import age
 
 CONFIG_FILE = "config.toml"
 IDENTITY_FILE = "identity.txt"
@@ -92,7 +92,7 @@ class Repo:
 
     def open_backend(self):
         """Start the embedded Kubo node of this repo (a child process)."""
-        from storage.kubo import KuboNode
+        from fusenode.storage.kubo import KuboNode
 
         return KuboNode(self.path, self.config.node.swarm_port or None)
 
@@ -126,7 +126,7 @@ class Repo:
             if not (path / IDENTITY_FILE).exists():
                 write_private(path / IDENTITY_FILE, identity_text(age.X25519Identity.generate()))
                 created_identity = True
-            from storage.kubo import create_repo
+            from fusenode.storage.kubo import create_repo
 
             create_repo(path, swarm)
             # config.toml last: its presence marks a complete repo.

@@ -31,16 +31,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node.errors import NodeError, NotFoundError, PlacementError
-from node.peering import PeerClient, PeerRefused, PeerUnreachable
-from node.repo import Repo, read_identities
-from node.state import State, parse_iso
-from storage import age
-from storage.erasure import ErasureCoder
-from storage.errors import BackendError, BackendTimeout, InvalidArgument
-from storage.manifest import FragmentRef, Manifest
-from storage.store import get_file, load_manifest, open_metadata, put_file
-from storage.unixfs import file_cid
+from fusenode.node.errors import NodeError, NotFoundError, PlacementError
+from fusenode.node.peering import PeerClient, PeerRefused, PeerUnreachable
+from fusenode.node.repo import Repo, read_identities
+from fusenode.node.state import State, parse_iso
+from fusenode.storage import age
+from fusenode.storage.erasure import ErasureCoder
+from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
+from fusenode.storage.manifest import FragmentRef, Manifest
+from fusenode.storage.store import get_file, load_manifest, open_metadata, put_file
+from fusenode.storage.unixfs import file_cid
 
 log = logging.getLogger("fusenode.service")
 HEALTH_TIMEOUT = 3.0
@@ -57,7 +57,7 @@ class NodeService:
         self.peer_id: str = kubo.identity().peer_id
         self.addresses = list(kubo.identity().addresses)
         self.loop: asyncio.AbstractEventLoop | None = None
-        from node.optimizer import Optimizer
+        from fusenode.node.optimizer import Optimizer
 
         self.optimizer = Optimizer(self)
         self._repair_lock = asyncio.Lock()
@@ -283,7 +283,7 @@ class NodeService:
         """Store the fragment in ``path`` on ``holder`` (this node or a peer) and return its
         CID once the holder confirmed it. Peers get the bytes streamed (/peer/v1/store); only
         fragments over the stream limit go the bitswap way (add here, peer pins)."""
-        from node.peering import MAX_FRAGMENT
+        from fusenode.node.peering import MAX_FRAGMENT
 
         if holder == self.peer_id:
             cid = await asyncio.to_thread(self.kubo.add, path)
@@ -385,7 +385,7 @@ class NodeService:
         return job
 
     async def share(self, cid: str, recipients: list[str], identity_path: str | None) -> dict:
-        from storage.share import share_cid
+        from fusenode.storage.share import share_cid
 
         if not recipients:
             raise InvalidArgument("share needs at least one --recipient")
@@ -579,7 +579,7 @@ class NodeService:
 
 def describe(cid: str, manifest: Manifest, identities) -> dict:
     """What anyone may see of a manifest, plus its metadata and provenance when a key fits."""
-    from storage.errors import NoIdentityMatch
+    from fusenode.storage.errors import NoIdentityMatch
 
     info: dict[str, Any] = {
         "cid": cid,

@@ -27,9 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnx
+from fusenode.passes.modelfile import Computed, TensorStore
 from onnx import TensorProto, helper
-
-from passes.modelfile import Computed, TensorStore
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from passes import fuse_bn
-from passes.errors import OutputError, PassError, VerificationError
-from passes.framework import run_rewrites
-from passes.modelfile import LazyModel
-from passes.numerics import backend_for
+from fusenode.passes import fuse_bn
+from fusenode.passes.errors import OutputError, PassError, VerificationError
+from fusenode.passes.framework import run_rewrites
+from fusenode.passes.modelfile import LazyModel
+from fusenode.passes.numerics import backend_for
 
 PIPELINE = (fuse_bn,)  # the default pipeline: explicit, in order
 
@@ -83,7 +83,7 @@ def fuse_file(
             "verify": None,
         }
         if verify:
-            from passes.verify import verify as run_verify
+            from fusenode.passes.verify import verify as run_verify
 
             check = run_verify(src, staging / dst.name, shapes=shapes, rtol=rtol, atol=atol)
             result["verify"] = check.to_dict()

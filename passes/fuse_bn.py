@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx
-
-from passes.framework import DEFAULT_DOMAINS, Constant, Fused, Scope, attr, node_key
-from passes.modelfile import Computed
-from passes.numerics import BF16, FLOAT_DTYPES, Backend, round_to
+from fusenode.passes.framework import DEFAULT_DOMAINS, Constant, Fused, Scope, attr, node_key
+from fusenode.passes.modelfile import Computed
+from fusenode.passes.numerics import BF16, FLOAT_DTYPES, Backend, round_to
 
 NAME = "fuse-batchnorm"
 VERSION = "1.0.0"

@@ -34,10 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from fusenode.passes.errors import ModelFileError, OutputError
+from fusenode.passes.protowire import LEN, VARINT, WireError, encode_key, encode_varint, iter_fields
 from onnx import TensorProto, helper, numpy_helper
-
-from passes.errors import ModelFileError, OutputError
-from passes.protowire import LEN, VARINT, WireError, encode_key, encode_varint, iter_fields
 
 #: Tensor payloads smaller than this stay inline in the skeleton (same rule as onnx's
 #: external-data converter).

@@ -18,8 +18,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-
-from passes.errors import VerificationError
+from fusenode.passes.errors import VerificationError
 
 #: (rtol, atol) per output dtype. float32/float64: the tolerances of the ONNX tools' own fusion
 #: tests. float16 (11-bit significand) and bfloat16 (8-bit) round the fused weights and every

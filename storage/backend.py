@@ -28,8 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from storage.errors import InvalidArgument
-from storage.multiformats import parse_cid
+from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.multiformats import parse_cid
 
 __all__ = [
     "IpfsBackend",

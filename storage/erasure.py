@@ -40,10 +40,9 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fusenode.storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
+from fusenode.storage.unixfs import matches_cid
 from pyeclib.ec_iface import ECDriver, ECDriverError
-
-from storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
-from storage.unixfs import matches_cid
 
 
 def _matches_cid(cid: str, data: bytes) -> bool:

@@ -93,13 +93,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from storage.backend import (
+from fusenode.storage.backend import (
     IpfsBackend,
     NodeIdentity,
     validate_cid,
     validate_peer_multiaddr,
 )
-from storage.errors import BackendError, BackendTimeout, InvalidArgument
+from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
 
 __all__ = [
     "KuboNode",

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from storage.age import X25519Recipient
-from storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
-from storage.errors import InvalidArgument, ManifestError, StorageError
-from storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
+from fusenode.storage.age import X25519Recipient
+from fusenode.storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
+from fusenode.storage.errors import InvalidArgument, ManifestError, StorageError
+from fusenode.storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
 
 __all__ = [
     "ENCRYPTION_AGE",

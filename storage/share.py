@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from storage import age
-from storage.backend import IpfsBackend
-from storage.errors import InvalidArgument
-from storage.manifest import Manifest
-from storage.store import DEFAULT_FETCH_TIMEOUT, load_manifest, open_metadata
+from fusenode.storage import age
+from fusenode.storage.backend import IpfsBackend
+from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.manifest import Manifest
+from fusenode.storage.store import DEFAULT_FETCH_TIMEOUT, load_manifest, open_metadata
 
 __all__ = ["share", "share_cid"]
 

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from storage import age
-from storage.backend import IpfsBackend, validate_cid
-from storage.erasure import FRAGMENT_HEADER_SIZE, ErasureCoder, tune_allocator
-from storage.errors import (
+from fusenode.storage import age
+from fusenode.storage.backend import IpfsBackend, validate_cid
+from fusenode.storage.erasure import FRAGMENT_HEADER_SIZE, ErasureCoder, tune_allocator
+from fusenode.storage.errors import (
     BackendError,
     BackendTimeout,
     CryptoError,
@@ -54,7 +54,7 @@ from storage.errors import (
     NotEnoughFragments,
     StorageError,
 )
-from storage.manifest import (
+from fusenode.storage.manifest import (
     ENCRYPTION_AGE,
     ENCRYPTION_NONE,
     ErasureParams,
@@ -64,7 +64,7 @@ from storage.manifest import (
     SegmentRef,
     utc_now,
 )
-from storage.unixfs import file_cid, matches_cid
+from fusenode.storage.unixfs import file_cid, matches_cid
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_K, DEFAULT_N = 4, 6

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from storage.multiformats import DAG_PB, RAW, SHA2_256, b58encode, encode_varint, parse_cid
+from fusenode.storage.multiformats import DAG_PB, RAW, SHA2_256, b58encode, encode_varint, parse_cid
 
 __all__ = ["CHUNK_SIZE", "MAX_LINKS", "file_cid", "matches_cid"]
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.backend import IpfsBackend, NodeIdentity, validate_cid
-from storage.errors import BackendTimeout
-from storage.unixfs import file_cid
+from fusenode.storage.backend import IpfsBackend, NodeIdentity, validate_cid
+from fusenode.storage.errors import BackendTimeout
+from fusenode.storage.unixfs import file_cid
 
 
 def fake_cid(data: bytes) -> str:

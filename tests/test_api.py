@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-
-from node import api
-from node.api import ERROR_STATUS, REQUEST_FIELDS, create_app
-from node.client import DaemonClient, find_daemon
-from node.errors import ConfigError, DaemonError, NodeError, RepoError
-from passes.errors import ModelFileError, PassError, VerificationError
-from storage.errors import (
+from fusenode.node import api
+from fusenode.node.api import ERROR_STATUS, REQUEST_FIELDS, create_app
+from fusenode.node.client import DaemonClient, find_daemon
+from fusenode.node.errors import ConfigError, DaemonError, NodeError, RepoError
+from fusenode.passes.errors import ModelFileError, PassError, VerificationError
+from fusenode.storage.errors import (
     BackendError,
     BackendTimeout,
     DecryptionError,
@@ -37,6 +36,7 @@ from storage.errors import (
     NotEnoughFragments,
     StorageError,
 )
+
 from tests.fakes import fake_cid
 
 TOKEN = "s3cret-token-for-tests-only-0123456789"
@@ -471,11 +471,11 @@ async def test_unexpected_error_is_a_generic_500_and_the_daemon_keeps_serving(
     client: Any, service: FakeService, caplog: pytest.LogCaptureFixture
 ) -> None:
     service.error = KeyError("internal detail")
-    with caplog.at_level(logging.ERROR, logger="node.api"):
+    with caplog.at_level(logging.ERROR, logger="fusenode.node.api"):
         error = await error_of(await client.get(f"{P}/peers"), 500)
     assert error["type"] == "InternalServerError"
     assert "internal detail" not in error["message"] and "log" in error["message"]
-    [record] = [r for r in caplog.records if r.name == "node.api"]
+    [record] = [r for r in caplog.records if r.name == "fusenode.node.api"]
     assert record.exc_info is not None and record.exc_info[0] is KeyError
     r = await client.get(f"{P}/peers")
     assert r.status == 200
@@ -489,7 +489,7 @@ async def test_unserializable_result_is_a_500(
         return {"when": object()}
 
     service.identity = bad  # type: ignore[method-assign]
-    with caplog.at_level(logging.CRITICAL, logger="node.api"):
+    with caplog.at_level(logging.CRITICAL, logger="fusenode.node.api"):
         await error_of(await client.get(f"{P}/id"), 500)
 
 

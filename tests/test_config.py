@@ -6,9 +6,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from node.config import load_config, parse_config, render_config
-from node.errors import ConfigError
+from fusenode.node.config import load_config, parse_config, render_config
+from fusenode.node.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

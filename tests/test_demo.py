@@ -14,7 +14,7 @@ def test_demo(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", "demo"],
+        [sys.executable, "-m", "fusenode.node.cli", "demo"],
         capture_output=True,
         text=True,
         timeout=300,

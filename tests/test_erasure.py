@@ -15,9 +15,7 @@ import threading
 import zlib
 
 import pytest
-from pyeclib.ec_iface import ECDriver
-
-from storage.erasure import (
+from fusenode.storage.erasure import (
     FRAGMENT_HEADER_SIZE,
     MAX_SEGMENT_SIZE,
     ErasureCoder,
@@ -26,8 +24,9 @@ from storage.erasure import (
     tune_allocator,
     validate_parameters,
 )
-from storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
-from storage.unixfs import file_cid
+from fusenode.storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
+from fusenode.storage.unixfs import file_cid
+from pyeclib.ec_iface import ECDriver
 
 CORNERS = [(1, 2), (1, 64), (63, 64), (4, 6), (10, 16), (29, 64)]
 

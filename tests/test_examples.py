@@ -19,9 +19,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from fusenode.node import examples
 from onnx import numpy_helper
-
-from node import examples
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from fusenode.passes.fuse import fuse_file
 from onnx import helper
 
-from passes.fuse import fuse_file
 from tests.onnx_util import (
     BF16,
     assert_close,

@@ -10,17 +10,17 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from fusenode.node.cli import main
+from fusenode.passes.numerics import NumpyBackend, cuda_available
 from onnx import helper
 
-from node.cli import main
-from passes.numerics import NumpyBackend, cuda_available
 from tests.onnx_util import assert_close, count_ops, run
 from tests.test_fuse_bn import conv_bn, gemm_bn
 
 
 def fusenode(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *map(str, args)],
+        [sys.executable, "-m", "fusenode.node.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -196,9 +196,9 @@ def test_symbolic_input_shape_override(tmp_path):
 def test_inline_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, monkeypatch):
     """Past 2 GB a model cannot be one protobuf: the output switches to external data
     (shown here with the limit lowered, so the test needs no 2 GB file)."""
-    import passes.modelfile
+    import fusenode.passes.modelfile
 
-    monkeypatch.setattr(passes.modelfile, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(fusenode.passes.modelfile, "PROTOBUF_LIMIT", 1000)
     model, feeds = conv_bn(cin=16, cout=32)
     src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(model, src)

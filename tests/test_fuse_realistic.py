@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from fusenode.node import examples
+from fusenode.passes.fuse import fuse_file
 
-from node import examples
-from passes.fuse import fuse_file
 from tests.onnx_util import assert_close, count_ops, run
 
 BUILDERS = {

@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from storage.backend import NodeIdentity, validate_cid, validate_peer_multiaddr
-from storage.errors import BackendError, BackendTimeout, InvalidArgument
-from storage.kubo import _PROTOTYPES, KuboNode, create_repo, find_libkubo, loopback_config
+from fusenode.storage.backend import NodeIdentity, validate_cid, validate_peer_multiaddr
+from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
+from fusenode.storage.kubo import _PROTOTYPES, KuboNode, create_repo, find_libkubo, loopback_config
 
 CIDV0 = "QmWKoWmuRfPJXSvLHoPdJn8iFsvyum4HsUeB1LUHdVRVKW"
 CIDV1 = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"

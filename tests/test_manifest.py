@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from storage.age import ScryptPassphrase, X25519Identity
-from storage.erasure import fragment_size
-from storage.errors import ManifestError
-from storage.manifest import (
+from fusenode.storage.age import ScryptPassphrase, X25519Identity
+from fusenode.storage.erasure import fragment_size
+from fusenode.storage.errors import ManifestError
+from fusenode.storage.manifest import (
     FORMAT_VERSION,
     MAX_MANIFEST_SIZE,
     ErasureParams,

@@ -6,12 +6,11 @@ import base64
 import hashlib
 
 import pytest
-
-from node.peerauth import peer_id_from_public_key
-from storage.backend import validate_cid
-from storage.errors import InvalidArgument
-from storage.manifest import is_valid_cid
-from storage.multiformats import (
+from fusenode.node.peerauth import peer_id_from_public_key
+from fusenode.storage.backend import validate_cid
+from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.manifest import is_valid_cid
+from fusenode.storage.multiformats import (
     DAG_PB,
     IDENTITY,
     MAX_UINT64_VARINT_BYTES,

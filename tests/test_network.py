@@ -17,8 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-from node.localnet import LocalNetwork
+from fusenode.node.localnet import LocalNetwork
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +204,7 @@ def test_interrupted_put_publishes_nothing(small, tmp_path):
         [
             sys.executable,
             "-m",
-            "node.cli",
+            "fusenode.node.cli",
             "put",
             str(src),
             "-k",

@@ -7,8 +7,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
-
-from passes.numerics import BF16, NumpyBackend, TorchBackend, backend_for, round_to
+from fusenode.passes.numerics import BF16, NumpyBackend, TorchBackend, backend_for, round_to
 
 
 def _exact_round(x: float, dtype) -> float:

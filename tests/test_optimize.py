@@ -14,10 +14,10 @@ import time
 import numpy as np
 import onnx
 import pytest
+from fusenode.node import examples
+from fusenode.node.localnet import LocalNetwork, set_config
+from fusenode.storage import age
 
-from node import examples
-from node.localnet import LocalNetwork, set_config
-from storage import age
 from tests.onnx_util import assert_close, count_ops, run
 
 pytestmark = pytest.mark.slow

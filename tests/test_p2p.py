@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from storage.errors import BackendError, BackendTimeout, InvalidArgument
-from storage.kubo import (
+from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
+from fusenode.storage.kubo import (
     _PUBSUB_PROTOTYPES,
     MAX_PUBSUB_MESSAGE,
     KuboNode,

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from multidict import CIMultiDict
-
-from node.errors import NodeError
-from node.peerauth import (
+from fusenode.node.errors import NodeError
+from fusenode.node.peerauth import (
     HEADER_DATE,
     HEADER_KEY,
     HEADER_PEER,
@@ -37,7 +35,8 @@ from node.peerauth import (
     sign_request,
     verify_request,
 )
-from storage.kubo import KuboNode, create_repo
+from fusenode.storage.kubo import KuboNode, create_repo
+from multidict import CIMultiDict
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 BODY = b'{"fragment": "QmWKoWmuRfPJXSvLHoPdJn8iFsvyum4HsUeB1LUHdVRVKW"}'

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from fusenode.node.peerauth import private_key_from_protobuf, sign_request
+from fusenode.node.peering import create_peer_app
 
-from node.peerauth import private_key_from_protobuf, sign_request
-from node.peering import create_peer_app
 from tests.fakes import fake_cid
 from tests.test_peerauth import ed25519_protobuf
 

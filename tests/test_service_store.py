@@ -9,13 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
-
-from node.repo import Repo
-from node.service import NodeService
-from node.state import State
-from storage.errors import BackendTimeout
-from storage.multiformats import b58decode
-from storage.unixfs import file_cid
+from fusenode.node.repo import Repo
+from fusenode.node.service import NodeService
+from fusenode.node.state import State
+from fusenode.storage.errors import BackendTimeout
+from fusenode.storage.multiformats import b58decode
+from fusenode.storage.unixfs import file_cid
 
 OWNER = "12D3KooWOwnerOwnerOwnerOwnerOwnerOwnerOwnerOwner"
 

@@ -8,13 +8,13 @@ import os
 
 import pyrage
 import pytest
+from fusenode.storage import age
+from fusenode.storage.erasure import ErasureCoder
+from fusenode.storage.errors import InvalidArgument, NoIdentityMatch
+from fusenode.storage.manifest import Manifest, Metadata
+from fusenode.storage.share import share, share_cid
+from fusenode.storage.store import get_file, load_manifest, open_metadata, put_file
 
-from storage import age
-from storage.erasure import ErasureCoder
-from storage.errors import InvalidArgument, NoIdentityMatch
-from storage.manifest import Manifest, Metadata
-from storage.share import share, share_cid
-from storage.store import get_file, load_manifest, open_metadata, put_file
 from tests.fakes import FakeBackend
 
 SEG = 4096 + 17  # several segments, the last one short

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.state import State
+from fusenode.node.state import State
 
 
 def test_models_and_placements_survive_reopen(tmp_path):

@@ -14,8 +14,7 @@ import tomllib
 
 import pyrage
 import pytest
-
-from node.repo import free_loopback_port as free_port
+from fusenode.node.repo import free_loopback_port as free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.slow
 def fusenode(*args, timeout=120):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *map(str, args)],
+        [sys.executable, "-m", "fusenode.node.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,7 +85,7 @@ def test_default_repo_is_fusenode_repo_or_home(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
 
     def init(env, *extra):
-        cmd = [sys.executable, "-m", "node.cli", "init", *map(str, extra)]
+        cmd = [sys.executable, "-m", "fusenode.node.cli", "init", *map(str, extra)]
         return ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env))
 
     init({**base, "FUSENODE_REPO": str(tmp_path / "from-env")})
@@ -180,8 +179,8 @@ def _corrupt(repo, content: bytes) -> None:
 
 
 def _manifest(repo, cid):
-    from storage.kubo import KuboNode
-    from storage.manifest import Manifest
+    from fusenode.storage.kubo import KuboNode
+    from fusenode.storage.manifest import Manifest
 
     with KuboNode(repo) as node:
         manifest = Manifest.from_bytes(node.fetch_bytes(cid, 10))
@@ -211,7 +210,7 @@ def test_corrupted_manifest_on_disk(repo, tmp_path):
     src = tmp_path / "m.bin"
     src.write_bytes(os.urandom(50_000))
     cid = put(repo, src)
-    from storage.kubo import KuboNode
+    from fusenode.storage.kubo import KuboNode
 
     with KuboNode(repo) as node:
         raw = node.fetch_bytes(cid, 10)
@@ -232,7 +231,7 @@ def _on_terminal(*args, sized=True, timeout=120):
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", *map(str, args)],
+            [sys.executable, "-m", "fusenode.node.cli", *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=follower,
             text=True,

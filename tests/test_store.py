@@ -6,9 +6,8 @@ import os
 
 import pyrage
 import pytest
-
-from storage import age
-from storage.errors import (
+from fusenode.storage import age
+from fusenode.storage.errors import (
     BackendError,
     IntegrityError,
     InvalidArgument,
@@ -16,8 +15,9 @@ from storage.errors import (
     NoIdentityMatch,
     NotEnoughFragments,
 )
-from storage.manifest import Manifest
-from storage.store import get_file, load_manifest, put_file
+from fusenode.storage.manifest import Manifest
+from fusenode.storage.store import get_file, load_manifest, put_file
+
 from tests.fakes import FakeBackend
 
 SEG = 4096 + 17  # small segments: many of them, the last one short
@@ -79,7 +79,7 @@ def test_fresh_file_key_per_put(backend, ident, tmp_path):
 
 def test_reassembled_ciphertext_is_a_standard_age_file(backend, ident, tmp_path):
     """header || fragments decoded: pyrage (an independent implementation) decrypts it."""
-    from storage.erasure import ErasureCoder
+    from fusenode.storage.erasure import ErasureCoder
 
     src = write(tmp_path, 3 * SEG)
     put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
@@ -167,7 +167,7 @@ def test_not_a_manifest(backend, tmp_path):
 def test_malformed_and_unknown_cid(backend, tmp_path):
     with pytest.raises(InvalidArgument):
         get_file("not-a-cid", tmp_path / "o", backend)
-    from storage.errors import BackendTimeout
+    from fusenode.storage.errors import BackendTimeout
 
     unknown = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
     with pytest.raises(BackendTimeout, match="not found"):
@@ -303,7 +303,7 @@ def test_version_1_fragments_under_any_cid_form_are_read(backend, ident, tmp_pat
 def test_put_fails_when_the_node_adds_files_another_way(ident, tmp_path):
     """A node whose add builds another DAG (say raw leaves) gives CIDs readers cannot
     recompute: the put must fail before publishing anything, not every later get."""
-    from storage.multiformats import SHA2_256, b58encode, encode_multihash
+    from fusenode.storage.multiformats import SHA2_256, b58encode, encode_multihash
 
     class OtherLayout(FakeBackend):
         def add_bytes(self, data):

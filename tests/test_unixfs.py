@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from storage.kubo import KuboNode
-from storage.multiformats import b58decode
-from storage.unixfs import CHUNK_SIZE, MAX_LINKS, file_cid, matches_cid
+from fusenode.storage.kubo import KuboNode
+from fusenode.storage.multiformats import b58decode
+from fusenode.storage.unixfs import CHUNK_SIZE, MAX_LINKS, file_cid, matches_cid
 
 # One chunk, chunk boundaries, the widest one-level tree (174 leaves), the first two-level
 # one (175), a fragment of a 64 MiB segment at k=4 (16 MiB + the 80-byte header), and a
