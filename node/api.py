@@ -49,24 +49,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
-from fusenode.node.errors import ConfigError, NodeError, NotFoundError, PlacementError, RepoError
-from fusenode.passes.errors import PassError, VerificationError
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import (
-    BackendTimeout,
-    DecryptionError,
-    HeaderError,
-    IntegrityError,
     InvalidArgument,
-    ManifestError,
-    NoIdentityMatch,
-    NotEnoughFragments,
-    StorageError,
 )
+
+from fusenode.errors import Error
 
 __all__ = [
     "API_PREFIX",
-    "ERROR_STATUS",
     "MAX_BODY_KEY",
     "OPENAPI_PATH",
     "REQUEST_FIELDS",
@@ -146,34 +137,10 @@ OPENAPI_KEY = web.AppKey("openapi", bytes)
 
 # -- error mapping ----------------------------------------------------------------------------
 
-#: Status of each domain error; the most specific class on the exception's MRO wins.
-ERROR_STATUS: dict[type[BaseException], int] = {
-    StorageError: 500,
-    InvalidArgument: 400,
-    ManifestError: 400,
-    HeaderError: 400,
-    NoIdentityMatch: 403,
-    BackendTimeout: 504,
-    NotEnoughFragments: 503,
-    IntegrityError: 502,
-    DecryptionError: 502,
-    PassError: 400,
-    VerificationError: 422,
-    NodeError: 409,
-    PlacementError: 503,
-    NotFoundError: 404,  # not enough nodes up now: the same request may work later
-    ConfigError: 400,
-    RepoError: 400,
-}
-
 
 def error_status(exc: BaseException) -> int | None:
-    """The HTTP status for a domain error, or ``None`` if ``exc`` is not one we know."""
-    for cls in type(exc).__mro__:
-        status = ERROR_STATUS.get(cls)
-        if status is not None:
-            return status
-    return None
+    """The HTTP status of a domain error (its class says it), or ``None`` for any other."""
+    return exc.http_status if isinstance(exc, Error) else None
 
 
 def _error_response(

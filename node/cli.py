@@ -16,12 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fusenode.errors import Error
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
 
 
-class CliError(Exception):
+class CliError(Error):
     """A user-facing error raised by a command handler."""
 
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
@@ -645,20 +647,6 @@ def _repo_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", help="node repo (default: $FUSENODE_REPO or ~/.fusenode)")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Error families whose message is meant for the user (imported only if loaded)."""
-    families: list[type[BaseException]] = [CliError]
-    for module, name in (
-        ("fusenode.storage.errors", "StorageError"),
-        ("fusenode.passes.errors", "PassError"),
-        ("fusenode.node.errors", "NodeError"),
-    ):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            families.append(getattr(mod, name))
-    return tuple(families)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -666,9 +654,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except Exception as e:
-        if isinstance(e, _user_errors()):
+        if isinstance(e, Error):
             print(f"fusenode: error: {e}", file=sys.stderr)
-            return e.code if isinstance(e, CliError) else EXIT_ERROR
+            return e.code if isinstance(e, CliError) else e.exit_code
         if os.environ.get("FUSENODE_DEBUG"):
             raise
         # A failure we did not foresee: still one line, and a way to get the details.

@@ -1,36 +1,51 @@
-"""Errors of the node layer; ``str(err)`` is a one-line message for the user.
+"""Errors of the node layer (the hierarchy, with exit codes and HTTP statuses, is drawn in
+`fusenode.errors`). Peer-call errors live with the peer protocol (`fusenode.node.protocol`)."""
 
-Errors from storage (``storage.errors.StorageError``) and passes (``passes.errors.PassError``)
-reach the edges unchanged; the CLI and the HTTP API map all three families.
-
-    NodeError
-    ├── ConfigError      config.toml or a FUSENODE_* variable is invalid
-    ├── RepoError        the repo is missing, already exists, or is damaged
-    ├── DaemonError      talking to a running daemon failed
-    ├── PlacementError   too few reachable nodes for the placement asked for
-    └── NotFoundError    no such job (or other named thing)
-"""
+from fusenode.errors import Error
 
 
-class NodeError(Exception):
+class NodeError(Error):
     """Base of the node layer's errors."""
+
+    http_status = 409
 
 
 class ConfigError(NodeError):
     """Invalid configuration."""
 
+    exit_code = 8
+    http_status = 400
+
 
 class RepoError(NodeError):
     """A problem with the repo folder."""
+
+    exit_code = 8
+    http_status = 400
 
 
 class DaemonError(NodeError):
     """A request to the daemon failed."""
 
+    exit_code = 9
+    http_status = 502
+
 
 class PlacementError(NodeError):
     """Not enough reachable nodes for the requested placement."""
 
+    exit_code = 7
+    http_status = 503
+
 
 class NotFoundError(NodeError):
     """The thing asked for does not exist."""
+
+    exit_code = 4
+    http_status = 404
+
+
+class CommandError(NodeError):
+    """A command cannot do what it was asked (the CLI's own refusals)."""
+
+    http_status = 400

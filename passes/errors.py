@@ -1,15 +1,13 @@
-"""Errors of the passes layer; ``str(err)`` is a one-line message for the user.
+"""Errors of the passes layer (the hierarchy, with exit codes and HTTP statuses, is drawn in
+`fusenode.errors`)."""
 
-PassError
-├── ModelFileError      the file is missing, unreadable, not ONNX, truncated or invalid
-├── OutputError         the output cannot be written (path, permissions, same as input)
-└── VerificationError   the optimized model's outputs differ from the original's,
-                        or the check itself could not run
-"""
+from fusenode.errors import Error
 
 
-class PassError(Exception):
+class PassError(Error):
     """Base of all errors raised by passes/."""
+
+    http_status = 400
 
 
 class ModelFileError(PassError):
@@ -22,3 +20,6 @@ class OutputError(PassError):
 
 class VerificationError(PassError):
     """The optimized model is not proven equivalent to the original."""
+
+    exit_code = 3
+    http_status = 422

@@ -1,28 +1,18 @@
-"""Errors raised by the storage layer.
+"""Errors raised by the storage layer (the hierarchy, with exit codes and HTTP statuses, is
+drawn in `fusenode.errors`)."""
 
-Every error's message is written for the user: the CLI prints ``str(err)`` as one line and
-exits non-zero, the daemon turns it into a JSON error body. Hierarchy::
-
-    StorageError
-    ├── InvalidArgument      bad parameters (k/n, CID syntax, empty file, ...)
-    ├── CryptoError          age format / key problems
-    │   ├── HeaderError      malformed age header or recipient/identity string
-    │   ├── NoIdentityMatch  none of the given identities can open the file key
-    │   └── DecryptionError  payload authentication failed, truncated ciphertext
-    ├── IntegrityError       a fragment, segment or manifest does not match its hash
-    ├── ManifestError        malformed or unsupported manifest
-    ├── BackendError         the IPFS node failed
-    │   └── BackendTimeout   an IPFS call missed its deadline
-    └── NotEnoughFragments   fewer than k good fragments of a segment could be had
-"""
+from fusenode.errors import Error
 
 
-class StorageError(Exception):
+class StorageError(Error):
     """Base of all storage errors."""
 
 
 class InvalidArgument(StorageError):
     """A parameter is out of range or malformed."""
+
+    exit_code = 2
+    http_status = 400
 
 
 class CryptoError(StorageError):
@@ -32,21 +22,35 @@ class CryptoError(StorageError):
 class HeaderError(CryptoError):
     """Malformed age header, recipient or identity."""
 
+    exit_code = 2
+    http_status = 400
+
 
 class NoIdentityMatch(CryptoError):
     """None of the identities given can open this file (wrong key)."""
+
+    exit_code = 5
+    http_status = 403
 
 
 class DecryptionError(CryptoError):
     """The ciphertext failed authentication or is truncated."""
 
+    exit_code = 6
+    http_status = 502
+
 
 class IntegrityError(StorageError):
     """Stored data does not match its content hash."""
 
+    exit_code = 6
+    http_status = 502
+
 
 class ManifestError(StorageError):
     """The manifest is malformed or of an unsupported version."""
+
+    http_status = 400
 
 
 class BackendError(StorageError):
@@ -56,6 +60,12 @@ class BackendError(StorageError):
 class BackendTimeout(BackendError):
     """An IPFS call did not finish before its deadline."""
 
+    exit_code = 7
+    http_status = 504
+
 
 class NotEnoughFragments(StorageError):
     """Fewer than k good fragments of a segment could be retrieved."""
+
+    exit_code = 7
+    http_status = 503

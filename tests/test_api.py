@@ -20,9 +20,15 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from fusenode.node import api
-from fusenode.node.api import ERROR_STATUS, REQUEST_FIELDS, create_app
+from fusenode.node.api import REQUEST_FIELDS, create_app
 from fusenode.node.client import DaemonClient, find_daemon
-from fusenode.node.errors import ConfigError, DaemonError, NodeError, RepoError
+from fusenode.node.errors import (
+    ConfigError,
+    DaemonError,
+    NodeError,
+    PlacementError,
+    RepoError,
+)
 from fusenode.passes.errors import ModelFileError, PassError, VerificationError
 from fusenode.storage.errors import (
     BackendError,
@@ -421,10 +427,6 @@ async def test_wrong_method_is_json_405(client: Any, method: str, route: str, al
 # -- domain errors ----------------------------------------------------------------------------
 
 
-class PlacementError(NodeError):
-    """Stands for a NodeError subclass the lead adds later."""
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "error,status",
@@ -444,9 +446,9 @@ class PlacementError(NodeError):
         (VerificationError("outputs differ"), 422),
         (ConfigError("config: bad"), 400),
         (RepoError("not a repo"), 400),
-        (DaemonError("busy"), 409),
+        (DaemonError("busy"), 502),
         (NodeError("conflict"), 409),
-        (PlacementError("only 2 peers for n=6"), 409),
+        (PlacementError("only 2 peers for n=6"), 503),
     ],
 )
 async def test_domain_errors_map_to_statuses(
@@ -461,8 +463,12 @@ async def test_domain_errors_map_to_statuses(
 async def test_a_new_error_class_is_mapped_with_one_line(
     client: Any, service: FakeService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(ERROR_STATUS, PlacementError, 507)
-    service.error = PlacementError("only 2 peers for n=6")
+    class LaterError(NodeError):
+        """Stands for an error class added later: its status is one line, on the class."""
+
+        http_status = 507
+
+    service.error = LaterError("only 2 peers for n=6")
     await error_of(await client.post(f"{P}/put", json={"path": "/a"}, headers=AUTH), 507)
 
 

@@ -1,0 +1,72 @@
+"""The one root of every error fusenode raises on purpose, and what each means at the edges.
+
+``str(err)`` is always a one-line message written for the user. Each class carries the exit
+code the CLI ends with and the HTTP status both HTTP apps (the local API and the peer API)
+answer with; the edges read those attributes and keep no table of their own. Classes live
+beside what raises them (borg's style); the whole family, with exit code / HTTP status::
+
+    Error                              1 / 500   base: an error we foresaw
+    ├── StorageError                   1 / 500   fusenode.storage.errors
+    │   ├── InvalidArgument            2 / 400   bad parameter: k/n, CID syntax, a missing file
+    │   ├── CryptoError                1 / 500
+    │   │   ├── HeaderError            2 / 400   malformed age header, recipient or identity
+    │   │   ├── NoIdentityMatch        5 / 403   none of the identities given opens the file
+    │   │   └── DecryptionError        6 / 502   ciphertext fails authentication
+    │   ├── IntegrityError             6 / 502   data does not match its content hash
+    │   ├── ManifestError              1 / 400   not a manifest, or an unknown version
+    │   ├── BackendError               1 / 500   the IPFS node failed
+    │   │   └── BackendTimeout         7 / 504   an IPFS call missed its deadline
+    │   └── NotEnoughFragments         7 / 503   fewer than k good fragments reachable
+    ├── PassError                      1 / 400   fusenode.passes.errors
+    │   ├── ModelFileError             1 / 400   input missing, not ONNX, invalid
+    │   ├── OutputError                1 / 400   output cannot be written
+    │   └── VerificationError          3 / 422   outputs differ: nothing written
+    └── NodeError                      1 / 409   fusenode.node.errors
+        ├── ConfigError                8 / 400   config.toml or a FUSENODE_* variable
+        ├── RepoError                  8 / 400   repo missing, existing, or damaged
+        ├── DaemonError                9 / 502   talking to the local daemon failed
+        ├── PlacementError             7 / 503   too few reachable nodes for the placement
+        ├── NotFoundError              4 / 404   no such job, manifest or other named thing
+        ├── PeerError                  7 / 502   fusenode.node.protocol: a peer call failed
+        │   ├── PeerUnreachable        7 / 503   no answer (down, disconnected, no daemon)
+        │   └── PeerRefused            1 / 502   the peer answered with an error
+        ├── PeerAuthError              1 / 401   a peer request's signature is not valid
+        └── JobError                   1 / 409   an optimization job cannot complete
+
+Exit codes, as the CLI documents them: 0 success, 1 error, 2 usage (the command line or an
+argument is wrong), 3 verification failed, 4 not found, 5 no key opens the model, 6 stored
+data damaged, 7 not enough of the network reachable now (retry later), 8 repo or
+configuration, 9 the daemon cannot be reached, 130 interrupted.
+
+Why a registry by class name: the daemon answers ``{"error": {"type": NAME, "message"}}``
+and the CLI's client raises the same class again (:meth:`Error.named`), so a command exits
+with the same code whether a daemon ran it or the CLI did offline.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "Error"]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Error(Exception):
+    """Base of every error fusenode raises on purpose."""
+
+    exit_code: ClassVar[int] = 1
+    http_status: ClassVar[int] = 500
+    _by_name: ClassVar[dict[str, type[Error]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("fusenode."):  # not a test's or a user's subclass
+            Error._by_name.setdefault(cls.__name__, cls)
+
+    @classmethod
+    def named(cls, name: str) -> type[Error] | None:
+        """The error class called ``name`` (among those imported), or None."""
+        return cls._by_name.get(name) if isinstance(name, str) else None
