@@ -97,7 +97,9 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
                 create_peer_app(service, config.network.accept_from), "127.0.0.1", peer_port
             )
         )
-        await asyncio.to_thread(kubo.p2p_listen, PROTOCOL, f"/ip4/127.0.0.1/tcp/{peer_port}")
+        await asyncio.to_thread(
+            kubo.transport.p2p_listen, PROTOCOL, f"/ip4/127.0.0.1/tcp/{peer_port}"
+        )
 
         token = load_or_create_token(repo)
         app = create_app(service, token=token, max_body_bytes=config.api.max_body_bytes)

@@ -194,7 +194,7 @@ class Optimizer:
         message = json.dumps({"v": 1, "cid": cid, "kind": kind, "encrypted": encrypted})
         try:
             await asyncio.to_thread(
-                self.service.kubo.pubsub_publish, ANNOUNCE_TOPIC, message.encode()
+                self.service.kubo.transport.pubsub_publish, ANNOUNCE_TOPIC, message.encode()
             )
         except Exception as e:  # best effort by design
             log.info("announce %s: %s", cid, e)
@@ -208,10 +208,10 @@ class Optimizer:
         if not (self.config.optimizer.enabled and self.config.optimizer.auto_optimize):
             return
         kubo = self.service.kubo
-        sub = await asyncio.to_thread(kubo.pubsub_subscribe, ANNOUNCE_TOPIC)
+        sub = await asyncio.to_thread(kubo.transport.pubsub_subscribe, ANNOUNCE_TOPIC)
         try:
             while not stop.is_set():
-                msg = await asyncio.to_thread(kubo.pubsub_next_message, sub, 1.0)
+                msg = await asyncio.to_thread(kubo.transport.pubsub_next_message, sub, 1.0)
                 if msg is None or msg.sender == self.service.peer_id:
                     continue
                 try:
@@ -228,7 +228,7 @@ class Optimizer:
                     log.info("announced %s: not optimizing (%s)", cid, e)
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(kubo.pubsub_unsubscribe, sub)
+                await asyncio.to_thread(kubo.transport.pubsub_unsubscribe, sub)
 
     async def _wants(self, cid: str) -> bool:
         service = self.service

