@@ -1,16 +1,23 @@
 """A small pass framework: pattern -> check -> rewrite, over every graph of a model.
 
-A :class:`Rewrite` has three steps:
+A :class:`Rule` is rooted at one op type, its ``anchor``, and has three steps:
 
-- ``match(node, scope)``: the pattern. Returns a match object, or ``None`` when the node is not
-  the anchor of this pattern (nothing is reported).
+- ``match(node, scope)``: the pattern. Returns a match object, or ``None`` when the pattern is
+  not there (e.g. a BatchNormalization whose input comes from another op family).
 - ``check(match, scope)``: returns ``None`` to accept, or the *reason* it declines (a string,
-  reported to the user). A check never raises for a model it cannot handle; it explains.
-- ``rewrite(match, scope)``: changes the graph. Only called after check accepted.
+  reported to the user). A check never raises for a model it cannot handle; it explains. It has
+  no side effects: it changes neither the match, the graph, its indexes nor any tensor or
+  reference in the store (it may read through the store's file mappings), so running it twice,
+  or not acting on it, leaves everything as it was.
+- ``rewrite(match, scope)``: changes the graph. Only called right after check accepted.
 
-:func:`run_rewrites` applies rewrites to the main graph and to every subgraph (If / Loop / Scan
-bodies, at any depth), repeating until nothing more matches (so chains like Conv -> BN -> BN
-fold completely), and returns a :class:`PassReport`.
+Every anchor node ends up in the report: fused by the first rule that matches and accepts, or
+skipped with the reason of the first rule that matched, or, when no rule's pattern matched,
+with ``unmatched(node, scope, rules)`` of the first rule anchored there.
+
+:func:`run_rewrites` applies a rule set to the main graph and to every subgraph (If / Loop /
+Scan bodies, at any depth), repeating until nothing more matches (so chains like
+Conv -> BN -> BN fold completely), and returns a :class:`PassReport`.
 
 :class:`Scope` is one graph with its enclosing graphs: it resolves constants through outer
 scopes, tracks how often every value name is used anywhere in the model, and replaces weights
@@ -27,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnx
-from fusenode.passes.modelfile import Computed, TensorStore
+from fusenode.passes.tensorstore import Computed, TensorStore
 from onnx import TensorProto, helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -88,14 +95,19 @@ class Constant:
         return _constant_attr_value(self.node)
 
 
-class Rewrite(Protocol):
-    name: str
+class Rule(Protocol):
+    #: The op type (default ONNX domain) at the root of the pattern.
+    anchor: str
 
     def match(self, node: onnx.NodeProto, scope: Scope) -> Any | None: ...
 
     def check(self, match: Any, scope: Scope) -> str | None: ...
 
     def rewrite(self, match: Any, scope: Scope) -> Fused: ...
+
+    def unmatched(self, node: onnx.NodeProto, scope: Scope, rules: Sequence[Rule]) -> str:
+        """Why none of ``rules`` (all anchored at ``node``'s op type) matched ``node``."""
+        ...
 
 
 class ModelContext:
@@ -318,11 +330,11 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
 def run_rewrites(
     model: onnx.ModelProto,
     store: TensorStore,
-    rewrites: Sequence[Rewrite],
+    rules: Sequence[Rule],
     name: str,
     version: str,
 ) -> PassReport:
-    """Apply ``rewrites`` to every graph until nothing more matches; report what happened."""
+    """Apply ``rules`` to every graph until nothing more matches; report what happened."""
     started = time.perf_counter()
     report = PassReport(name, version, nodes_before=count_nodes(model.graph))
     ctx = ModelContext(model, store)
@@ -334,22 +346,35 @@ def run_rewrites(
             for node in list(scope.graph.node):
                 if node not in scope.graph.node:  # removed by an earlier rewrite this sweep
                     continue
-                for rw in rewrites:
-                    match = rw.match(node, scope)
-                    if match is None:
-                        continue
-                    key = (scope.path, node_key(node))
-                    reason = rw.check(match, scope)
-                    if reason is None:
-                        report.fused.append(rw.rewrite(match, scope))
-                        declined.pop(key, None)
-                        changed = True
-                        break
-                    declined[key] = Skipped(rw.name, node_key(node), scope.path, reason)
+                anchored = [r for r in rules if r.anchor == node.op_type]
+                if not anchored or node.domain not in DEFAULT_DOMAINS:
+                    continue
+                key = (scope.path, node_key(node))
+                outcome = _apply(node, scope, anchored)
+                if isinstance(outcome, Fused):
+                    report.fused.append(outcome)
+                    declined.pop(key, None)  # declined in an earlier sweep, fused since
+                    changed = True
+                else:
+                    declined[key] = Skipped(node.op_type, node_key(node), scope.path, outcome)
     report.skipped = list(declined.values())
     report.nodes_after = count_nodes(model.graph)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _apply(node: onnx.NodeProto, scope: Scope, rules: Sequence[Rule]) -> Fused | str:
+    """Rewrite ``node`` with the first rule that matches and accepts, or say why none did."""
+    reason = None
+    for rule in rules:
+        match = rule.match(node, scope)
+        if match is None:
+            continue
+        why = rule.check(match, scope)
+        if why is None:
+            return rule.rewrite(match, scope)
+        reason = reason or why
+    return reason if reason is not None else rules[0].unmatched(node, scope, rules)
 
 
 def node_key(node: onnx.NodeProto) -> str:

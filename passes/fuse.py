@@ -21,9 +21,6 @@ from fusenode.passes.framework import run_rewrites
 from fusenode.passes.modelfile import LazyModel
 from fusenode.passes.numerics import backend_for
 
-PIPELINE = (fuse_bn,)  # the default pipeline: explicit, in order
-
-
 def _check_output(src: Path, dst: Path) -> None:
     if dst.exists() and dst.is_dir():
         raise OutputError(f"{dst}: is a directory")
@@ -66,11 +63,7 @@ def fuse_file(
         with LazyModel.load(src, spill_dir=staging) as model:
             model.check()
             report = run_rewrites(
-                model.model,
-                model.store,
-                [fuse_bn.FoldBatchNorm(backend)],
-                fuse_bn.NAME,
-                fuse_bn.VERSION,
+                model.model, model.store, fuse_bn.rules(backend), fuse_bn.NAME, fuse_bn.VERSION
             )
             # No fsync: the output can be made again from the input, and the renames below
             # already guarantee a complete file or none (fsync would cost ~0.5 s per GB).

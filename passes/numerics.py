@@ -21,13 +21,47 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-import ml_dtypes
 import numpy as np
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-FLOAT_DTYPES = (np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64))
+#: The storage dtypes a fold keeps are these and bfloat16, ml_dtypes' numpy type: ml_dtypes is
+#: imported only when a bfloat16 tensor is met (see :func:`is_bfloat16`), not by every run.
+_NUMPY_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: Elements per chunk: 256 Ki float64 = 2 MiB, which stays in cache.
 _CHUNK_ELEMENTS = 1 << 18
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16 as a numpy dtype (imports ml_dtypes on first use)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16.
+
+    Kind and name are tested first: a bfloat16 array only exists once ml_dtypes is loaded, so
+    for every other dtype the answer costs no import (and the kind test, no Python call).
+    """
+    d = np.dtype(dtype)
+    return d.kind == "V" and d.name == "bfloat16" and d == bfloat16()
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is a storage dtype a fold keeps: float16/32/64 (native byte order, as
+    tensors are read) or bfloat16."""
+    d = np.dtype(dtype)
+    return d in _NUMPY_FLOATS or is_bfloat16(d)
+
+
+def float_max(dtype: np.dtype) -> float:
+    """The largest finite value of a float storage dtype."""
+    if is_bfloat16(dtype):
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+    return float(np.finfo(dtype).max)
 
 
 def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -38,8 +72,8 @@ def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
             return x.astype(np.float64, copy=True)
         if dtype in (np.float32, np.float16):
             return x.astype(dtype)
-        if dtype == BF16:
-            return _to_float32_odd(x).astype(BF16)
+        if is_bfloat16(dtype):
+            return _to_float32_odd(x).astype(dtype)
     raise TypeError(f"unsupported storage dtype {dtype}")
 
 
@@ -76,7 +110,7 @@ class NumpyBackend:
         per_row = max(1, weight.size // rows)
         step = max(1, _CHUNK_ELEMENTS // per_row)
         tmp = np.empty((min(step, rows), *weight.shape[1:]), np.float64)
-        direct = weight.dtype != BF16  # numpy casts f64 -> f16/f32 with one rounding
+        direct = not is_bfloat16(weight.dtype)  # numpy casts f64 -> f16/f32 with one rounding
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, checked by caller
             self._scale_chunks(weight, factor, out, tmp, step, direct)
         return out
@@ -110,7 +144,8 @@ class TorchBackend:
         _check_factor(weight, factor)
         if not weight.flags.writeable:  # a view of the mapped model file; torch wants writable
             weight = weight.copy()
-        if weight.dtype == BF16:
+        bf16 = is_bfloat16(weight.dtype)
+        if bf16:
             w = torch.from_numpy(np.ascontiguousarray(weight).view(np.int16)).view(torch.bfloat16)
         else:
             w = torch.from_numpy(np.ascontiguousarray(weight))
@@ -125,8 +160,8 @@ class TorchBackend:
             odd = self._float32_odd(x)
             r = odd.to(torch.float16 if weight.dtype == np.float16 else torch.bfloat16)
         r = r.cpu()
-        if weight.dtype == BF16:
-            return r.view(torch.int16).numpy().view(BF16)
+        if bf16:
+            return r.view(torch.int16).numpy().view(weight.dtype)
         return r.numpy()
 
     def _float32_odd(self, x):
@@ -140,7 +175,7 @@ class TorchBackend:
 
 
 def _check_factor(weight: np.ndarray, factor: np.ndarray) -> None:
-    if weight.dtype not in FLOAT_DTYPES:
+    if not is_float(weight.dtype):
         raise TypeError(f"unsupported storage dtype {weight.dtype}")
     if factor.dtype != np.float64 or factor.ndim != weight.ndim:
         raise TypeError("factor must be float64 with the weight's rank")

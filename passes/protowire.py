@@ -2,7 +2,7 @@
 
 Why by hand: ``onnx.load`` parses every weight into Python-owned memory (about twice the file
 size, seconds for a few hundred MB). The fusion pass only needs the graph structure and a few
-weights, so :mod:`passes.modelfile` walks the file with these helpers, keeps each large tensor
+weights, so :mod:`passes.modelwire` walks the file with these helpers, keeps each large tensor
 payload as a reference (file, offset, length) and parses only the small remainder.
 
 Wire format recap: a message is a sequence of fields; each field starts with a varint key

@@ -7,7 +7,17 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
-from fusenode.passes.numerics import BF16, NumpyBackend, TorchBackend, backend_for, round_to
+from fusenode.passes.numerics import (
+    NumpyBackend,
+    TorchBackend,
+    backend_for,
+    float_max,
+    is_bfloat16,
+    is_float,
+    round_to,
+)
+
+from tests.support.onnx_models import BF16
 
 
 def _exact_round(x: float, dtype) -> float:
@@ -81,3 +91,12 @@ def test_backend_for():
     assert backend_for("cpu").name == "cpu"
     with pytest.raises(ValueError):
         backend_for("tpu")
+
+
+def test_float_dtypes_without_importing_ml_dtypes_for_others():
+    assert is_bfloat16(BF16) and not is_bfloat16(np.float16) and not is_bfloat16(np.float32)
+    assert all(is_float(d) for d in (np.float16, BF16, np.float32, np.float64))
+    assert not any(is_float(d) for d in (np.int32, np.uint16, np.dtype(">f4"), np.complex64))
+    assert float_max(np.float16) == 65504.0
+    assert float_max(BF16) == float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    assert float_max(np.float32) == float(np.finfo(np.float32).max)

@@ -1,4 +1,8 @@
-"""Helpers for tests that build ONNX models by hand and run them."""
+"""ONNX models built by hand for tests, and the helpers that run and compare them.
+
+The BatchNormalization builders (:func:`conv_bn`, :func:`convt_bn`, :func:`gemm_bn`) return a
+model with non-trivial statistics and the feeds to run it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+RNG_SEED = 1234
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ONNX_TYPE = {
@@ -101,3 +107,98 @@ def assert_close(got: list[np.ndarray], want: list[np.ndarray], dtype) -> None:
         np.testing.assert_allclose(
             np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=atol
         )
+
+
+# -- BatchNormalization after each op family ------------------------------------------------
+
+
+def _weights(rng, w, channels: int, bias: bool, dtype):
+    """Initializers W, the BN parameters and, when asked, a bias B (drawn from ``rng`` in this
+    order), and the op's inputs."""
+    inits = [tensor("W", w), *bn_params(rng, channels, dtype)]
+    ins = ["X", "W"]
+    if bias:
+        inits.append(tensor("B", rng.standard_normal(channels).astype(dtype)))
+        ins.append("B")
+    return inits, ins
+
+
+def _op_then_bn(op: onnx.NodeProto, inits, x_shape, dtype, opset: int, **bn_attrs):
+    """X -> op -> C -> BatchNormalization -> Y, with the inference form of ``opset``."""
+    if opset < 7:
+        bn_attrs["is_test"] = 1
+    bn = helper.make_node(
+        "BatchNormalization", ["C", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["Y"], **bn_attrs
+    )
+    return make_model(
+        [op, bn],
+        [value_info("X", dtype, shape=x_shape)],
+        [value_info("Y", dtype, len(x_shape))],
+        inits,
+        opset,
+    )
+
+
+def conv_bn(
+    spatial=2, cin=4, cout=6, group=1, bias=True, dtype=np.float32, opset=17, k=3, rng=None
+):
+    rng = rng or np.random.default_rng(RNG_SEED)
+    w = rng.standard_normal((cout, cin // group, *([k] * spatial))).astype(dtype)
+    inits, conv_in = _weights(rng, w, cout, bias, dtype)
+    conv = helper.make_node("Conv", conv_in, ["C"], group=group, pads=[1] * (2 * spatial))
+    old = {"consumed_inputs": [0, 0, 0, 1, 1]} if opset < 6 else {}
+    x_shape = [2, cin, *([5] * spatial)]
+    model = _op_then_bn(conv, inits, x_shape, dtype, opset, epsilon=1e-3, **old)
+    feeds = {"X": rng.standard_normal(x_shape).astype(dtype)}
+    return model, feeds
+
+
+def convt_bn(spatial=2, cin=4, cout=6, group=1, bias=True, dtype=np.float32, opset=17, rng=None):
+    rng = rng or np.random.default_rng(RNG_SEED)
+    w = rng.standard_normal((cin, cout // group, *([3] * spatial))).astype(dtype)
+    inits, ins = _weights(rng, w, cout, bias, dtype)
+    convt = helper.make_node("ConvTranspose", ins, ["C"], group=group, strides=[2] * spatial)
+    x_shape = [2, cin, *([4] * spatial)]
+    model = _op_then_bn(convt, inits, x_shape, dtype, opset)
+    return model, {"X": rng.standard_normal(x_shape).astype(dtype)}
+
+
+def gemm_bn(
+    trans_a=0,
+    trans_b=0,
+    alpha=1.0,
+    beta=1.0,
+    c_shape=("N",),
+    dtype=np.float32,
+    opset=17,
+    m=3,
+    k=5,
+    n=4,
+    rng=None,
+):
+    rng = rng or np.random.default_rng(RNG_SEED)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    inits = [tensor("Bw", b), *bn_params(rng, n, dtype)]
+    ins = ["A", "Bw"]
+    if c_shape is not None:
+        shape = [{"N": n, "M": m}.get(d, d) for d in c_shape]
+        inits.append(tensor("C", rng.standard_normal(shape).astype(dtype)))
+        ins.append("C")
+    attrs = {"transA": trans_a, "transB": trans_b, "alpha": alpha, "beta": beta}
+    if opset < 7:
+        attrs["broadcast"] = 1
+    bn_kw = {"is_test": 1} if opset < 7 else {}
+    nodes = [
+        helper.make_node("Gemm", ins, ["G"], **attrs),
+        helper.make_node(
+            "BatchNormalization",
+            ["G", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+            ["Y"],
+            **bn_kw,
+        ),
+    ]
+    a_shape = [k, m] if trans_a else [m, k]
+    model = make_model(
+        nodes, [value_info("A", dtype, shape=a_shape)], [value_info("Y", dtype, 2)], inits, opset
+    )
+    return model, {"A": rng.standard_normal(a_shape).astype(dtype)}

@@ -12,7 +12,7 @@ import pytest
 from fusenode.node import examples
 from fusenode.passes.fuse import fuse_file
 
-from tests.onnx_util import assert_close, count_ops, run
+from tests.support.onnx_models import assert_close, count_ops, run
 
 BUILDERS = {
     "resnet50_like": lambda p: examples.resnet50_like(p, width=0.25, image_size=32),

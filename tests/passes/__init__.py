@@ -1,0 +1,1 @@
+"""Tests of fusenode.passes: the BatchNorm-fusion rules, their numerics, realistic models."""

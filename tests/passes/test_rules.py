@@ -1,0 +1,194 @@
+"""The rule set itself: its shape, checks without side effects, patterns per op family, and
+what importing the pass costs."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from fusenode.passes import fuse_bn
+from fusenode.passes.framework import ModelContext, Scope, run_rewrites
+from fusenode.passes.fuse_bn_base import FuseBatchNormRule
+from fusenode.passes.fuse_bn_conv import FuseBatchNormIntoConv
+from fusenode.passes.fuse_bn_conv_transpose import FuseBatchNormIntoConvTranspose
+from fusenode.passes.fuse_bn_gemm import FuseBatchNormIntoGemm
+from fusenode.passes.modelfile import LazyModel
+from fusenode.passes.numerics import NumpyBackend
+from onnx import helper
+
+from tests.passes.checks import fuse
+from tests.support.onnx_models import conv_bn, convt_bn, gemm_bn, tensor, value_info
+
+PASSES = Path(fuse_bn.__file__).parent
+FAMILIES = [
+    (FuseBatchNormIntoConv, conv_bn),
+    (FuseBatchNormIntoConvTranspose, convt_bn),
+    (FuseBatchNormIntoGemm, gemm_bn),
+]
+
+
+@contextlib.contextmanager
+def loaded(model: onnx.ModelProto, tmp_path: Path) -> Iterator[LazyModel]:
+    path = tmp_path / "in.onnx"
+    onnx.save(model, path)
+    with LazyModel.load(path, spill_dir=tmp_path) as lazy:
+        yield lazy
+
+
+def main_scope(lazy: LazyModel) -> Scope:
+    return Scope(lazy.model.graph, ModelContext(lazy.model, lazy.store), None, "main")
+
+
+def batchnorm(scope: Scope) -> onnx.NodeProto:
+    return next(n for n in scope.graph.node if n.op_type == "BatchNormalization")
+
+
+def scope_state(scope: Scope) -> tuple:
+    """Everything check could touch, by value: the graph, the indexes, the name tables."""
+    return (
+        scope.model.model.SerializeToString(deterministic=True),
+        {k: id(v) for k, v in scope.producers.items()},
+        set(scope.initializers),
+        set(scope.inputs),
+        set(scope.outputs),
+        dict(scope.model.uses),
+        set(scope.model.names),
+    )
+
+
+def test_rule_set_is_explicit():
+    expected = (FuseBatchNormIntoConv, FuseBatchNormIntoConvTranspose, FuseBatchNormIntoGemm)
+    assert expected == fuse_bn.RULES
+    assert (fuse_bn.NAME, fuse_bn.VERSION) == ("fuse-batchnorm", "1.0.0")
+    rules = fuse_bn.rules(NumpyBackend())
+    assert [type(r) for r in rules] == list(fuse_bn.RULES)
+    assert all(isinstance(r, FuseBatchNormRule) for r in rules)
+    assert all(r.anchor == "BatchNormalization" for r in rules)
+    assert [r.op_type for r in rules] == ["Conv", "ConvTranspose", "Gemm"]
+
+
+@pytest.mark.parametrize(("rule", "builder"), FAMILIES)
+@pytest.mark.parametrize("declined", [False, True])
+def test_check_has_no_side_effects(rule, builder, declined, tmp_path):
+    """check() twice changes neither the match, the graph, the scope nor the stored tensors:
+    saving afterwards gives the bytes of saving without it."""
+    # Weights over the inline limit, so check reads them through the store's file mapping.
+    model, _ = builder(k=64, n=32) if builder is gemm_bn else builder(cin=16, cout=32)
+    if declined:  # declined by the last step, the weight scan, after everything was read
+        w = next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1])
+        arr = onnx.numpy_helper.to_array(w).copy()
+        arr.flat[0] = np.inf
+        w.CopyFrom(tensor(w.name, arr))
+    with loaded(model, tmp_path) as lazy:
+        lazy.save(tmp_path / "untouched.onnx", durable=False)
+    with loaded(model, tmp_path) as lazy:
+        scope = main_scope(lazy)
+        r = rule(NumpyBackend())
+        match = r.match(batchnorm(scope), scope)
+        assert match is not None
+        assert lazy.store.extent(scope.initializers[match.op.input[1]]) is not None
+        before = scope_state(scope), match.bn.SerializeToString(), match.op.SerializeToString()
+        reasons = [r.check(match, scope), r.check(match, scope)]
+        after = scope_state(scope), match.bn.SerializeToString(), match.op.SerializeToString()
+        assert after == before
+        assert reasons[0] == reasons[1]
+        assert reasons[0] == (
+            f"{rule.op_type} weight contains non-finite values" if declined else None
+        )
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            match.op = None  # the match is immutable: nothing is handed to rewrite through it
+        lazy.save(tmp_path / "checked.onnx", durable=False)
+    assert (tmp_path / "checked.onnx").read_bytes() == (tmp_path / "untouched.onnx").read_bytes()
+
+
+@pytest.mark.parametrize(("rule", "builder", "producer"), [
+    (FuseBatchNormIntoConv, gemm_bn, "Gemm"),
+    (FuseBatchNormIntoConvTranspose, conv_bn, "Conv"),
+    (FuseBatchNormIntoGemm, convt_bn, "ConvTranspose"),
+])  # fmt: skip
+def test_rule_declines_other_family(rule, builder, producer, tmp_path):
+    model, _ = builder()
+    with loaded(model, tmp_path) as lazy:
+        scope = main_scope(lazy)
+        assert rule(NumpyBackend()).match(batchnorm(scope), scope) is None
+        report = run_rewrites(lazy.model, lazy.store, [rule(NumpyBackend())], "t", "0")
+    assert report.fused == []
+    assert [s.reason for s in report.skipped] == [
+        f"its input comes from {producer}, not {rule.op_type}"
+    ]
+
+
+@pytest.mark.parametrize(("rule", "builder"), FAMILIES)
+def test_each_rule_alone_fuses_its_family(rule, builder, tmp_path):
+    model, _ = builder()
+    with loaded(model, tmp_path) as lazy:
+        report = run_rewrites(lazy.model, lazy.store, [rule(NumpyBackend())], "t", "0")
+    assert [f.pattern for f in report.fused] == [f"{rule.op_type}+BatchNormalization"]
+    assert report.skipped == []
+
+
+def test_every_batchnorm_reported(tmp_path):
+    """A BN the rules fold, one after a Relu and one on a graph input: all three reported."""
+    model, _ = conv_bn()
+    y = model.graph.output[0].name
+    model.graph.node.extend(
+        [
+            helper.make_node("Relu", [y], ["R"]),
+            helper.make_node(
+                "BatchNormalization", ["R", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["Y2"]
+            ),
+            helper.make_node(
+                "BatchNormalization", ["X", "x_scale", "x_bias", "x_mean", "x_var"], ["Y3"]
+            ),
+        ]
+    )
+    model.graph.initializer.extend(
+        tensor(f"x_{k}", np.ones(4, np.float32)) for k in ("scale", "bias", "mean", "var")
+    )
+    model.graph.output.extend([value_info("Y2", np.float32, 4), value_info("Y3", np.float32, 4)])
+    _, report = fuse(model, tmp_path)
+    assert report["n_fused"] == 1 and report["n_skipped"] == 2
+    assert {s["pattern"] for s in report["skipped"]} == {"BatchNormalization"}
+    assert [s["reason"] for s in report["skipped"]] == [
+        "its input comes from Relu, not Conv/ConvTranspose/Gemm",
+        "its input 'X' is a graph input, not the output of Conv/ConvTranspose/Gemm",
+    ]
+
+
+def test_rule_modules_import_nothing_heavy_at_top():
+    """ml_dtypes, onnxruntime and torch are imported inside the functions that need them."""
+    heavy = {"ml_dtypes", "onnxruntime", "torch"}
+    for path in sorted(PASSES.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not {n.split(".")[0] for n in names} & heavy, f"{path.name}: {names}"
+
+
+def test_fuse_without_onnxruntime_or_torch(tmp_path):
+    """A float32 model fused on the CPU loads neither onnxruntime nor torch. (ml_dtypes cannot
+    be checked this way: ``import onnx`` itself imports it.)"""
+    model, _ = conv_bn()
+    onnx.save(model, tmp_path / "m.onnx")
+    code = (
+        "import json, sys\n"
+        "from fusenode.passes.fuse import fuse_file\n"
+        f"fuse_file({str(tmp_path / 'm.onnx')!r}, {str(tmp_path / 'o.onnx')!r}, device='cpu')\n"
+        "print(json.dumps(sorted(m for m in ('onnxruntime', 'torch') if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert json.loads(out.stdout) == []
