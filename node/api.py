@@ -1,19 +1,9 @@
 """The daemon's local HTTP API: what the ``fusenode`` CLI on this machine talks to.
 
-One factory, :func:`create_app`, builds the application for the daemon and for the tests. The
-handlers only translate HTTP to calls on a :class:`NodeService` (the node's core, implemented in
-``node.service``) and back; every decision about data lives in the service.
-
-Routes (all under ``/api/v1``, documented in ``node/openapi.json``)::
-
-    GET  /health          {"ok": true}: the daemon is up and serving
-    GET  /id              this node's peer ID, listen addresses and age recipient
-    GET  /peers           the peers this node knows, whether connected, when last seen
-    GET  /status/{cid}    where each fragment of a stored file is, and who answered
-    GET  /openapi.json    the API document
-    POST /put             store a file that is on this machine (its absolute path is sent)
-    POST /get             fetch a file by manifest CID into an absolute output path
-    POST /repair          run a repair pass now
+One factory, :func:`create_app`, builds the application for the daemon and for the tests.
+Its routes, request checks and openapi.json all come from the operation table
+(`fusenode.node.operations`); each handler only turns a checked request into a call of the
+use case of the same name (`fusenode.node.service.NodeService`) and its result into JSON.
 
 Security decisions:
 
@@ -32,9 +22,9 @@ Security decisions:
   loopback port and read the answer), and no CORS header is ever sent.
 
 Errors are JSON everywhere, shaped ``{"error": {"type": "<ExceptionClass>", "message": "..."}}``,
-produced by one middleware (:func:`_error_middleware`). Domain errors map to a status through
-:data:`ERROR_STATUS`, a table keyed by class and searched along the exception's MRO, so a new
-error class (e.g. a ``PlacementError(NodeError)``) gets its own status with one line.
+produced by one middleware (:func:`_error_middleware`). A domain error's status is its class's
+``http_status`` (`fusenode.errors`); anything else is a generic 500 whose details go to the
+log only.
 """
 
 from __future__ import annotations
@@ -42,100 +32,42 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
-from fusenode.storage.backend import validate_cid
-from fusenode.storage.errors import (
-    InvalidArgument,
-)
+from fusenode.node.operations import API_PREFIX, OPERATIONS, Operation, openapi
+from fusenode.node.schema import Object, type_name
 
 from fusenode.errors import Error
 
 __all__ = [
     "API_PREFIX",
     "MAX_BODY_KEY",
-    "OPENAPI_PATH",
-    "REQUEST_FIELDS",
     "SERVICE_KEY",
-    "NodeService",
+    "UseCases",
     "create_app",
     "error_status",
 ]
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
-OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+
+class UseCases(Protocol):
+    """What the API serves: for each operation of `fusenode.node.operations`, a coroutine
+    method of the same name taking the checked request as keyword arguments and returning a
+    JSON-ready result (`fusenode.node.service.NodeService`; a fake in the API's tests)."""
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]: ...
 
 
-class NodeService(Protocol):
-    """What the API needs from the node's core (implemented by ``node.service``).
-
-    All methods are coroutines and raise the domain errors of ``storage.errors``,
-    ``passes.errors`` and ``node.errors``; the API turns those into HTTP statuses. Return values
-    are JSON-ready dicts, sent to the client unchanged.
-    """
-
-    async def identity(self) -> dict[str, Any]:
-        """``{"peer_id": str, "addresses": [str], "recipient": "age1..."}``."""
-        ...
-
-    async def peers(self) -> list[dict[str, Any]]:
-        """``[{"peer_id": str, "connected": bool, "last_seen": str | None}]``."""
-        ...
-
-    async def put(
-        self, path: str, k: int | None, n: int | None, recipients: list[str], public: bool
-    ) -> dict[str, Any]:
-        """Store the file at absolute ``path`` (on this machine); ``None`` k/n: config default.
-
-        Returns ``{"cid", "segments", "k", "n", "placement": "distinct" | "weak" | "local",
-        "holders": {peer_id: fragment_count}}``.
-        """
-        ...
-
-    async def get(self, cid: str, output: str, identity_path: str | None) -> dict[str, Any]:
-        """Fetch manifest ``cid`` into absolute ``output``; ``None`` identity: the node's.
-
-        Returns ``{"path": str, "size": int, "name": str, "sha256": str}``.
-        """
-        ...
-
-    async def status(self, cid: str) -> dict[str, Any]:
-        """``{"cid", "k", "n", "healthy", "segments": [{"index", "fragments": [...]}]}``."""
-        ...
-
-    async def optimize(self, cid: str, recipients: list[str]) -> dict[str, Any]:
-        """Queue (or find) the optimization job of ``cid``; returns the job."""
-        ...
-
-    async def jobs(self) -> list[dict[str, Any]]: ...
-
-    async def job(self, job_id: int) -> dict[str, Any]: ...
-
-    async def share(
-        self, cid: str, recipients: list[str], identity_path: str | None
-    ) -> dict[str, Any]: ...
-
-    async def info(self, cid: str, identity_path: str | None) -> dict[str, Any]: ...
-
-    async def repair(self) -> dict[str, Any]:
-        """Run one repair pass now and return its summary."""
-        ...
-
-
-SERVICE_KEY = web.AppKey("service", NodeService)
+SERVICE_KEY = web.AppKey("service", UseCases)
 TOKEN_KEY = web.AppKey("token", bytes)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
 
 
-# -- error mapping ----------------------------------------------------------------------------
+# -- errors -----------------------------------------------------------------------------------
 
 
 def error_status(exc: BaseException) -> int | None:
@@ -240,111 +172,8 @@ async def _guard_middleware(
 # -- request bodies ---------------------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}.get(
-        type(value), "object"
-    )
-
-
 def _bad(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=message)
-
-
-def _string(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _bad(f"{key!r} must be a string, not {_type_name(value)}")
-    return value
-
-
-def _absolute_path(key: str, value: Any) -> str:
-    """An absolute path: the daemon's working directory is not the client's."""
-    text = _string(key, value)
-    if "\0" in text:
-        raise _bad(f"{key!r} must not contain a NUL character")
-    if not os.path.isabs(text):
-        raise _bad(f"{key!r} must be an absolute path, not {text!r}")
-    return text
-
-
-def _optional_absolute_path(key: str, value: Any) -> str | None:
-    return None if value is None else _absolute_path(key, value)
-
-
-def _optional_int(key: str, value: Any) -> int | None:
-    # bool is an int in Python but not in JSON: true is not k=1.
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise _bad(f"{key!r} must be an integer or null, not {_type_name(value)}")
-    return value
-
-
-def _boolean(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _bad(f"{key!r} must be a boolean, not {_type_name(value)}")
-    return value
-
-
-def _string_list(key: str, value: Any) -> list[str]:
-    if not isinstance(value, list):
-        raise _bad(f"{key!r} must be an array of strings, not {_type_name(value)}")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _bad(f"{key!r}[{i}] must be a string, not {_type_name(item)}")
-    return value
-
-
-def _cid(key: str, value: Any) -> str:
-    try:
-        return validate_cid(_string(key, value))
-    except InvalidArgument as e:
-        raise _bad(f"{key!r}: {e}") from None
-
-
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Field:
-    """One key of a request body: its check, and its default when absent (or required)."""
-
-    check: Callable[[str, Any], Any]
-    default: Any = _REQUIRED
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-
-#: Body keys of each POST route; they are the NodeService method's parameter names.
-REQUEST_FIELDS: dict[str, dict[str, Field]] = {
-    "put": {
-        "path": Field(_absolute_path),
-        "k": Field(_optional_int, None),
-        "n": Field(_optional_int, None),
-        "recipients": Field(_string_list, ()),
-        "public": Field(_boolean, False),
-    },
-    "get": {
-        "cid": Field(_cid),
-        "output": Field(_absolute_path),
-        "identity_path": Field(_optional_absolute_path, None),
-    },
-    "repair": {},
-    "optimize": {
-        "cid": Field(_cid),
-        "recipients": Field(_string_list, ()),
-    },
-    "share": {
-        "cid": Field(_cid),
-        "recipients": Field(_string_list),
-        "identity_path": Field(_optional_absolute_path, None),
-    },
-    "info": {
-        "cid": Field(_cid),
-        "identity_path": Field(_optional_absolute_path, None),
-    },
-}
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -360,14 +189,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-async def _json_body(request: web.Request, route: str) -> dict[str, Any]:
-    """Read, parse and check the body of a POST to ``route``; raise 4xx with a precise reason.
+async def _json_body(request: web.Request, body: Object) -> dict[str, Any]:
+    """Read, parse and check the body of a POST against ``body``; 4xx with a precise reason.
 
     Order: size from Content-Length (413 before reading a byte), content type (415), then
     the bytes (aiohttp enforces client_max_size on chunked bodies: 413), JSON (400), shape (400).
     An empty body stands for ``{}`` on routes whose keys all have defaults.
     """
-    fields = REQUEST_FIELDS[route]
+    fields = body.fields
     limit = request.app[MAX_BODY_KEY]
     length = request.content_length
     if length is not None and length > limit:
@@ -402,22 +231,27 @@ async def _json_body(request: web.Request, route: str) -> dict[str, Any]:
         except ValueError as e:  # from the hooks above
             raise _bad(f"invalid JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise _bad(f"request body must be a JSON object, not {_type_name(raw)}")
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        known = ", ".join(fields) or "none"
-        raise _bad(f"unknown key(s): {', '.join(unknown)} (accepted: {known})")
-    missing = [k for k, f in fields.items() if f.required and k not in raw]
-    if missing:
-        raise _bad(f"missing required key(s): {', '.join(missing)}")
-    body: dict[str, Any] = {}
-    for key, f in fields.items():
-        value = f.check(key, raw[key]) if key in raw else f.default
-        body[key] = list(value) if isinstance(value, tuple) else value
-    return body
+        raise _bad(f"request body must be a JSON object, not {type_name(raw)}")
+    return body.check("request body", raw)
 
 
 # -- handlers ---------------------------------------------------------------------------------
+
+
+def _handler(op: Operation) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The route of ``op``: check its parameters and body, run its use case, answer JSON."""
+
+    async def handle(request: web.Request) -> web.Response:
+        args = {
+            name: kind.from_text(repr(name), request.match_info[name])
+            for name, kind in op.params.items()
+        }
+        if op.body is not None:
+            args.update(await _json_body(request, op.body))
+        result = await getattr(request.app[SERVICE_KEY], op.name)(**args)
+        return web.json_response(result, status=op.status)
+
+    return handle
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -428,61 +262,10 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
 
 
-async def _identity(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[SERVICE_KEY].identity())
+_SPECIAL = {"health": _health, "openapi": _openapi}
 
 
-async def _peers(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[SERVICE_KEY].peers())
-
-
-async def _status(request: web.Request) -> web.Response:
-    cid = validate_cid(request.match_info["cid"])  # InvalidArgument -> 400
-    return web.json_response(await request.app[SERVICE_KEY].status(cid))
-
-
-async def _put(request: web.Request) -> web.Response:
-    body = await _json_body(request, "put")
-    return web.json_response(await request.app[SERVICE_KEY].put(**body))
-
-
-async def _get(request: web.Request) -> web.Response:
-    body = await _json_body(request, "get")
-    return web.json_response(await request.app[SERVICE_KEY].get(**body))
-
-
-async def _repair(request: web.Request) -> web.Response:
-    await _json_body(request, "repair")
-    return web.json_response(await request.app[SERVICE_KEY].repair())
-
-
-async def _optimize(request: web.Request) -> web.Response:
-    body = await _json_body(request, "optimize")
-    return web.json_response(await request.app[SERVICE_KEY].optimize(**body), status=202)
-
-
-async def _jobs(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[SERVICE_KEY].jobs())
-
-
-async def _job(request: web.Request) -> web.Response:
-    text = request.match_info["job_id"]
-    if not text.isdigit() or len(text) > 18:
-        raise _bad(f"job id must be a positive integer, not {text!r}")
-    return web.json_response(await request.app[SERVICE_KEY].job(int(text)))
-
-
-async def _share(request: web.Request) -> web.Response:
-    body = await _json_body(request, "share")
-    return web.json_response(await request.app[SERVICE_KEY].share(**body))
-
-
-async def _info(request: web.Request) -> web.Response:
-    body = await _json_body(request, "info")
-    return web.json_response(await request.app[SERVICE_KEY].info(**body))
-
-
-def create_app(service: NodeService, *, token: str, max_body_bytes: int) -> web.Application:
+def create_app(service: UseCases, *, token: str, max_body_bytes: int) -> web.Application:
     """The API application around ``service``; the caller binds it to 127.0.0.1.
 
     ``token`` guards every write (see the module docstring); ``max_body_bytes`` caps request
@@ -498,20 +281,9 @@ def create_app(service: NodeService, *, token: str, max_body_bytes: int) -> web.
     app[SERVICE_KEY] = service
     app[TOKEN_KEY] = token.encode("utf-8")
     app[MAX_BODY_KEY] = max_body_bytes
-    app[OPENAPI_KEY] = OPENAPI_PATH.read_bytes()
-    p = API_PREFIX
-    # allow_head=False: the routes are exactly those of openapi.json.
-    app.router.add_get(f"{p}/health", _health, allow_head=False)
-    app.router.add_get(f"{p}/openapi.json", _openapi, allow_head=False)
-    app.router.add_get(f"{p}/id", _identity, allow_head=False)
-    app.router.add_get(f"{p}/peers", _peers, allow_head=False)
-    app.router.add_get(f"{p}/status/{{cid}}", _status, allow_head=False)
-    app.router.add_post(f"{p}/put", _put)
-    app.router.add_post(f"{p}/get", _get)
-    app.router.add_post(f"{p}/repair", _repair)
-    app.router.add_post(f"{p}/optimize", _optimize)
-    app.router.add_get(f"{p}/jobs", _jobs, allow_head=False)
-    app.router.add_get(f"{p}/jobs/{{job_id}}", _job, allow_head=False)
-    app.router.add_post(f"{p}/share", _share)
-    app.router.add_post(f"{p}/info", _info)
+    app[OPENAPI_KEY] = json.dumps(openapi(), indent=1).encode()
+    for op in OPERATIONS:
+        handler = _SPECIAL.get(op.name) or _handler(op)
+        # allow_head=False: the routes are exactly those of openapi.json.
+        app.router.add_route(op.method, API_PREFIX + op.path, handler)
     return app

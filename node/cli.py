@@ -3,8 +3,14 @@
 Handlers import their heavy dependencies lazily: ``fusenode fuse`` must not pay for torch,
 aiohttp or onnxruntime unless it needs them.
 
-Exit codes: 0 success; 1 an error (one line on stderr, no traceback); 2 bad usage;
-3 verification failed (nothing written); 130 interrupted.
+Every command goes through one interface (`fusenode.node.local.connect`): the daemon serving
+the repo when one runs, else the same use cases run here on the repo. A handler only turns
+arguments into a call and a result into lines.
+
+Exit codes: 0 success; an error prints one line on stderr (no traceback) and exits with its
+class's code (`fusenode.errors`: 1 error, 2 usage, 3 verification failed, 4 not found, 5 no
+key opens the model, 6 stored data damaged, 7 not enough of the network reachable, 8 repo or
+configuration, 9 the daemon cannot be reached); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,20 +21,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from fusenode.errors import Error
+from fusenode.node.errors import CommandError
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_VERIFY = 3
+from fusenode.errors import EXIT_INTERRUPTED, Error
 
-
-class CliError(Error):
-    """A user-facing error raised by a command handler."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
+EXIT_UNFORESEEN = 1
 
 
 def _parse_shape(text: str) -> tuple[str, list[int]]:
@@ -50,7 +49,7 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from fusenode.passes.errors import PassError, VerificationError
+    from fusenode.passes.errors import VerificationError
     from fusenode.passes.fuse import fuse_file
 
     try:
@@ -64,9 +63,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             atol=args.atol,
         )
     except VerificationError as e:
-        raise CliError(f"verification failed: {e}", EXIT_VERIFY) from e
-    except PassError as e:
-        raise CliError(str(e)) from e
+        raise VerificationError(f"verification failed: {e}") from e
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -116,9 +113,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         try:
             write_private(Path(args.output), text)
         except FileExistsError:
-            raise CliError(f"{args.output}: already exists; not overwriting a key") from None
+            raise CommandError(f"{args.output}: already exists; not overwriting a key") from None
         except OSError as e:
-            raise CliError(f"{args.output}: cannot write: {e.strerror}") from e
+            raise CommandError(f"{args.output}: cannot write: {e.strerror}") from e
         print(f"wrote identity to {args.output} (mode 0600)", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -138,124 +135,54 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_repo(args: argparse.Namespace):
-    from fusenode.node.repo import Repo, default_repo_path
+def _node(args: argparse.Namespace) -> Any:
+    """The node serving ``--repo``: its daemon if one runs, else the use cases run here."""
+    from fusenode.node.local import connect
+    from fusenode.node.repo import default_repo_path
 
-    return Repo.open(default_repo_path(args.repo))
-
-
-def _absolute(path: str | None) -> str | None:
-    """Paths go to the daemon absolute: its working directory is not ours."""
-    return str(Path(path).resolve()) if path else None
+    return connect(default_repo_path(args.repo))
 
 
-def _identities(args: argparse.Namespace, repo):
-    from fusenode.node.repo import read_identities
+def _progress() -> Any:
+    from fusenode.node.progress import progress_bar
 
-    return read_identities(Path(args.identity)) if args.identity else repo.identities()
-
-
-def _daemon(repo):
-    """The running daemon's client, or None (then commands work offline on the repo)."""
-    from fusenode.node.client import find_daemon
-
-    return find_daemon(repo.path)
+    return progress_bar
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    from fusenode.node.progress import progress_bar
-    from fusenode.storage import age
-    from fusenode.storage.store import put_file
-
-    repo = _open_repo(args)
-    client = _daemon(repo)
-    if client is not None:
-        source = Path(args.file).resolve()
-        reply = client.put(
-            str(source),
-            k=args.k,
-            n=args.n,
-            recipients=list(args.recipient or []),
-            public=bool(args.public),
-        )
-        holders = ", ".join(f"{p[:12]}..: {c}" for p, c in reply["holders"].items())
+    reply = _node(args).put(
+        args.file,
+        k=args.k,
+        n=args.n,
+        recipients=list(args.recipient or []),
+        public=bool(args.public),
+        progress=_progress(),
+    )
+    kind = "encrypted" if reply["encrypted"] else "public"
+    print(
+        f"stored {reply['size']} bytes ({kind}) as {reply['segments']} segment(s) x "
+        f"{reply['n']} fragments (any {reply['k']} rebuild a segment), "
+        f"placement {reply['placement']}",
+        file=sys.stderr,
+    )
+    if reply["placement"] == "local":
         print(
-            f"stored {reply['segments']} segment(s) x {reply['n']} fragments (any {reply['k']} "
-            f"rebuild a segment), placement {reply['placement']}: {holders}",
+            f"offline: no daemon runs on the repo, so all {reply['n']} fragments of every "
+            "segment are in this repo only; run `fusenode daemon` to spread them over peers",
             file=sys.stderr,
         )
-        print(reply["cid"])
-        return 0
-    k = args.k if args.k is not None else repo.config.storage.k
-    n = args.n if args.n is not None else repo.config.storage.n
-    from fusenode.storage.erasure import validate_parameters
-
-    validate_parameters(k, n)
-    source = Path(args.file)
-    if not source.is_file():
-        what = "is a directory" if source.is_dir() else "no such file"
-        raise CliError(f"{source}: {what}")
-    recipients = [age.X25519Recipient.from_string(r) for r in args.recipient or []]
-    if not recipients and not args.public:
-        recipients = [repo.identities()[0].recipient]
-    with repo.open_backend() as node, progress_bar(source.stat().st_size, "put") as update:
-        result = put_file(
-            source,
-            node,
-            recipients=recipients,
-            public=args.public,
-            k=k,
-            n=n,
-            segment_size=repo.config.storage.segment_size,
-            work_dir=repo.tmp,
-            progress=update,
-        )
-    segments = len(result.manifest.segments)
-    print(
-        f"stored {result.plaintext_size} bytes as {segments} segment(s) x {n} fragments "
-        f"(any {k} rebuild a segment), {'public' if args.public else 'encrypted'}",
-        file=sys.stderr,
-    )
-    print(
-        f"offline: no daemon runs on {repo.path}, so all {n} fragments of every segment are "
-        "in this repo only; run `fusenode daemon` to spread them over peers",
-        file=sys.stderr,
-    )
-    print(result.cid)
+    else:
+        holders = ", ".join(f"{p[:12]}..: {c}" for p, c in reply["holders"].items())
+        print(f"holders: {holders}", file=sys.stderr)
+    print(reply["cid"])
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from fusenode.node.progress import progress_bar
-    from fusenode.storage.store import get_file, load_manifest
-
-    repo = _open_repo(args)
-    client = _daemon(repo)
-    if client is not None:
-        identity = _absolute(args.identity)
-        reply = client.get(args.cid, str(Path(args.output).resolve()), identity_path=identity)
-        print(
-            f"wrote {reply['path']} ({reply['size']} bytes, stored as {reply['name']!r}) verified",
-            file=sys.stderr,
-        )
-        return 0
-    identities = _identities(args, repo)
-    with repo.open_backend() as node:
-        timeout = repo.config.storage.fetch_timeout
-        manifest = load_manifest(args.cid, node, timeout=timeout)
-        with progress_bar(manifest.plaintext_size(), "get") as update:
-            result = get_file(
-                args.cid,
-                args.output,
-                node,
-                identities=identities,
-                fetch_timeout=timeout,
-                progress=update,
-                manifest=manifest,
-            )
+    reply = _node(args).get(args.cid, args.output, args.identity, progress=_progress())
     print(
-        f"wrote {args.output} ({result.metadata.size} bytes, stored as "
-        f"{result.metadata.name!r}, sha256 {result.metadata.sha256[:16]}...) verified",
+        f"wrote {reply['path']} ({reply['size']} bytes, stored as {reply['name']!r}, "
+        f"sha256 {reply['sha256'][:16]}...) verified",
         file=sys.stderr,
     )
     return 0
@@ -271,26 +198,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return daemon_main(default_repo_path(args.repo), list(args.bootstrap or []))
 
 
-def offline_identity(repo) -> dict:
-    """Peer ID and addresses from the repo's files: answers with or without a daemon."""
-    kubo_config = repo.path / "kubo" / "config"
-    try:
-        cfg = json.loads(kubo_config.read_text())
-        peer_id = cfg["Identity"]["PeerID"]
-        swarm = cfg["Addresses"]["Swarm"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CliError(f"{kubo_config}: cannot read the node identity ({e})") from e
-    return {
-        "peer_id": peer_id,
-        "addresses": [f"{a}/p2p/{peer_id}" for a in swarm],
-        "recipient": repo.recipient(),
-    }
-
-
 def cmd_id(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    client = _daemon(repo)
-    info = client.identity() if client is not None else offline_identity(repo)
+    info = _node(args).identity()
     info = {
         "peer_id": info["peer_id"],
         "addresses": list(info["addresses"]),
@@ -306,18 +215,8 @@ def cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_daemon(repo, what: str):
-    client = _daemon(repo)
-    if client is None:
-        raise CliError(
-            f"no daemon is running on {repo.path}: {what} needs one (start `fusenode daemon`)"
-        )
-    return client
-
-
 def cmd_peers(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    peers = _require_daemon(repo, "peers").peers()
+    peers = _node(args).peers()
     if args.json:
         print(json.dumps(peers, indent=2))
         return 0
@@ -330,8 +229,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    st = _require_daemon(repo, "status").status(args.cid)
+    st = _node(args).status(args.cid)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -353,8 +251,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    print(json.dumps(_require_daemon(repo, "repair").repair(), indent=2))
+    print(json.dumps(_node(args).repair(), indent=2))
     return 0
 
 
@@ -364,9 +261,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     import time
 
-    repo = _open_repo(args)
-    client = _require_daemon(repo, "optimize")
-    job = client.optimize(args.cid, list(args.recipient or []))
+    node = _node(args)
+    job = node.optimize(args.cid, list(args.recipient or []))
     print(f"job {job['id']}: {job['state']} (optimize {job['source']})", file=sys.stderr)
     if args.detach:
         print(job["id"])
@@ -374,12 +270,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     last = job["state"]
     while job["state"] in ("queued", "running"):
         time.sleep(0.5)
-        job = client.job(job["id"])
+        job = node.job(job["id"])
         if job["state"] != last:
             print(f"job {job['id']}: {job['state']}", file=sys.stderr)
             last = job["state"]
     if job["state"] == "failed":
-        raise CliError(f"job {job['id']} failed: {job['error']}")
+        raise CommandError(f"job {job['id']} failed: {job['error']}")
     report = job.get("report") or {}
     verify = report.get("verification") or {}
     if report:
@@ -395,8 +291,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    repo = _open_repo(args)
-    jobs = _require_daemon(repo, "jobs").jobs()
+    jobs = _node(args).jobs()
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -408,51 +303,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_manifest(repo, cid):
-    from fusenode.storage.store import load_manifest
-
-    node = repo.open_backend()
-    try:
-        return node, load_manifest(cid, node, timeout=repo.config.storage.fetch_timeout)
-    except BaseException:
-        node.close()
-        raise
-
-
 def cmd_share(args: argparse.Namespace) -> int:
-    from fusenode.storage import age
-    from fusenode.storage.share import share_cid
-
-    repo = _open_repo(args)
-    client = _daemon(repo)
-    if client is not None:
-        identity = _absolute(args.identity)
-        reply = client.share(args.cid, list(args.recipient), identity)
-        print(reply["cid"])
-        return 0
-    identities = _identities(args, repo)
-    recipients = [age.X25519Recipient.from_string(r) for r in args.recipient]
-    with repo.open_backend() as node:
-        new_cid, _ = share_cid(
-            args.cid, node, identities, recipients, repo.config.storage.fetch_timeout
-        )
-    print(new_cid)
+    reply = _node(args).share(args.cid, list(args.recipient), args.identity)
+    print(reply["cid"])
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from fusenode.node.service import describe
-
-    repo = _open_repo(args)
-    client = _daemon(repo)
-    if client is not None:
-        identity = _absolute(args.identity)
-        info = client.info(args.cid, identity)
-    else:
-        identities = _identities(args, repo)
-        node, manifest = _local_manifest(repo, args.cid)
-        with node:
-            info = describe(args.cid, manifest, identities)
+    info = _node(args).info(args.cid, args.identity)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -656,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if isinstance(e, Error):
             print(f"fusenode: error: {e}", file=sys.stderr)
-            return e.code if isinstance(e, CliError) else e.exit_code
+            return e.exit_code
         if os.environ.get("FUSENODE_DEBUG"):
             raise
         # A failure we did not foresee: still one line, and a way to get the details.
@@ -664,14 +522,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"fusenode: error: {type(e).__name__}: {e} (set FUSENODE_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
-        return EXIT_ERROR
+        return EXIT_UNFORESEEN
     except KeyboardInterrupt:
         print("fusenode: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Output piped into a closed reader (e.g. `| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
+        return EXIT_UNFORESEEN
 
 
 if __name__ == "__main__":

@@ -20,24 +20,33 @@ wrong with the connection.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fusenode.node.errors import DaemonError
+from fusenode.node.operations import API_PREFIX, by_name, has_operation
 
-__all__ = ["API_FILE", "HEALTH_TIMEOUT", "TOKEN_FILE", "DaemonClient", "find_daemon"]
+# The classes a daemon's error may name are those of every layer: import their modules so
+# `Error.named` knows them (all are small).
+from fusenode.passes import errors as _passes_errors  # noqa: F401
+from fusenode.storage import errors as _storage_errors  # noqa: F401
 
-API_FILE = "api.json"
-TOKEN_FILE = "api.token"
-HEALTH_TIMEOUT = 2.0
-_PREFIX = "/api/v1"
+from fusenode import defaults
+from fusenode.errors import Error
+from fusenode.layout import RepoLayout
+
+__all__ = ["HEALTH_TIMEOUT", "DaemonClient", "find_daemon"]
+
+HEALTH_TIMEOUT = defaults.DAEMON_HEALTH_TIMEOUT
+_DEFAULT: Any = object()
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -54,12 +63,20 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedire
 
 
 class DaemonClient:
-    """Calls a local daemon's API; methods mirror ``node.api.NodeService``.
+    """Runs operations (`fusenode.node.operations`) on a local daemon.
+
+    ``client.call("put", "/m.onnx", k=4)`` or ``client.put("/m.onnx", k=4)``: arguments are
+    the operation's parameters then its body keys, in their declared order; relative paths
+    are made absolute here (the daemon's working directory is not ours). An error the daemon
+    answers is raised again as its own class (`fusenode.errors.Error.named`), so a command
+    exits with the same code through a daemon as without one.
 
     ``timeout`` (seconds) bounds each wait on the socket for the quick calls. ``put`` and
-    ``get`` move whole files and answer only when done, so they take their own ``timeout``,
-    by default none (the user can interrupt).
+    ``get`` move whole files and answer only when done, so they wait as long as they take
+    unless given their own ``timeout`` (the user can interrupt).
     """
+
+    _LONG = frozenset({"put", "get"})
 
     def __init__(self, base_url: str, token: str | None, timeout: float) -> None:
         parts = urllib.parse.urlsplit(base_url)
@@ -85,83 +102,30 @@ class DaemonClient:
     def __repr__(self) -> str:
         return f"DaemonClient({self.base_url!r})"  # never the token
 
-    # -- API --------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_") or not has_operation(name):
+            raise AttributeError(name)
+        return functools.partial(self.call, name)
 
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/health")
-
-    def identity(self) -> dict[str, Any]:
-        return self._call("GET", "/id")
-
-    def peers(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/peers")
-
-    def status(self, cid: str) -> dict[str, Any]:
-        return self._call("GET", "/status/" + urllib.parse.quote(cid, safe=""))
-
-    def put(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        k: int | None = None,
-        n: int | None = None,
-        recipients: Sequence[str] = (),
-        public: bool = False,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """Store the file at ``path``, made absolute here: the daemon's cwd is not ours."""
-        body = {
-            "path": os.path.abspath(path),
-            "k": k,
-            "n": n,
-            "recipients": list(recipients),
-            "public": public,
-        }
-        return self._call("POST", "/put", body, timeout=timeout)
-
-    def get(
-        self,
-        cid: str,
-        output: str | os.PathLike[str],
-        *,
-        identity_path: str | os.PathLike[str] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """Fetch ``cid`` into ``output`` (paths made absolute here, as for :meth:`put`)."""
-        body = {
-            "cid": cid,
-            "output": os.path.abspath(output),
-            "identity_path": None if identity_path is None else os.path.abspath(identity_path),
-        }
-        return self._call("POST", "/get", body, timeout=timeout)
-
-    def repair(self) -> dict[str, Any]:
-        return self._call("POST", "/repair", {})
-
-    def optimize(self, cid: str, recipients: Sequence[str] = ()) -> dict[str, Any]:
-        return self._call("POST", "/optimize", {"cid": cid, "recipients": list(recipients)})
-
-    def jobs(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/jobs")
-
-    def job(self, job_id: int) -> dict[str, Any]:
-        return self._call("GET", f"/jobs/{int(job_id)}")
-
-    def share(
-        self, cid: str, recipients: Sequence[str], identity_path: str | None = None
-    ) -> dict[str, Any]:
-        body = {"cid": cid, "recipients": list(recipients), "identity_path": identity_path}
-        return self._call("POST", "/share", body)
-
-    def info(self, cid: str, identity_path: str | None = None) -> dict[str, Any]:
-        return self._call("POST", "/info", {"cid": cid, "identity_path": identity_path})
+    def call(self, name: str, *args: Any, timeout: Any = _DEFAULT, **kwargs: Any) -> Any:
+        """Run operation ``name`` on the daemon; its JSON result."""
+        op = by_name(name)
+        kwargs.pop("progress", None)  # a daemon cannot draw on our terminal
+        values = op.bind(args, kwargs)
+        path = op.path
+        for param in op.params:
+            path = path.replace(f"{{{param}}}", urllib.parse.quote(str(values[param]), safe=""))
+        body = None
+        if op.body is not None:
+            body = {k: v for k, v in values.items() if k in op.body.fields}
+        if timeout is _DEFAULT:
+            timeout = None if name in self._LONG else self.timeout
+        return self._call(op.method, path, body, timeout)
 
     # -- transport --------------------------------------------------------------------------
 
-    _DEFAULT = object()
-
     def _call(
-        self, method: str, route: str, body: dict[str, Any] | None = None, timeout: Any = _DEFAULT
+        self, method: str, route: str, body: dict[str, Any] | None, timeout: float | None
     ) -> Any:
         headers = {"Accept": "application/json"}
         data = None
@@ -171,16 +135,16 @@ class DaemonClient:
         if method != "GET" and self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(
-            self.base_url + _PREFIX + route, data=data, headers=headers, method=method
+            self.base_url + API_PREFIX + route, data=data, headers=headers, method=method
         )
-        wait = self.timeout if timeout is self._DEFAULT else timeout
+        wait = timeout
         where = f"daemon at {self.base_url}"
         try:
             with _OPENER.open(request, timeout=wait) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             with e:
-                raise DaemonError(_error_message(e, where)) from None
+                raise _daemon_error(e, where) from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, ConnectionRefusedError):
                 raise DaemonError(f"{where} is not answering") from None
@@ -199,15 +163,18 @@ class DaemonClient:
             raise DaemonError(f"{where} answered {method} {route} with invalid JSON") from None
 
 
-def _error_message(e: urllib.error.HTTPError, where: str) -> str:
-    """The daemon's message from its JSON error body, or the status when there is none."""
+def _daemon_error(e: urllib.error.HTTPError, where: str) -> Error:
+    """The daemon's error as its own class (a DaemonError when the class is not one of
+    ours), with the daemon's message; the HTTP status when there is no JSON body."""
     try:
-        message = json.loads(e.read())["error"]["message"]
-        if isinstance(message, str) and message:
-            return message
+        error = json.loads(e.read())["error"]
+        kind, message = error["type"], error["message"]
     except (OSError, http.client.HTTPException, ValueError, TypeError, KeyError):
-        pass
-    return f"{where} answered HTTP {e.code} {e.reason}"
+        return DaemonError(f"{where} answered HTTP {e.code} {e.reason}")
+    if not isinstance(message, str) or not message:
+        return DaemonError(f"{where} answered HTTP {e.code} {e.reason}")
+    cls = Error.named(kind) if isinstance(kind, str) else None
+    return cls(message) if cls is not None else DaemonError(message)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -220,7 +187,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def find_daemon(repo_path: Path, timeout: float = 60.0) -> DaemonClient | None:
+def find_daemon(repo_path: Path, timeout: float = defaults.DAEMON_TIMEOUT) -> DaemonClient | None:
     """A client for the daemon serving ``repo_path``, or ``None`` when none is running.
 
     ``None`` when REPO/api.json is missing, its pid is not alive, or the URL does not answer
@@ -229,7 +196,8 @@ def find_daemon(repo_path: Path, timeout: float = 60.0) -> DaemonClient | None:
     race). A missing or unreadable api.token gives a client without a token: reads work and
     writes fail with the daemon's 401 message. ``timeout`` is the returned client's.
     """
-    api_file = Path(repo_path) / API_FILE
+    files = RepoLayout(Path(repo_path))
+    api_file = files.api_json
     try:
         info = json.loads(api_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -247,13 +215,13 @@ def find_daemon(repo_path: Path, timeout: float = 60.0) -> DaemonClient | None:
     if not _pid_alive(pid):
         return None
     try:
-        token: str | None = (Path(repo_path) / TOKEN_FILE).read_text(encoding="ascii").strip()
+        token: str | None = files.api_token.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
         token = None
     probe = DaemonClient(url, token, HEALTH_TIMEOUT)  # a malformed URL raises here
     try:
-        health = probe.health()
-    except DaemonError:
+        health = probe.call("health")
+    except Error:
         return None
     if not isinstance(health, dict) or health.get("ok") is not True:
         return None

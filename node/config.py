@@ -1,8 +1,9 @@
 """Configuration: REPO/config.toml, overridden by FUSENODE_* variables, parsed once here.
 
-The documented defaults live in the project's config.toml (shipped as node/default-config.toml
-in the package); :func:`load_config` turns a repo's file into one typed :class:`Config` and
-reports every mistake with the key it concerns.
+The defaults are `fusenode.defaults`'; the project's config.toml (shipped as
+node/default-config.toml in the package) documents them for operators, and a test keeps the
+two equal. :func:`load_config` turns a repo's file into one typed :class:`Config` and reports
+every mistake with the key it concerns.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fusenode.node.errors import ConfigError
+from fusenode.storage.erasure import validate_parameters
+from fusenode.storage.errors import InvalidArgument
+
+from fusenode import defaults
 
 DEFAULTS_PATH = Path(__file__).with_name("default-config.toml")
 
@@ -28,15 +33,15 @@ class NodeSection:
 class ApiSection:
     host: str = "127.0.0.1"
     port: int = 0
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = defaults.API_MAX_BODY
 
 
 @dataclass(frozen=True)
 class StorageSection:
-    k: int = 4
-    n: int = 6
-    segment_size: int = 64 << 20
-    fetch_timeout: float = 60.0
+    k: int = defaults.K
+    n: int = defaults.N
+    segment_size: int = defaults.SEGMENT_SIZE
+    fetch_timeout: float = defaults.FETCH_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,13 @@ class NetworkSection:
 @dataclass(frozen=True)
 class PlacementSection:
     allow_weak: bool = False
-    pin_timeout: float = 120.0
+    pin_timeout: float = defaults.PIN_TIMEOUT
 
 
 @dataclass(frozen=True)
 class RepairSection:
-    interval: float = 60.0
-    unreachable_after: float = 600.0
+    interval: float = defaults.REPAIR_INTERVAL
+    unreachable_after: float = defaults.UNREACHABLE_AFTER
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,11 @@ def validate(config: Config) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"config: {what} {port} is not a TCP port")
     s = config.storage
-    if not 1 <= s.k < s.n <= 64:
-        raise ConfigError(f"config: [storage] k={s.k}, n={s.n}: need 1 <= k < n <= 64")
-    if not s.k <= s.segment_size <= 1 << 30:
+    try:
+        validate_parameters(s.k, s.n)
+    except InvalidArgument as e:
+        raise ConfigError(f"config: [storage] k={s.k}, n={s.n}: {e}") from None
+    if not s.k <= s.segment_size <= defaults.MAX_SEGMENT_SIZE:
         raise ConfigError(f"config: [storage] segment_size {s.segment_size} out of range")
     if s.fetch_timeout <= 0:
         raise ConfigError("config: [storage] fetch_timeout must be positive")

@@ -1,12 +1,14 @@
 """`fusenode daemon`: the embedded Kubo node, the peer API and the local HTTP API in one
 process, until SIGINT or SIGTERM.
 
-Start-up order: open state (SQLite) -> start Kubo (its own child process) -> serve the peer
-API on a private loopback port and expose it over libp2p -> serve the local API -> write
-REPO/api.token (0600, kept across restarts) and REPO/api.json (how clients find us) -> print
-peer ID, swarm multiaddr and API URL -> join bootstrap peers (retried until they answer) ->
-repair loop. Shutdown reverses it and removes api.json, so a stale file never points at a
-dead daemon for long (clients also check the pid).
+`wire` builds the node's components (each with one job; docs/design.md draws them) and
+`run_daemon` serves them. Start-up order: open state (SQLite) -> start Kubo (its own child
+process) -> serve the peer API on a private loopback port and expose it over libp2p -> serve
+the local API -> write REPO/api.token (0600, kept across restarts) and REPO/api.json (how
+clients find us) -> print peer ID, swarm multiaddr and API URL -> join bootstrap peers
+(retried until they answer) -> repair, keep-connected and optimizer loops. Shutdown reverses
+it and removes api.json, so a stale file never points at a dead daemon for long (clients
+also check the pid).
 """
 
 from __future__ import annotations
@@ -19,19 +21,76 @@ import os
 import secrets
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from fusenode.node.aio import AsyncBlocks, AsyncTransport, Bridge
+from fusenode.node.allocator import Allocator
+from fusenode.node.holder import Holder
+from fusenode.node.monitor import PeerMonitor
+from fusenode.node.network import PeerNetwork
+from fusenode.node.optimizer import Announcer, Optimizer
+from fusenode.node.peer_client import PeerClient
+from fusenode.node.placement import Placer
+from fusenode.node.repair import Repairer
 from fusenode.node.repo import Repo, write_private
+from fusenode.node.service import NodeService
+from fusenode.node.state import State
+from fusenode.storage.kubo import KuboNode
 
-API_JSON = "api.json"
-API_TOKEN = "api.token"
-BOOTSTRAP_RETRY = 5.0
-log = logging.getLogger("fusenode.daemon")
+from fusenode import defaults
+
+__all__ = ["Components", "main", "run_daemon", "wire"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    service: NodeService
+    holder: Holder
+    monitor: PeerMonitor
+    repairer: Repairer
+    optimizer: Optimizer
+    client: PeerClient
+
+
+def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components:
+    """The daemon's components around one embedded Kubo node and one state database."""
+    from fusenode.node.peerauth import load_private_key
+
+    config = repo.config
+    blocks = AsyncBlocks(kubo, bridge)
+    transport = AsyncTransport(kubo.transport, bridge)
+    peer_id = kubo.identity().peer_id
+    client = PeerClient(transport, load_private_key(repo.files.kubo))
+    monitor = PeerMonitor(
+        peer_id, blocks, state, client, unreachable_after=config.repair.unreachable_after
+    )
+    placer = Placer(peer_id, blocks, client, state, config.placement.pin_timeout)
+    announcer = Announcer(transport, config.optimizer.announce)
+    network = PeerNetwork(peer_id, state, monitor, client, placer, announcer)
+    allocator = Allocator()
+    service = NodeService(repo, blocks, state, network, allocator)
+    service.repairer = Repairer(
+        peer_id,
+        blocks,
+        state,
+        monitor,
+        allocator,
+        placer,
+        service.manifest,
+        fetch_timeout=config.storage.fetch_timeout,
+        tmp=repo.tmp,
+    )
+    service.optimizer = Optimizer(service, transport)
+    holder = Holder(blocks, state, repo.tmp, config.placement.pin_timeout)
+    return Components(service, holder, monitor, service.repairer, service.optimizer, client)
 
 
 def load_or_create_token(repo: Repo) -> str:
-    path = repo.path / API_TOKEN
+    path = repo.files.api_token
     if path.exists():
         return path.read_text(encoding="utf-8").strip()
     token = secrets.token_urlsafe(32)
@@ -47,14 +106,14 @@ async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
     return runner
 
 
-async def _bootstrap(service, addresses: list[str], stop: asyncio.Event) -> None:
+async def _bootstrap(monitor: PeerMonitor, addresses: list[str], stop: asyncio.Event) -> None:
     """Dial every bootstrap peer; retry the ones that fail until they answer or we stop."""
     pending = list(dict.fromkeys(addresses))
     while pending and not stop.is_set():
         still = []
         for addr in pending:
             try:
-                await service.connect(addr, timeout=10.0)
+                await monitor.connect(addr, timeout=10.0)
                 log.info("joined %s", addr)
             except Exception as e:
                 log.info("bootstrap %s: %s (retrying)", addr, e)
@@ -62,15 +121,15 @@ async def _bootstrap(service, addresses: list[str], stop: asyncio.Event) -> None
         pending = still
         if pending:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=BOOTSTRAP_RETRY)
+                await asyncio.wait_for(stop.wait(), timeout=defaults.BOOTSTRAP_RETRY)
 
 
 async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
     from fusenode.node.api import create_app
-    from fusenode.node.peerauth import load_private_key
-    from fusenode.node.peering import PROTOCOL, PeerClient, create_peer_app, free_port
-    from fusenode.node.service import NodeService
-    from fusenode.node.state import State
+    from fusenode.node.peer_server import create_peer_app
+    from fusenode.node.protocol import PROTOCOL
+
+    from fusenode.net import free_loopback_port
 
     config = repo.config
     stop = asyncio.Event()
@@ -78,26 +137,22 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    state = State(repo.path / "state.db")
+    state = State(repo.files.state)
+    bridge = Bridge(loop)
     runners: list[web.AppRunner] = []
-    tasks: list[asyncio.Task] = []
-    kubo = None
-    client = None
-    api_json = repo.path / API_JSON
+    tasks: list[asyncio.Task[None]] = []
+    kubo: KuboNode | None = None
+    parts: Components | None = None
+    api_json = repo.files.api_json
     try:
-        kubo = await asyncio.to_thread(repo.open_backend)
-        key = load_private_key(repo.path / "kubo")
-        client = PeerClient(kubo, key)
-        service = NodeService(repo, kubo, state, client)
-        service.loop = loop
+        kubo = await bridge.run(repo.open_backend)
+        parts = wire(repo, kubo, state, bridge)
+        service = parts.service
 
-        peer_port = free_port()
-        runners.append(
-            await _serve(
-                create_peer_app(service, config.network.accept_from), "127.0.0.1", peer_port
-            )
-        )
-        await asyncio.to_thread(
+        peer_port = free_loopback_port()
+        peer_app = create_peer_app(parts.holder, config.network.accept_from)
+        runners.append(await _serve(peer_app, "127.0.0.1", peer_port))
+        await service.blocks.bridge.run(
             kubo.transport.p2p_listen, PROTOCOL, f"/ip4/127.0.0.1/tcp/{peer_port}"
         )
 
@@ -124,13 +179,12 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         print(f"api:     {url}")
         print("ready", flush=True)
 
-        tasks.append(
-            asyncio.create_task(_bootstrap(service, [*config.network.bootstrap, *bootstrap], stop))
-        )
-        tasks.append(asyncio.create_task(service.repair_loop(stop)))
-        tasks.append(asyncio.create_task(service.keep_connected(stop)))
-        tasks.append(asyncio.create_task(service.optimizer.run_forever(stop)))
-        tasks.append(asyncio.create_task(service.optimizer.listen(stop)))
+        joining = [*config.network.bootstrap, *bootstrap]
+        tasks.append(asyncio.create_task(_bootstrap(parts.monitor, joining, stop)))
+        tasks.append(asyncio.create_task(parts.repairer.run_forever(stop, config.repair.interval)))
+        tasks.append(asyncio.create_task(parts.monitor.keep_connected(stop)))
+        tasks.append(asyncio.create_task(parts.optimizer.run_forever(stop)))
+        tasks.append(asyncio.create_task(parts.optimizer.listen(stop)))
         await stop.wait()
         print("stopping", flush=True)
         return 0
@@ -144,10 +198,11 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
             api_json.unlink()
         for runner in reversed(runners):
             await runner.cleanup()
-        if client is not None:
-            await client.close()
+        if parts is not None:
+            await parts.client.close()
         if kubo is not None:
-            await asyncio.to_thread(kubo.close)
+            await bridge.run(kubo.close)
+        bridge.close()
         state.close()
 
 

@@ -14,14 +14,13 @@ class ConfigError(NodeError):
     """Invalid configuration."""
 
     exit_code = 8
-    http_status = 400
+    http_status = 500
 
 
 class RepoError(NodeError):
-    """A problem with the repo folder."""
+    """A problem with the repo folder (or a file it names, such as an identity)."""
 
     exit_code = 8
-    http_status = 400
 
 
 class DaemonError(NodeError):
@@ -45,7 +44,13 @@ class NotFoundError(NodeError):
     http_status = 404
 
 
+class BadRequest(NodeError):
+    """A request does not match the API's schema (a wrong type, a missing key, a bad
+    pattern): the caller must change it."""
+
+    exit_code = 2
+    http_status = 400
+
+
 class CommandError(NodeError):
     """A command cannot do what it was asked (the CLI's own refusals)."""
-
-    http_status = 400

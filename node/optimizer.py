@@ -30,8 +30,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from fusenode.node.aio import AsyncTransport
 from fusenode.node.errors import NodeError
 from fusenode.passes import fuse_bn
 from fusenode.storage.backend import validate_cid
@@ -40,17 +41,39 @@ from fusenode.storage.store import open_metadata
 
 from fusenode import __version__
 
+if TYPE_CHECKING:
+    from fusenode.node.service import NodeService
+
 ANNOUNCE_TOPIC = "fusenode/announce/v1"
-log = logging.getLogger("fusenode.optimizer")
+log = logging.getLogger(__name__)
 
 
 class JobError(NodeError):
     """An optimization job cannot complete; the message is the job's recorded reason."""
 
 
+class Announcer:
+    """Publishes ``{"v": 1, "cid", "kind", "encrypted"}`` on :data:`ANNOUNCE_TOPIC`, best
+    effort, unless ``[optimizer] announce = false``."""
+
+    def __init__(self, transport: AsyncTransport, enabled: bool) -> None:
+        self.transport = transport
+        self.enabled = enabled
+
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
+        if not self.enabled:
+            return
+        message = json.dumps({"v": 1, "cid": cid, "kind": kind, "encrypted": encrypted})
+        try:
+            await self.transport.pubsub_publish(ANNOUNCE_TOPIC, message.encode())
+        except Exception as e:  # best effort by design
+            log.info("announce %s: %s", cid, e)
+
+
 class Optimizer:
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: NodeService, transport: AsyncTransport) -> None:
         self.service = service
+        self.transport = transport
         self.state = service.state
         self.config = service.config
         self._wake = asyncio.Event()
@@ -122,7 +145,7 @@ class Optimizer:
             timings["fetch"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             try:
-                report = await asyncio.to_thread(
+                report = await service.blocks.bridge.run(
                     fuse_file,
                     source_file,
                     fused_file,
@@ -175,7 +198,7 @@ class Optimizer:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         timings["total"] = time.perf_counter() - t0
-        await self.announce(stored["cid"], "optimized", manifest.encrypted)
+        await service.network.announce(stored["cid"], "optimized", manifest.encrypted)
         summary = {
             "n_fused": report["n_fused"],
             "n_skipped": report["n_skipped"],
@@ -188,17 +211,6 @@ class Optimizer:
         return stored["cid"], summary
 
     # -- announcements ---------------------------------------------------------------------
-    async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
-        if not self.config.optimizer.announce:
-            return
-        message = json.dumps({"v": 1, "cid": cid, "kind": kind, "encrypted": encrypted})
-        try:
-            await asyncio.to_thread(
-                self.service.kubo.transport.pubsub_publish, ANNOUNCE_TOPIC, message.encode()
-            )
-        except Exception as e:  # best effort by design
-            log.info("announce %s: %s", cid, e)
-
     async def listen(self, stop: asyncio.Event) -> None:
         """Queue jobs for announced models this node can optimize (if configured to).
 
@@ -207,11 +219,11 @@ class Optimizer:
         """
         if not (self.config.optimizer.enabled and self.config.optimizer.auto_optimize):
             return
-        kubo = self.service.kubo
-        sub = await asyncio.to_thread(kubo.transport.pubsub_subscribe, ANNOUNCE_TOPIC)
+        transport = self.transport
+        sub = await transport.pubsub_subscribe(ANNOUNCE_TOPIC)
         try:
             while not stop.is_set():
-                msg = await asyncio.to_thread(kubo.transport.pubsub_next_message, sub, 1.0)
+                msg = await transport.pubsub_next_message(sub, 1.0)
                 if msg is None or msg.sender == self.service.peer_id:
                     continue
                 try:
@@ -228,7 +240,7 @@ class Optimizer:
                     log.info("announced %s: not optimizing (%s)", cid, e)
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(kubo.transport.pubsub_unsubscribe, sub)
+                await transport.pubsub_unsubscribe(sub)
 
     async def _wants(self, cid: str) -> bool:
         service = self.service

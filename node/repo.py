@@ -1,11 +1,4 @@
-"""A node's repo: one folder holding everything the node owns.
-
-    REPO/
-      config.toml     the node's configuration (documented defaults + chosen ports)
-      identity.txt    the node's age identity (mode 0600); its recipient is public
-      kubo/           the embedded Kubo repo (storage.kubo), loopback-only by default
-      kubo.log        Kubo's log
-      tmp/            scratch space (fragments on their way into Kubo, partial downloads)
+"""A node's repo: one folder holding everything the node owns (its files: `fusenode.layout`).
 
 Default location ~/.fusenode, or FUSENODE_REPO, or --repo.
 """
@@ -13,19 +6,23 @@ Default location ~/.fusenode, or FUSENODE_REPO, or --repo.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusenode.node.config import Config, load_config, render_config
 from fusenode.node.errors import RepoError
 from fusenode.storage import age
+from fusenode.storage.backend import NodeIdentity
 
-CONFIG_FILE = "config.toml"
-IDENTITY_FILE = "identity.txt"
-TMP_DIR = "tmp"
+from fusenode.layout import RepoLayout
+from fusenode.net import free_loopback_port
+
+if TYPE_CHECKING:
+    from fusenode.storage.kubo import KuboNode
 
 
 def default_repo_path(cli_value: str | None = None) -> Path:
@@ -35,12 +32,6 @@ def default_repo_path(cli_value: str | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".fusenode"
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_private(path: Path, text: str) -> None:
@@ -77,12 +68,16 @@ class Repo:
     config: Config
 
     @property
+    def files(self) -> RepoLayout:
+        return RepoLayout(self.path)
+
+    @property
     def identity_path(self) -> Path:
-        return self.path / IDENTITY_FILE
+        return self.files.identity
 
     @property
     def tmp(self) -> Path:
-        return self.path / TMP_DIR
+        return self.files.tmp
 
     def identities(self) -> list[age.X25519Identity]:
         return read_identities(self.identity_path)
@@ -90,21 +85,33 @@ class Repo:
     def recipient(self) -> str:
         return self.identities()[0].recipient.to_string()
 
-    def open_backend(self):
+    def open_backend(self) -> KuboNode:
         """Start the embedded Kubo node of this repo (a child process)."""
         from fusenode.storage.kubo import KuboNode
 
         return KuboNode(self.path, self.config.node.swarm_port or None)
 
+    def node_identity(self) -> NodeIdentity:
+        """Peer ID and swarm addresses from the repo's files, without starting Kubo."""
+        kubo_config = self.files.kubo_config
+        try:
+            cfg = json.loads(kubo_config.read_text())
+            peer_id = cfg["Identity"]["PeerID"]
+            swarm = cfg["Addresses"]["Swarm"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RepoError(f"{kubo_config}: cannot read the node identity ({e})") from e
+        return NodeIdentity(peer_id, tuple(f"{a}/p2p/{peer_id}" for a in swarm))
+
     @classmethod
     def open(cls, path: Path) -> Repo:
-        if not (path / CONFIG_FILE).exists():
+        if not RepoLayout(path).config.exists():
             raise RepoError(f"{path}: not a fusenode repo (run `fusenode init --repo {path}`)")
-        return cls(path, load_config(path / CONFIG_FILE))
+        return cls(path, load_config(RepoLayout(path).config))
 
     @classmethod
     def init(cls, path: Path, swarm_port: int | None = None, api_port: int | None = None) -> Repo:
-        if (path / CONFIG_FILE).exists():
+        files = RepoLayout(path)
+        if files.config.exists():
             raise RepoError(f"{path}: already a fusenode repo")
         for name, port in (("--swarm-port", swarm_port), ("--api-port", api_port)):
             if port is not None and not 1 <= port <= 65535:
@@ -117,23 +124,23 @@ class Repo:
             api = free_loopback_port()
         try:
             path.mkdir(parents=True, exist_ok=True)
-            (path / TMP_DIR).mkdir(exist_ok=True)
+            files.tmp.mkdir(exist_ok=True)
             os.chmod(path, 0o700)
         except OSError as e:
             raise RepoError(f"{path}: cannot create repo: {e.strerror}") from e
         created_identity = False
         try:
-            if not (path / IDENTITY_FILE).exists():
-                write_private(path / IDENTITY_FILE, identity_text(age.X25519Identity.generate()))
+            if not files.identity.exists():
+                write_private(files.identity, identity_text(age.X25519Identity.generate()))
                 created_identity = True
             from fusenode.storage.kubo import create_repo
 
             create_repo(path, swarm)
             # config.toml last: its presence marks a complete repo.
-            (path / CONFIG_FILE).write_text(render_config(swarm, api), encoding="utf-8")
+            files.config.write_text(render_config(swarm, api), encoding="utf-8")
         except BaseException:
             if created_identity:
                 with contextlib.suppress(OSError):
-                    (path / IDENTITY_FILE).unlink()
+                    files.identity.unlink()
             raise
         return cls.open(path)

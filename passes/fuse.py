@@ -21,6 +21,7 @@ from fusenode.passes.framework import run_rewrites
 from fusenode.passes.modelfile import LazyModel
 from fusenode.passes.numerics import backend_for
 
+
 def _check_output(src: Path, dst: Path) -> None:
     if dst.exists() and dst.is_dir():
         raise OutputError(f"{dst}: is a directory")

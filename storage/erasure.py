@@ -44,6 +44,8 @@ from fusenode.storage.errors import IntegrityError, InvalidArgument, NotEnoughFr
 from fusenode.storage.unixfs import matches_cid
 from pyeclib.ec_iface import ECDriver, ECDriverError
 
+from fusenode import defaults
+
 
 def _matches_cid(cid: str, data: bytes) -> bool:
     try:
@@ -54,12 +56,7 @@ def _matches_cid(cid: str, data: bytes) -> bool:
 
 __all__ = [
     "ALGORITHM",
-    "DEFAULT_K",
-    "DEFAULT_N",
-    "DEFAULT_SEGMENT_SIZE",
     "FRAGMENT_HEADER_SIZE",
-    "MAX_FRAGMENTS",
-    "MAX_SEGMENT_SIZE",
     "ErasureCoder",
     "FragmentHeader",
     "fragment_size",
@@ -70,12 +67,6 @@ __all__ = [
 ALGORITHM = "isa_l_rs_cauchy"
 """The only algorithm of format versions 1 and 2; the name is pyeclib's ``ec_type``."""
 
-MAX_FRAGMENTS = 64
-DEFAULT_K = 4
-DEFAULT_N = 6
-DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
-MAX_SEGMENT_SIZE = 1 << 30
-"""Decoding holds k fragments and the segment in memory; 1 GiB keeps that bounded."""
 
 FRAGMENT_HEADER_SIZE = 80
 
@@ -94,9 +85,9 @@ def validate_parameters(k: int, n: int) -> None:
     for name, value in (("k", k), ("n", n)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise InvalidArgument(f"erasure {name} must be an integer, got {value!r}")
-    if not 1 <= k < n <= MAX_FRAGMENTS:
+    if not 1 <= k < n <= defaults.MAX_FRAGMENTS:
         raise InvalidArgument(
-            f"erasure parameters k={k} n={n} are invalid: need 1 <= k < n <= {MAX_FRAGMENTS} "
+            f"erasure parameters k={k} n={n} are invalid: need 1 <= k < n <= {defaults.MAX_FRAGMENTS} "
             "(k fragments rebuild a segment, n are written)"
         )
 
@@ -104,9 +95,9 @@ def validate_parameters(k: int, n: int) -> None:
 def _validate_segment_size(segment_size: int) -> None:
     if not isinstance(segment_size, int) or isinstance(segment_size, bool):
         raise InvalidArgument(f"segment size must be an integer, got {segment_size!r}")
-    if not 1 <= segment_size <= MAX_SEGMENT_SIZE:
+    if not 1 <= segment_size <= defaults.MAX_SEGMENT_SIZE:
         raise InvalidArgument(
-            f"segment size {segment_size} is out of range 1..{MAX_SEGMENT_SIZE} bytes"
+            f"segment size {segment_size} is out of range 1..{defaults.MAX_SEGMENT_SIZE} bytes"
         )
 
 
@@ -233,7 +224,7 @@ class ErasureCoder:
     threads; see the module docstring for why threads do not code in parallel.
     """
 
-    def __init__(self, k: int = DEFAULT_K, n: int = DEFAULT_N) -> None:
+    def __init__(self, k: int = defaults.K, n: int = defaults.N) -> None:
         validate_parameters(k, n)
         self.k = k
         self.n = n

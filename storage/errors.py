@@ -9,10 +9,14 @@ class StorageError(Error):
 
 
 class InvalidArgument(StorageError):
-    """A parameter is out of range or malformed."""
+    """A parameter cannot be used: out of range, malformed, a file that is not there.
+
+    HTTP 409, not 400: the API answers 400 only for a request that breaks its schema
+    (`fusenode.node.schema`); a value the schema allows but the node cannot use is this.
+    """
 
     exit_code = 2
-    http_status = 400
+    http_status = 409
 
 
 class CryptoError(StorageError):
@@ -23,7 +27,7 @@ class HeaderError(CryptoError):
     """Malformed age header, recipient or identity."""
 
     exit_code = 2
-    http_status = 400
+    http_status = 409
 
 
 class NoIdentityMatch(CryptoError):
@@ -50,7 +54,7 @@ class IntegrityError(StorageError):
 class ManifestError(StorageError):
     """The manifest is malformed or of an unsupported version."""
 
-    http_status = 400
+    http_status = 409
 
 
 class BackendError(StorageError):
@@ -62,6 +66,13 @@ class BackendTimeout(BackendError):
 
     exit_code = 7
     http_status = 504
+
+
+class ManifestNotFound(BackendTimeout):
+    """No reachable node has the manifest a CID names."""
+
+    exit_code = 4
+    http_status = 404
 
 
 class NotEnoughFragments(StorageError):

@@ -28,9 +28,11 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from fusenode.storage.age import X25519Recipient
-from fusenode.storage.erasure import ALGORITHM, MAX_SEGMENT_SIZE, fragment_size, validate_parameters
+from fusenode.storage.erasure import ALGORITHM, fragment_size, validate_parameters
 from fusenode.storage.errors import InvalidArgument, ManifestError, StorageError
 from fusenode.storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
+
+from fusenode.defaults import MAX_SEGMENT_SIZE
 
 __all__ = [
     "ENCRYPTION_AGE",

@@ -19,7 +19,9 @@ from fusenode.storage import age
 from fusenode.storage.backend import IpfsBackend
 from fusenode.storage.errors import InvalidArgument
 from fusenode.storage.manifest import Manifest
-from fusenode.storage.store import DEFAULT_FETCH_TIMEOUT, load_manifest, open_metadata
+from fusenode.storage.store import load_manifest, open_metadata
+
+from fusenode.defaults import FETCH_TIMEOUT
 
 __all__ = ["share", "share_cid"]
 
@@ -90,7 +92,7 @@ def share_cid(
     backend: IpfsBackend,
     identities: Iterable[age.Identity],
     new_recipients: Sequence[age.X25519Recipient],
-    timeout: float = DEFAULT_FETCH_TIMEOUT,
+    timeout: float = FETCH_TIMEOUT,
 ) -> tuple[str, Manifest]:
     """Share the model named ``cid``: its new manifest CID (added to ``backend``) and manifest.
 

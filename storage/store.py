@@ -51,6 +51,7 @@ from fusenode.storage.errors import (
     CryptoError,
     IntegrityError,
     InvalidArgument,
+    ManifestNotFound,
     NotEnoughFragments,
     StorageError,
 )
@@ -66,9 +67,8 @@ from fusenode.storage.manifest import (
 )
 from fusenode.storage.unixfs import file_cid, matches_cid
 
-DEFAULT_SEGMENT_SIZE = 64 * 2**20
-DEFAULT_K, DEFAULT_N = 4, 6
-DEFAULT_FETCH_TIMEOUT = 60.0
+from fusenode import defaults
+
 _READ_CHUNK = 8 * 2**20
 #: Encoded segments whose fragments are not all stored yet when the next one is encoded.
 #: Bounds a put's memory (each holds up to n/k segments of fragments until they are in their
@@ -209,6 +209,14 @@ def _open_input(path: Path) -> tuple[int, int]:
     return fd, size
 
 
+def check_input(path: str | os.PathLike) -> int:
+    """The size of the regular, readable, non-empty file ``path``; InvalidArgument (saying
+    why) otherwise. What `put_file` checks first, for callers that must know before."""
+    fd, size = _open_input(Path(path))
+    os.close(fd)
+    return size
+
+
 @_releases_heap
 def put_file(
     path: str | os.PathLike,
@@ -216,9 +224,9 @@ def put_file(
     *,
     recipients: Sequence[age.Recipient] = (),
     public: bool = False,
-    k: int = DEFAULT_K,
-    n: int = DEFAULT_N,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    k: int = defaults.K,
+    n: int = defaults.N,
+    segment_size: int = defaults.SEGMENT_SIZE,
     work_dir: str | os.PathLike | None = None,
     sink: FragmentSink | None = None,
     progress: Progress | None = None,
@@ -233,7 +241,7 @@ def put_file(
     """
     path = Path(path)
     coder = ErasureCoder(k, n)
-    if segment_size < k or segment_size > 2**30:
+    if segment_size < k or segment_size > defaults.MAX_SEGMENT_SIZE:
         raise InvalidArgument(f"segment size {segment_size} out of range ({k} .. 1 GiB)")
     if not public and not recipients:
         raise InvalidArgument("no recipient: give at least one age recipient, or store public")
@@ -455,7 +463,7 @@ def _store_fragment(
 
 
 def load_manifest(
-    cid: str, backend: IpfsBackend, *, timeout: float = DEFAULT_FETCH_TIMEOUT
+    cid: str, backend: IpfsBackend, *, timeout: float = defaults.FETCH_TIMEOUT
 ) -> Manifest:
     """Fetch a manifest and check its bytes against its CID before parsing them.
 
@@ -466,7 +474,7 @@ def load_manifest(
     try:
         data = backend.fetch_bytes(cid, timeout)
     except BackendTimeout as e:
-        raise BackendTimeout(f"manifest {cid} not found: no reachable node has it ({e})") from e
+        raise ManifestNotFound(f"manifest {cid} not found: no reachable node has it ({e})") from e
     if not matches_cid(cid, data):
         raise IntegrityError(
             f"manifest {cid} is corrupted: its bytes hash to {file_cid(data)}"
@@ -500,7 +508,7 @@ def get_file(
     backend: IpfsBackend,
     *,
     identities: Sequence[age.Identity] = (),
-    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    fetch_timeout: float = defaults.FETCH_TIMEOUT,
     order: FragmentOrder | None = None,
     progress: Progress | None = None,
     fetch: Callable[[str, float], bytes] | None = None,
@@ -686,15 +694,12 @@ def _data_pieces(fragments: dict[int, bytes], k: int, segment_size: int) -> list
 
 
 __all__ = [
-    "DEFAULT_FETCH_TIMEOUT",
-    "DEFAULT_K",
-    "DEFAULT_N",
-    "DEFAULT_SEGMENT_SIZE",
     "FragmentOrder",
     "FragmentSink",
     "GetResult",
     "PutResult",
     "StorageError",
+    "check_input",
     "get_file",
     "load_manifest",
     "open_metadata",

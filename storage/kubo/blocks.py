@@ -15,6 +15,7 @@ Stream mounting and PubSub are not block storage: they are `KuboNode.transport`,
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import secrets
@@ -29,9 +30,10 @@ from fusenode.storage.backend import (
     validate_cid,
     validate_peer_multiaddr,
 )
-from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.errors import BackendTimeout, InvalidArgument
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.kubo.transport import KuboTransport
+from fusenode.storage.multiformats import encode_multihash, parse_cid
 
 from fusenode import defaults
 
@@ -116,6 +118,26 @@ class KuboNode(IpfsBackend):
             with contextlib.suppress(Exception):
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
 
+    def has_block(self, cid: str) -> bool:
+        """Whether the root block of ``cid`` is in this node's blockstore, read from disk.
+
+        Kubo's flatfs store keeps block ``K`` (the base32 of its multihash, upper case, no
+        padding) in ``kubo/blocks/<K[-3:-1]>/K.data`` (shard function next-to-last/2, written
+        in ``blocks/SHARDING`` at repo creation). A file check: no call into Kubo.
+        """
+        mh = parse_cid(validate_cid(cid)).multihash
+        key = base64.b32encode(encode_multihash(mh.code, mh.digest)).decode().rstrip("=")
+        return (self._process.layout.kubo / "blocks" / key[-3:-1] / f"{key}.data").exists()
+
+    def _nobody_has(self, cid: str) -> str:
+        """Why a fetch or pin of ``cid`` would wait for its whole deadline in vain ("" when
+        it may succeed): not stored here, and no peer connected to ask. Kubo would block
+        until the deadline and then the node would be restarted (design/libkubo.md);
+        answering at once spares both."""
+        if self.has_block(cid) or self.peers():
+            return ""
+        return "not stored on this node, and no peer is connected to provide it"
+
     def _no_provider(self, child: _Child) -> str:
         """Explain a fetch/pin timeout: with nobody to ask, Kubo waits forever."""
         try:
@@ -160,6 +182,8 @@ class KuboNode(IpfsBackend):
     def pin(self, cid: str, timeout: float) -> None:
         """Fetch ``cid`` recursively from connected peers (if not local) and pin it."""
         validate_cid(cid)
+        if why := self._nobody_has(cid):
+            raise BackendTimeout(f"cannot pin {cid}: {why}")
         self._process.call("pin", (cid,), timeout, f"pinning {cid}", on_timeout=self._no_provider)
 
     def unpin(self, cid: str, *, timeout: float | None = None) -> None:
@@ -208,6 +232,8 @@ class KuboNode(IpfsBackend):
             return tmp.read_bytes()
 
     def _download(self, cid: str, path: Path, timeout: float) -> None:
+        if why := self._nobody_has(cid):
+            raise BackendTimeout(f"cannot fetch {cid}: {why}")
         self._process.call(
             "download",
             (cid, str(path)),

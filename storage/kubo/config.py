@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,13 +62,6 @@ def check_port(port: int) -> None:
     # our multiaddr could not redial us after a restart.
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise InvalidArgument(f"swarm port must be an integer in 1..65535, not {port!r}")
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (another process could still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def configured_port(config: dict[str, Any]) -> int | None:

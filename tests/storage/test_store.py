@@ -18,7 +18,7 @@ from fusenode.storage.errors import (
 from fusenode.storage.manifest import Manifest
 from fusenode.storage.store import get_file, load_manifest, put_file
 
-from tests.fakes import FakeBackend
+from tests.support.fakes import FakeBackend, as_version_1
 
 SEG = 4096 + 17  # small segments: many of them, the last one short
 
@@ -215,25 +215,6 @@ def test_output_file_gets_the_usual_mode(backend, ident, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o644
-
-
-def as_version_1(backend, manifest):
-    """The same model as a format version 1 manifest (a SHA-256 beside each fragment CID),
-    the way fusenode wrote manifests before version 2; returns its CID."""
-    import dataclasses
-    import hashlib
-
-    segments = tuple(
-        dataclasses.replace(
-            seg,
-            fragments=tuple(
-                dataclasses.replace(f, sha256=hashlib.sha256(backend.blocks[f.cid]).hexdigest())
-                for f in seg.fragments
-            ),
-        )
-        for seg in manifest.segments
-    )
-    return backend.add_bytes(dataclasses.replace(manifest, segments=segments, version=1).to_bytes())
 
 
 def test_version_1_manifests_are_still_read_and_checked(backend, ident, tmp_path):

@@ -14,35 +14,16 @@ import tomllib
 
 import pyrage
 import pytest
-from fusenode.node.repo import free_loopback_port as free_port
+
+from fusenode.net import free_loopback_port as free_port
+from tests.support.cli import Cli, assert_clean_error, assert_ok, clean_env
 
 pytestmark = pytest.mark.slow
 
 
-def fusenode(*args, timeout=120):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "fusenode.node.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def clean_error(proc, text=None):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fusenode: error:"), proc.stderr
-    if text:
-        assert text in proc.stderr, proc.stderr
-    return proc
+fusenode = Cli()
+ok = assert_ok
+clean_error = assert_clean_error
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +63,10 @@ def test_init(repo):
 def test_default_repo_is_fusenode_repo_or_home(tmp_path):
     """No --repo: $FUSENODE_REPO if set, else ~/.fusenode; ports given on the command line
     are the ones configured."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+    base = clean_env()
 
     def init(env, *extra):
-        cmd = [sys.executable, "-m", "fusenode.node.cli", "init", *map(str, extra)]
-        return ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env))
+        return ok(fusenode("init", *extra, env=env))
 
     init({**base, "FUSENODE_REPO": str(tmp_path / "from-env")})
     assert (tmp_path / "from-env" / "config.toml").is_file()
@@ -225,7 +205,7 @@ def _on_terminal(*args, sized=True, timeout=120):
     import struct
     import termios
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+    env = clean_env()
     leader, follower = pty.openpty()
     if sized:  # 24 x 100, as a user's terminal would be; a fresh pty reports no size
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))

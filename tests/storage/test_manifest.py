@@ -201,9 +201,9 @@ GOLDEN = {
 }
 
 
-def test_example_in_format_doc_is_valid() -> None:
+def test_example_in_format_doc_is_valid(project_root: Path) -> None:
     """docs/format.md 5.5 shows a real manifest; keep it in step with the code."""
-    doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text("utf-8")
+    doc = (project_root / "docs" / "format.md").read_text("utf-8")
     section = doc.split("### 5.5 Example", 1)[1].split("### 5.6", 1)[0]
     block = re.search(r"\n    (\{\n.*?\n    \})\n", section, re.S)
     assert block is not None

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.support.cli import clean_env
 
 
 @pytest.mark.slow
-def test_demo(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fusenode.node.cli", "demo"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+def test_demo(cli, tmp_path):
+    proc = cli("demo", timeout=300, env=clean_env(TMPDIR=str(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "byte-identical: True" in out

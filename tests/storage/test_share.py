@@ -15,7 +15,7 @@ from fusenode.storage.manifest import Manifest, Metadata
 from fusenode.storage.share import share, share_cid
 from fusenode.storage.store import get_file, load_manifest, open_metadata, put_file
 
-from tests.fakes import FakeBackend
+from tests.support.fakes import FakeBackend, as_version_1
 
 SEG = 4096 + 17  # several segments, the last one short
 SIZE = 3 * SEG + 100
@@ -197,7 +197,6 @@ def test_unrecorded_recipients_stay_unrecorded(backend, owner, stored, tmp_path)
 def test_version_1_manifest_stays_version_1(backend, owner, stored, tmp_path):
     """Sharing re-seals the metadata and keeps the fragments, so their refs (with version
     1's SHA-256s) and the manifest's version stay as they were."""
-    from tests.test_store import as_version_1
 
     _, manifest, data = stored
     old = as_version_1(backend, manifest)

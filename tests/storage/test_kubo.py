@@ -358,14 +358,14 @@ def test_node_process_exits_when_its_parent_dies(tmp_path: Path) -> None:
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from storage.kubo import KuboNode\n"
+        "from fusenode.storage.kubo import KuboNode\n"
         "if __name__ == '__main__':\n"
         f"    node = KuboNode(Path({str(tmp_path / 'orphan')!r}), {free_port()})\n"
         "    print(node.pid, flush=True)\n"
         "    sys.stdin.read()\n"
     )
     (tmp_path / "host.py").write_text(script)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     host = subprocess.Popen(
         [sys.executable, str(tmp_path / "host.py")],

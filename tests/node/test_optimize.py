@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import pytest
 from fusenode.node import examples
-from fusenode.node.localnet import LocalNetwork, set_config
 from fusenode.storage import age
 
-from tests.onnx_util import assert_close, count_ops, run
+from tests.support.cli import assert_ok
+from tests.support.onnx_models import assert_close, count_ops, run
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,7 @@ CONFIG = {
 }
 
 
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+ok = assert_ok
 
 
 def last_line(proc) -> str:
@@ -38,14 +36,11 @@ def last_line(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    network = LocalNetwork(tmp_path_factory.mktemp("opt4"), 4, CONFIG)
-    network.init()
-    set_config(network.nodes[3].repo, "optimizer", "enabled", "true")  # an auto optimizer
-    network.start()
+def net(network):
+    auto_optimizer = {("optimizer", "enabled"): "true"}
+    net = network(4, CONFIG, per_node={3: auto_optimizer})
     time.sleep(1.0)
-    yield network
-    network.stop()
+    return net
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +138,7 @@ def test_share_with_a_third_key(net, keys, optimized, tmp_path):
     proc = net.cli(
         3, "get", optimized, "-o", str(tmp_path / "c"), "--identity", str(keys["third"][0])
     )
-    assert proc.returncode == 1 and "no identity matches" in proc.stderr  # the old CID: no
+    assert proc.returncode == 5 and "no identity matches" in proc.stderr  # the old CID: no
 
 
 def test_jobs_and_asking_again(net, stored, optimized):

@@ -6,10 +6,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fusenode.node.config import load_config, parse_config, render_config
+from fusenode.node.config import Config, load_config, parse_config, render_config
 from fusenode.node.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from fusenode import defaults
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_defaults_load():
@@ -17,6 +19,17 @@ def test_shipped_defaults_load():
     assert config.api.host == "127.0.0.1" and config.node.swarm_host == "127.0.0.1"
     assert (config.storage.k, config.storage.n) == (4, 6)
     assert config.network.bootstrap == ()
+
+
+def test_documented_defaults_are_the_code_defaults():
+    """config.toml documents fusenode.defaults: a default changed in one must change in both."""
+    documented = parse_config(tomllib.loads((ROOT / "config.toml").read_text()))
+    assert documented == Config()
+    assert (documented.storage.k, documented.storage.n) == (defaults.K, defaults.N)
+    assert documented.storage.segment_size == defaults.SEGMENT_SIZE
+    assert documented.repair.unreachable_after == defaults.UNREACHABLE_AFTER
+    shipped = ROOT / "node" / "default-config.toml"  # what the wheel carries
+    assert shipped.read_text() == (ROOT / "config.toml").read_text()
 
 
 def test_rendered_config_has_ports(tmp_path):

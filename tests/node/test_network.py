@@ -19,6 +19,8 @@ import urllib.request
 import pytest
 from fusenode.node.localnet import LocalNetwork
 
+from tests.support.cli import assert_ok, clean_env
+
 pytestmark = pytest.mark.slow
 
 FAST = {
@@ -29,9 +31,7 @@ FAST = {
 }
 
 
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+ok = assert_ok
 
 
 def cid_of(proc) -> str:
@@ -43,11 +43,8 @@ def status(net, i, cid) -> dict:
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    network = LocalNetwork(tmp_path_factory.mktemp("net6"), 6, FAST)
-    network.start()
-    yield network
-    network.stop()
+def net(network):
+    return network(6, FAST)
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +131,15 @@ def test_restart_keeps_state(net, stored, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    network = LocalNetwork(tmp_path_factory.mktemp("net3"), 3, FAST)
-    network.start()
-    yield network
-    network.stop()
+def small(network):
+    return network(3, FAST)
 
 
 def test_too_few_nodes_for_distinct_placement(small, tmp_path):
     src = tmp_path / "m.bin"
     src.write_bytes(os.urandom(10_000))
     proc = small.cli(0, "put", str(src), "-k", "4", "-n", "6")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 7 and "Traceback" not in proc.stderr  # PlacementError
     assert "reachable node(s)" in proc.stderr and "allow_weak" in proc.stderr
     assert proc.stdout.strip() == ""  # no CID: nothing claims to be stored
 
@@ -199,7 +193,7 @@ def test_interrupted_put_publishes_nothing(small, tmp_path):
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(5 * 64 << 20))
     before = [_held_rows(node) for node in small.nodes[1:]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
+    env = clean_env()
     put = subprocess.Popen(
         [
             sys.executable,

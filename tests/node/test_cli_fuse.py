@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -14,18 +12,10 @@ from fusenode.node.cli import main
 from fusenode.passes.numerics import NumpyBackend, cuda_available
 from onnx import helper
 
-from tests.onnx_util import assert_close, count_ops, run
-from tests.test_fuse_bn import conv_bn, gemm_bn
+from tests.support.cli import Cli
+from tests.support.onnx_models import assert_close, conv_bn, count_ops, gemm_bn, run
 
-
-def fusenode(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fusenode.node.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+fusenode = Cli()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""An in-memory IpfsBackend for unit tests of the logic above the backend.
+"""In-memory stand-ins for unit tests of the logic above them: an IpfsBackend, a peer
+network's health checks and placements.
 
 Never used by the product: acceptance tests run on real embedded Kubo nodes.
 """
@@ -7,9 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusenode.node.protocol import Health, PeerUnreachable
 from fusenode.storage.backend import IpfsBackend, NodeIdentity, validate_cid
 from fusenode.storage.errors import BackendTimeout
 from fusenode.storage.unixfs import file_cid
+
+from fusenode import defaults
 
 
 def fake_cid(data: bytes) -> str:
@@ -66,3 +70,35 @@ class FakeBackend(IpfsBackend):
 
     def close(self) -> None:
         pass
+
+
+def as_version_1(backend, manifest):
+    """The same model as a format version 1 manifest (a SHA-256 beside each fragment CID),
+    the way fusenode wrote manifests before version 2; returns its CID."""
+    import dataclasses
+    import hashlib
+
+    segments = tuple(
+        dataclasses.replace(
+            seg,
+            fragments=tuple(
+                dataclasses.replace(f, sha256=hashlib.sha256(backend.blocks[f.cid]).hexdigest())
+                for f in seg.fragments
+            ),
+        )
+        for seg in manifest.segments
+    )
+    return backend.add_bytes(dataclasses.replace(manifest, segments=segments, version=1).to_bytes())
+
+
+class FakeHealth:
+    """A peer client's health checks: the peers in ``answers`` answer, with those addresses;
+    any other does not."""
+
+    def __init__(self, answers: dict[str, tuple[str, ...]]) -> None:
+        self.answers = dict(answers)
+
+    async def health(self, peer_id: str, timeout: float = defaults.HEALTH_TIMEOUT) -> Health:
+        if peer_id not in self.answers:
+            raise PeerUnreachable(f"peer {peer_id} did not answer")
+        return Health(peer_id, tuple(self.answers[peer_id]))

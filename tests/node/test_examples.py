@@ -221,6 +221,6 @@ def test_random_inputs_are_seeded(built: Built) -> None:
 
 
 def test_importing_examples_does_not_import_torch() -> None:
-    code = "import sys, node.examples; assert 'torch' not in sys.modules, 'torch imported'"
-    root = Path(__file__).resolve().parents[1]
+    code = "import sys, fusenode.node.examples; assert 'torch' not in sys.modules, 'torch imported'"
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from fusenode.node.errors import NodeError
 from fusenode.node.peerauth import (
     HEADER_DATE,
@@ -38,6 +38,8 @@ from fusenode.node.peerauth import (
 from fusenode.storage.kubo import KuboNode, create_repo
 from multidict import CIMultiDict
 
+from tests.support.keys import ed25519_protobuf
+
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 BODY = b'{"fragment": "QmWKoWmuRfPJXSvLHoPdJn8iFsvyum4HsUeB1LUHdVRVKW"}'
 
@@ -46,19 +48,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def ed25519_protobuf() -> bytes:
-    """A libp2p PrivateKey protobuf for a new Ed25519 key, built by hand:
-    field 1 (type) = 1, field 2 (data) = 64 bytes, seed then public key."""
-    key = ed25519.Ed25519PrivateKey.generate()
-    seed = key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    return b"\x08\x01\x12\x40" + seed + public
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,17 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from fusenode.node import api
-from fusenode.node.api import REQUEST_FIELDS, create_app
+from fusenode.node.api import create_app
 from fusenode.node.client import DaemonClient, find_daemon
 from fusenode.node.errors import (
+    BadRequest,
     ConfigError,
     DaemonError,
     NodeError,
     PlacementError,
     RepoError,
 )
+from fusenode.node.operations import OPERATIONS, openapi
 from fusenode.passes.errors import ModelFileError, PassError, VerificationError
 from fusenode.storage.errors import (
     BackendError,
@@ -43,7 +44,7 @@ from fusenode.storage.errors import (
     StorageError,
 )
 
-from tests.fakes import fake_cid
+from tests.support.fakes import fake_cid
 
 TOKEN = "s3cret-token-for-tests-only-0123456789"
 MAX_BODY = 4096
@@ -133,7 +134,8 @@ async def error_of(response: Any, status: int) -> dict[str, str]:
     return body["error"]
 
 
-PUT_BODY = {"path": "/models/m.onnx", "k": 2, "n": 3, "recipients": ["age1abc"], "public": False}
+RECIPIENT = "age1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq"
+PUT_BODY = {"path": "/models/m.onnx", "k": 2, "n": 3, "recipients": [RECIPIENT], "public": False}
 GET_BODY = {"cid": CID, "output": "/tmp/out.onnx", "identity_path": None}
 POSTS = [("/put", PUT_BODY), ("/get", GET_BODY), ("/repair", {})]
 
@@ -194,7 +196,7 @@ async def test_repair_with_or_without_body(client: Any, service: FakeService, bo
 async def test_openapi_is_served(client: Any) -> None:
     r = await client.get(f"{P}/openapi.json")
     assert r.status == 200 and r.content_type == "application/json"
-    assert await r.json() == json.loads(api.OPENAPI_PATH.read_text())
+    assert await r.json() == openapi()
 
 
 # -- authorization ----------------------------------------------------------------------------
@@ -311,10 +313,13 @@ async def test_malformed_json(client: Any, service: FakeService, data: bytes, me
         ),
         (
             "/put",
-            {"path": "/a", "recipients": ["age1x", 2]},
+            {"path": "/a", "recipients": [RECIPIENT, 2]},
             "'recipients'[1] must be a string, not integer",
         ),
         ("/put", {"path": "/a", "public": 1}, "'public' must be a boolean, not integer"),
+        ("/put", {"path": "/a", "recipients": ["age1x"]}, "'recipients'[0] 'age1x' does not match"),
+        ("/put", {"path": "/a", "k": 0}, "'k' must be at least 1, not 0"),
+        ("/put", {"path": "/a", "n": 65}, "'n' must be at most 64, not 65"),
         ("/put", {"path": "/a", "public": None}, "'public' must be a boolean, not null"),
         ("/get", {"cid": "QmNope", "output": "/o"}, "'cid': "),
         ("/get", {"cid": 5, "output": "/o"}, "'cid' must be a string, not integer"),
@@ -342,7 +347,7 @@ async def test_invalid_bodies(
 @pytest.mark.asyncio
 async def test_invalid_cid_in_status_path(client: Any, service: FakeService) -> None:
     error = await error_of(await client.get(f"{P}/status/QmNotACid"), 400)
-    assert error["type"] == "InvalidArgument"
+    assert error["type"] == "BadRequest"
     assert service.calls == []
 
 
@@ -431,9 +436,9 @@ async def test_wrong_method_is_json_405(client: Any, method: str, route: str, al
 @pytest.mark.parametrize(
     "error,status",
     [
-        (InvalidArgument("k=5 must be below n=4"), 400),
-        (ManifestError("manifest version 9 is not supported"), 400),
-        (HeaderError("bad recipient 'age1'"), 400),
+        (InvalidArgument("k=5 must be below n=4"), 409),
+        (ManifestError("manifest version 9 is not supported"), 409),
+        (HeaderError("bad recipient 'age1'"), 409),
         (NoIdentityMatch("no identity opens this file"), 403),
         (BackendTimeout(f"fragment {CID} was not found within 60 s"), 504),
         (NotEnoughFragments("segment 0: 3 of the 4 needed fragments"), 503),
@@ -444,8 +449,8 @@ async def test_wrong_method_is_json_405(client: Any, method: str, route: str, al
         (ModelFileError("not an ONNX model"), 400),
         (PassError("pass failed"), 400),
         (VerificationError("outputs differ"), 422),
-        (ConfigError("config: bad"), 400),
-        (RepoError("not a repo"), 400),
+        (ConfigError("config: bad"), 500),
+        (RepoError("not a repo"), 409),
         (DaemonError("busy"), 502),
         (NodeError("conflict"), 409),
         (PlacementError("only 2 peers for n=6"), 503),
@@ -511,36 +516,37 @@ def _doc_routes(doc: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def test_openapi_documents_exactly_the_app_routes(service: FakeService) -> None:
-    doc = json.loads(api.OPENAPI_PATH.read_text())
+    doc = openapi()
     assert doc["openapi"].startswith("3.1")
     app = create_app(service, token=TOKEN, max_body_bytes=MAX_BODY)
     assert _app_routes(app) == _doc_routes(doc)
+    statuses = {op.name: str(op.status) for op in OPERATIONS}
     for path, item in doc["paths"].items():
         for method, op in item.items():
             secured = op.get("security") == [{"bearerAuth": []}]
             assert secured == (method == "post"), (method, path)
-            assert "200" in op["responses"]
+            assert statuses[op["operationId"]] in op["responses"]
             if method == "post":
-                assert op["responses"]["401"] == {"$ref": "#/components/responses/Unauthorized"}
+                assert op["responses"]["401"] == {"$ref": "#/components/responses/401"}
+            else:
+                assert "401" not in op["responses"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 
 
-@pytest.mark.parametrize("route", sorted(REQUEST_FIELDS))
-def test_openapi_request_schemas_match_the_validation(route: str) -> None:
-    doc = json.loads(api.OPENAPI_PATH.read_text())
+@pytest.mark.parametrize("op", [op for op in OPERATIONS if op.body is not None], ids=str)
+def test_openapi_request_schemas_match_the_validation(op: Any) -> None:
+    doc = openapi()
     schemas = doc["components"]["schemas"]
-    ref = doc["paths"][f"{P}/{route}"]["post"]["requestBody"]["content"]["application/json"][
-        "schema"
-    ]
+    ref = doc["paths"][P + op.path]["post"]["requestBody"]["content"]["application/json"]["schema"]
     schema = schemas[ref["$ref"].rsplit("/", 1)[1]]
-    fields = REQUEST_FIELDS[route]
+    fields = op.body.fields
     assert set(schema["properties"]) == set(fields)
     assert set(schema.get("required", [])) == {k for k, f in fields.items() if f.required}
     assert schema["additionalProperties"] is False
 
 
 def test_openapi_references_resolve() -> None:
-    doc = json.loads(api.OPENAPI_PATH.read_text())
+    doc = openapi()
     for ref in set(_refs(doc)):
         section, name = ref.split("/")[2:]
         assert name in doc["components"][section], ref
@@ -616,7 +622,7 @@ def test_client_calls(
     assert c.status(CID)["healthy"] is True
     assert c.repair() == {"checked": 0, "repaired": 0}
     monkeypatch.chdir(tmp_path)
-    assert c.put("m.onnx", k=2, n=3, recipients=["age1a"], public=True)["cid"] == CID
+    assert c.put("m.onnx", k=2, n=3, recipients=[RECIPIENT], public=True)["cid"] == CID
     assert c.get(CID, "out.onnx", identity_path="id.txt", timeout=5)["path"] == str(
         tmp_path / "out.onnx"
     )
@@ -624,7 +630,13 @@ def test_client_calls(
     # Relative paths are resolved in the client's working directory, not the daemon's.
     assert put == (
         "put",
-        {"path": str(tmp_path / "m.onnx"), "k": 2, "n": 3, "recipients": ["age1a"], "public": True},
+        {
+            "path": str(tmp_path / "m.onnx"),
+            "k": 2,
+            "n": 3,
+            "recipients": [RECIPIENT],
+            "public": True,
+        },
     )
     assert get == (
         "get",
@@ -637,16 +649,20 @@ def test_client_calls(
     assert TOKEN not in repr(c)
 
 
-def test_client_surfaces_the_daemon_error_message(
+def test_client_raises_the_daemons_error_as_its_own_class(
     daemon: ServerThread, service: FakeService
 ) -> None:
     c = DaemonClient(daemon.url, TOKEN, timeout=5)
     service.error = NotEnoughFragments("segment 0: only 3 of the 4 needed fragments answered")
-    with pytest.raises(DaemonError) as info:
+    with pytest.raises(NotEnoughFragments) as info:
         c.put("/m.onnx")
     assert str(info.value) == "segment 0: only 3 of the 4 needed fragments answered"
-    with pytest.raises(DaemonError, match=r"^'cid': "):
+    assert info.value.exit_code == 7  # the CLI exits as it would have without a daemon
+    with pytest.raises(BadRequest, match=r"^'cid': "):
         c.get("QmNope", "/o")
+    service.error = KeyError("a bug")  # not one of ours: the generic 500 and its message
+    with pytest.raises(DaemonError, match="internal error in the daemon"):
+        c.repair()
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])

@@ -1,0 +1,130 @@
+"""The network as the use cases see it: who is live, who holds what, where a fragment goes.
+
+Two implementations, so that the CLI without a daemon and the daemon run the same use cases
+(`fusenode.node.service`):
+
+- `PeerNetwork` (the daemon): live peers are those whose daemon answers (`PeerMonitor`),
+  holders are asked over the peer protocol, fragments are placed on peers (`Placer`), stored
+  models are announced on PubSub.
+- `Offline` (a command run on a repo while no daemon serves it): this node alone; it holds
+  every fragment itself ("local" placement) and announces nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from fusenode.node.aio import AsyncBlocks
+from fusenode.node.monitor import PeerMonitor
+from fusenode.node.peer_client import PeerClient
+from fusenode.node.placement import Placer
+from fusenode.node.protocol import PeerError
+from fusenode.node.state import State
+
+__all__ = ["Announcer", "Network", "Offline", "PeerNetwork"]
+
+
+class Announcer(Protocol):
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None: ...
+
+
+class Network(Protocol):
+    #: False for `Offline`: placement is "local", fetches wait the full deadline.
+    networked: bool
+
+    async def live_peers(self) -> list[str]: ...
+
+    async def holders(self, cids: list[str]) -> dict[str, set[str]]:
+        """For each CID, the live nodes (this one included) that say they hold it."""
+        ...
+
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> str: ...
+
+    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None: ...
+
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None: ...
+
+    async def report(self) -> list[dict[str, Any]]: ...
+
+
+class PeerNetwork:
+    networked = True
+
+    def __init__(
+        self,
+        peer_id: str,
+        state: State,
+        monitor: PeerMonitor,
+        client: PeerClient,
+        placer: Placer,
+        announcer: Announcer,
+    ) -> None:
+        self.peer_id = peer_id
+        self.state = state
+        self.monitor = monitor
+        self.client = client
+        self.placer = placer
+        self.announcer = announcer
+
+    async def live_peers(self) -> list[str]:
+        return await self.monitor.live_peers()
+
+    async def holders(self, cids: list[str]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = defaultdict(set)
+        for cid in self.state.held(cids):
+            found[cid].add(self.peer_id)
+
+        async def ask(peer: str) -> None:
+            try:
+                held = await self.client.has(peer, cids)
+            except PeerError:
+                return
+            for cid in held & set(cids):
+                found[cid].add(peer)
+
+        await asyncio.gather(*(ask(p) for p in await self.live_peers()))
+        return found
+
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+        return await self.placer.place(holder, path, cid)
+
+    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None:
+        await self.placer.pin_everywhere([p for p in peers if p != self.peer_id], cids)
+
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
+        await self.announcer.announce(cid, kind, encrypted)
+
+    async def report(self) -> list[dict[str, Any]]:
+        return await self.monitor.report()
+
+
+class Offline:
+    networked = False
+
+    def __init__(self, peer_id: str, blocks: AsyncBlocks, state: State) -> None:
+        self.peer_id = peer_id
+        self.blocks = blocks
+        self.state = state
+
+    async def live_peers(self) -> list[str]:
+        return []
+
+    async def holders(self, cids: list[str]) -> dict[str, set[str]]:
+        return {cid: {self.peer_id} for cid in self.state.held(cids)}
+
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+        added = await self.blocks.add(path)
+        self.state.hold([added], self.peer_id)
+        return added
+
+    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None:
+        return None
+
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
+        return None
+
+    async def report(self) -> list[dict[str, Any]]:
+        return []

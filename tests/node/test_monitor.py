@@ -1,0 +1,131 @@
+"""Peer liveness without a network: health answers recorded, away after the threshold,
+known peers redialled (node/monitor.py, on in-memory fakes and a real SQLite state)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fusenode.node.aio import AsyncBlocks, Bridge
+from fusenode.node.monitor import PeerMonitor
+from fusenode.node.protocol import Health, PeerUnreachable
+from fusenode.node.state import State
+
+from tests.support.fakes import FakeBackend, FakeHealth
+
+
+class Swarm(FakeBackend):
+    """A backend whose connected peers and dials the test controls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connected: list[str] = []
+        self.dialled: list[str] = []
+        self.reachable: set[str] = set()
+
+    def peers(self) -> list[str]:
+        return list(self.connected)
+
+    def connect(self, multiaddr: str, timeout: float) -> None:
+        self.dialled.append(multiaddr)
+        if multiaddr not in self.reachable:
+            raise PeerUnreachable(f"cannot dial {multiaddr}")
+        self.connected.append(multiaddr.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def state(tmp_path):
+    s = State(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def monitor(state, swarm, health, now):
+    return PeerMonitor(
+        "self", AsyncBlocks(swarm, Bridge()), state, health, unreachable_after=600, clock=now
+    )
+
+
+def test_health_answers_and_failures_are_recorded(state):
+    async def scenario():
+        swarm = Swarm()
+        swarm.connected = ["up", "down"]
+        health = FakeHealth({"up": ("/ip4/127.0.0.1/tcp/1/p2p/up",)})
+        m = monitor(state, swarm, health, lambda: datetime.now(UTC))
+        assert await m.live_peers() == ["up"]
+        assert state.peer("up").multiaddrs() == ["/ip4/127.0.0.1/tcp/1/p2p/up"]
+        assert state.peer("up").last_error is None
+        assert "did not answer" in state.peer("down").last_error
+        assert state.peer("down").last_seen is None
+
+    asyncio.run(scenario())
+
+
+def test_away_only_after_unreachable_after(state):
+    async def scenario():
+        health = FakeHealth({"a": (), "b": (), "c": ()})
+        now = datetime.now(UTC)
+        clock = [now]
+        m = monitor(state, Swarm(), health, lambda: clock[0])
+        await m.check(["a", "b", "c"])  # all answer once: seen now
+        health.answers.pop("a")
+        health.answers.pop("b")
+        answers = await m.check(["a", "b", "c", "never"])
+        assert answers == {"a": False, "b": False, "c": True, "never": False}
+        assert m.away(answers) == ["never"]  # a and b were seen a moment ago
+        clock[0] = now + timedelta(seconds=599)
+        assert m.away(answers) == ["never"]
+        clock[0] = now + timedelta(seconds=601)
+        assert m.away(answers) == ["a", "b", "never"]
+
+    asyncio.run(scenario())
+
+
+def test_keep_connected_learns_addresses_and_redials_known_peers(state):
+    async def scenario():
+        swarm = Swarm()
+        swarm.connected = ["fresh"]
+        health = FakeHealth({"fresh": ("/ip4/127.0.0.1/tcp/9/p2p/fresh",)})
+        state.peer_answered(
+            "gone", ["/ip4/127.0.0.1/tcp/7/p2p/gone", "/ip4/127.0.0.1/tcp/8/p2p/gone"]
+        )
+        swarm.reachable = {"/ip4/127.0.0.1/tcp/8/p2p/gone"}
+        m = monitor(state, swarm, health, lambda: datetime.now(UTC))
+        stop = asyncio.Event()
+        task = asyncio.create_task(m.keep_connected(stop, every=0.01))
+        for _ in range(200):
+            if "gone" in swarm.connected:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        # The fresh peer's addresses were learned; the gone one redialled, second address.
+        assert state.peer("fresh").multiaddrs() == ["/ip4/127.0.0.1/tcp/9/p2p/fresh"]
+        assert swarm.dialled[:2] == [
+            "/ip4/127.0.0.1/tcp/7/p2p/gone",
+            "/ip4/127.0.0.1/tcp/8/p2p/gone",
+        ]
+        assert "gone" in swarm.connected
+
+    asyncio.run(scenario())
+
+
+def test_report_lists_known_and_connected_peers(state):
+    async def scenario():
+        swarm = Swarm()
+        swarm.connected = ["ipfs-only", "node"]
+        state.peer_answered("offline")
+        m = monitor(state, swarm, FakeHealth({"node": ()}), lambda: datetime.now(UTC))
+        report = {p["peer_id"]: p for p in await m.report()}
+        assert set(report) == {"ipfs-only", "node", "offline"}
+        assert report["node"]["fusenode"] and report["node"]["connected"]
+        assert report["ipfs-only"]["connected"] and not report["ipfs-only"]["fusenode"]
+        assert not report["offline"]["connected"] and report["offline"]["last_seen"]
+
+    asyncio.run(scenario())
+
+
+def test_health_reply_parsing_keeps_only_strings():
+    assert Health.parse({"peer_id": "p", "addresses": ["/a", 3, None]}) == Health("p", ("/a",))
+    assert Health.parse(b"{}") == Health("", ())

@@ -1,0 +1,175 @@
+"""Repair without a network: which fragments are rebuilt, where they go, what is recorded
+(node/repair.py on an in-memory backend, fake peers and a real SQLite state)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fusenode.node.aio import AsyncBlocks, Bridge
+from fusenode.node.allocator import Allocator
+from fusenode.node.monitor import PeerMonitor
+from fusenode.node.repair import Repairer
+from fusenode.node.state import State
+from fusenode.storage.store import load_manifest, put_file
+from fusenode.storage.unixfs import file_cid
+
+from tests.support.fakes import FakeBackend, FakeHealth
+
+SELF = "self"
+PEERS = ["p1", "p2", "p3", "p4", "p5"]
+
+
+class FakePlacer:
+    """Records where fragments go, after checking the bytes are what the CID says."""
+
+    def __init__(self) -> None:
+        self.placed: list[tuple[str, str]] = []
+
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+        actual = file_cid(path.read_bytes())
+        assert cid is None or actual == cid
+        self.placed.append((holder, actual))
+        return actual
+
+
+class World:
+    """A model stored k=2 n=4 over SELF and p1..p3 (three segments); p4, p5 hold nothing."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.backend = FakeBackend()
+        src = tmp / "model.bin"
+        src.write_bytes(os.urandom(3000))
+        self.put = put_file(src, self.backend, public=True, k=2, n=4, segment_size=1024)
+        self.cid = self.put.cid
+        self.state = State(tmp / "state.db")
+        owners = [SELF, "p1", "p2", "p3"]
+        rows = [
+            (seg.index, f.index, f.cid, owners[(f.index + seg.index) % 4])
+            for seg in self.put.manifest.segments
+            for f in seg.fragments
+        ]
+        self.state.record_model(self.cid, 2, 4, len(self.put.manifest.segments), "distinct", rows)
+        self.health = FakeHealth({p: () for p in PEERS})
+        self.now = datetime.now(UTC)
+        self.clock = [self.now]
+        self.placer = FakePlacer()
+        self.tmp = tmp
+
+    def repairer(self) -> Repairer:
+        blocks = AsyncBlocks(self.backend, Bridge())
+        monitor = PeerMonitor(
+            SELF,
+            blocks,
+            self.state,
+            self.health,
+            unreachable_after=600,
+            clock=lambda: self.clock[0],
+        )
+        blocks.peers = self._connected  # type: ignore[method-assign]
+
+        async def manifest(cid: str):
+            return load_manifest(cid, self.backend)
+
+        return Repairer(
+            SELF,
+            blocks,
+            self.state,
+            monitor,
+            Allocator(),
+            self.placer,
+            manifest,  # type: ignore[arg-type]
+            fetch_timeout=1.0,
+            tmp=self.tmp,
+        )
+
+    async def _connected(self) -> list[str]:
+        return sorted(self.health.answers)
+
+    def run(self) -> dict:
+        async def scenario():
+            repairer = self.repairer()
+            await repairer.monitor.check(PEERS)  # every peer answered once: seen now
+            for peer in self.down:
+                self.health.answers.pop(peer, None)
+            self.clock[0] = self.now + timedelta(seconds=self.after)
+            return await repairer.run()
+
+        return asyncio.run(scenario())
+
+    down: tuple[str, ...] = ()
+    after = 0.0
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    yield w
+    w.state.close()
+
+
+def holders_by_segment(state: State, cid: str) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for p in state.placements(cid):
+        out.setdefault(p.segment, []).append(p.peer)
+    return out
+
+
+def test_nothing_to_do_while_everyone_answers(world):
+    summary = world.run()
+    assert summary == {
+        "checked": 3,
+        "unreachable": [],
+        "replaced": [],
+        "repaired": [],
+        "failed": [],
+    }
+    assert world.placer.placed == []
+
+
+def test_a_short_outage_is_not_repaired(world):
+    world.down, world.after = ("p2",), 599
+    summary = world.run()
+    assert summary["unreachable"] == ["p2"] and summary["replaced"] == []
+    assert world.placer.placed == []
+
+
+def test_an_away_holder_is_replaced_on_nodes_without_the_segment(world):
+    before = holders_by_segment(world.state, world.cid)
+    world.down, world.after = ("p2",), 601
+    summary = world.run()
+    assert summary["replaced"] == ["p2"] and summary["failed"] == []
+    lost = sum(row.count("p2") for row in before.values())
+    assert len(summary["repaired"]) == len(world.placer.placed) == lost == 3
+    after = holders_by_segment(world.state, world.cid)
+    for segment, row in after.items():
+        assert "p2" not in row
+        assert len(set(row)) == 4, (segment, row)  # still four distinct holders
+    # The rebuilt fragments went to p4 and p5 (free), spreading the load between them.
+    assert Counter(h for h, _ in world.placer.placed) in (Counter(p4=2, p5=1), Counter(p4=1, p5=2))
+    # Same CIDs as the manifest lists: erasure coding is deterministic.
+    listed = {f.cid for s in world.put.manifest.segments for f in s.fragments}
+    assert {cid for _, cid in world.placer.placed} <= listed
+    assert world.run()["replaced"] == []  # nothing placed on p2 any more
+
+
+def test_too_few_fragments_left_is_reported_not_raised(world):
+    world.down, world.after = ("p1", "p2", "p3"), 601
+    summary = world.run()
+    assert summary["replaced"] == ["p1", "p2", "p3"]
+    assert len(summary["failed"]) == 3 and summary["repaired"] == []
+    assert all("cannot rebuild" in f["error"] for f in summary["failed"])
+
+
+def test_a_damaged_fragment_is_skipped_and_another_used(world):
+    seg = world.put.manifest.segments[0]
+    damaged = seg.fragments[0]  # held by SELF in segment 0
+    world.backend.blocks[damaged.cid] = b"\0" + world.backend.blocks[damaged.cid][1:]
+    world.down, world.after = ("p2",), 601
+    summary = world.run()
+    assert summary["failed"] == []
+    assert any(m["segment"] == 0 for m in summary["repaired"])
