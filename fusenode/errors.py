@@ -7,31 +7,40 @@ beside what raises them (borg's style); the whole family, with exit code / HTTP 
 
     Error                              1 / 500   base: an error we foresaw
     ├── StorageError                   1 / 500   fusenode.storage.errors
-    │   ├── InvalidArgument            2 / 400   bad parameter: k/n, CID syntax, a missing file
+    │   ├── InvalidArgument            2 / 409   a value that cannot be used: k >= n, a file
+    │   │                                        that is not there, a CID that does not decode
     │   ├── CryptoError                1 / 500
-    │   │   ├── HeaderError            2 / 400   malformed age header, recipient or identity
+    │   │   ├── HeaderError            2 / 409   malformed age header, recipient or identity
     │   │   ├── NoIdentityMatch        5 / 403   none of the identities given opens the file
     │   │   └── DecryptionError        6 / 502   ciphertext fails authentication
     │   ├── IntegrityError             6 / 502   data does not match its content hash
-    │   ├── ManifestError              1 / 400   not a manifest, or an unknown version
+    │   ├── ManifestError              1 / 409   not a manifest, or an unknown version
     │   ├── BackendError               1 / 500   the IPFS node failed
     │   │   └── BackendTimeout         7 / 504   an IPFS call missed its deadline
+    │   │       └── ManifestNotFound   4 / 404   no reachable node has the manifest
     │   └── NotEnoughFragments         7 / 503   fewer than k good fragments reachable
     ├── PassError                      1 / 400   fusenode.passes.errors
     │   ├── ModelFileError             1 / 400   input missing, not ONNX, invalid
     │   ├── OutputError                1 / 400   output cannot be written
     │   └── VerificationError          3 / 422   outputs differ: nothing written
     └── NodeError                      1 / 409   fusenode.node.errors
-        ├── ConfigError                8 / 400   config.toml or a FUSENODE_* variable
-        ├── RepoError                  8 / 400   repo missing, existing, or damaged
+        ├── BadRequest                 2 / 400   a request that breaks the API's schema
+        ├── CommandError               1 / 409   a command's own refusal (no daemon, ...)
+        ├── ConfigError                8 / 500   config.toml or a FUSENODE_* variable
+        ├── RepoError                  8 / 409   repo missing, existing, or damaged
         ├── DaemonError                9 / 502   talking to the local daemon failed
         ├── PlacementError             7 / 503   too few reachable nodes for the placement
-        ├── NotFoundError              4 / 404   no such job, manifest or other named thing
+        ├── NotFoundError              4 / 404   no such job or other named thing
         ├── PeerError                  7 / 502   fusenode.node.protocol: a peer call failed
         │   ├── PeerUnreachable        7 / 503   no answer (down, disconnected, no daemon)
         │   └── PeerRefused            1 / 502   the peer answered with an error
+        ├── BadPeerRequest             1 / 400   a peer's request is malformed
         ├── PeerAuthError              1 / 401   a peer request's signature is not valid
         └── JobError                   1 / 409   an optimization job cannot complete
+
+Why 409 and not 400 for a value that cannot be used: the local API answers 400 only for a
+request that breaks its published schema (`fusenode.node.schema`), so a client (or a fuzzer)
+holding openapi.json can tell its own mistakes from the node's refusals.
 
 Exit codes, as the CLI documents them: 0 success, 1 error, 2 usage (the command line or an
 argument is wrong), 3 verification failed, 4 not found, 5 no key opens the model, 6 stored
@@ -61,8 +70,15 @@ class Error(Exception):
     http_status: ClassVar[int] = 500
     _by_name: ClassVar[dict[str, type[Error]]] = {}
 
-    def __init_subclass__(cls, **kwargs: object) -> None:
+    def __init_subclass__(
+        cls, *, exit_code: int | None = None, http_status: int | None = None, **kwargs: object
+    ) -> None:
+        """``class X(Base, exit_code=.., http_status=..)``: what X changes of its base's."""
         super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
+        if http_status is not None:
+            cls.http_status = http_status
         if cls.__module__.startswith("fusenode."):  # not a test's or a user's subclass
             Error._by_name.setdefault(cls.__name__, cls)
 

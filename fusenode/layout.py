@@ -16,48 +16,25 @@ layer owns the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RepoLayout"]
 
 
-@dataclass(frozen=True)
 class RepoLayout:
-    root: Path
+    """The paths of the repo at ``root``."""
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.toml"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "config.toml"
+        self.identity = root / "identity.txt"
+        self.kubo = root / "kubo"
+        self.kubo_config = self.kubo / "config"
+        self.kubo_log = root / "kubo.log"
+        self.tmp = root / "tmp"
+        self.state = root / "state.db"
+        self.api_token = root / "api.token"
+        self.api_json = root / "api.json"
 
-    @property
-    def identity(self) -> Path:
-        return self.root / "identity.txt"
-
-    @property
-    def kubo(self) -> Path:
-        return self.root / "kubo"
-
-    @property
-    def kubo_config(self) -> Path:
-        return self.kubo / "config"
-
-    @property
-    def kubo_log(self) -> Path:
-        return self.root / "kubo.log"
-
-    @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.db"
-
-    @property
-    def api_token(self) -> Path:
-        return self.root / "api.token"
-
-    @property
-    def api_json(self) -> Path:
-        return self.root / "api.json"
+    def __repr__(self) -> str:
+        return f"RepoLayout({str(self.root)!r})"

@@ -39,6 +39,7 @@ from aiohttp import web
 from fusenode.node.operations import API_PREFIX, OPERATIONS, Operation, openapi
 from fusenode.node.schema import Object, type_name
 
+from fusenode import strictjson
 from fusenode.errors import Error
 
 __all__ = [
@@ -176,19 +177,6 @@ def _bad(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=message)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 async def _json_body(request: web.Request, body: Object) -> dict[str, Any]:
     """Read, parse and check the body of a POST against ``body``; 4xx with a precise reason.
 
@@ -219,16 +207,12 @@ async def _json_body(request: web.Request, body: Object) -> dict[str, Any]:
             )
         data = await request.read()
         try:
-            raw = json.loads(
-                data.decode("utf-8"),
-                object_pairs_hook=_reject_duplicates,
-                parse_constant=_reject_constant,
-            )
+            raw = strictjson.loads(data.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise _bad(f"request body is not UTF-8: {e.reason} at byte {e.start}") from None
         except json.JSONDecodeError as e:
             raise _bad(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except ValueError as e:  # from the hooks above
+        except ValueError as e:  # duplicate key, NaN, nesting
             raise _bad(f"invalid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise _bad(f"request body must be a JSON object, not {type_name(raw)}")

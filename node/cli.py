@@ -198,41 +198,45 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return daemon_main(default_repo_path(args.repo), list(args.bootstrap or []))
 
 
+def _show(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> int:
+    """``data`` as JSON with ``--json``, else as ``human`` prints it."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        human(data)
+    return 0
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     info = _node(args).identity()
-    info = {
-        "peer_id": info["peer_id"],
-        "addresses": list(info["addresses"]),
-        "recipient": info["recipient"],
-    }
-    if args.json:
-        print(json.dumps(info))
-    else:
-        print(f"peer ID:   {info['peer_id']}")
-        for a in info["addresses"]:
-            print(f"address:   {a}")
-        print(f"recipient: {info['recipient']}")
+    if args.json:  # one line: scripts read it with a JSON parser or line by line
+        keys = ("peer_id", "addresses", "recipient")
+        print(json.dumps({key: info[key] for key in keys}))
+        return 0
+    print(f"peer ID:   {info['peer_id']}")
+    for a in info["addresses"]:
+        print(f"address:   {a}")
+    print(f"recipient: {info['recipient']}")
     return 0
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    peers = _node(args).peers()
-    if args.json:
-        print(json.dumps(peers, indent=2))
-        return 0
+    return _show(args, _node(args).peers(), _print_peers)
+
+
+def _print_peers(peers: list[dict[str, Any]]) -> None:
     connected = [p for p in peers if p["connected"]]
     for p in connected:
         kind = "fusenode" if p.get("fusenode") else "ipfs"
         print(f"{p['peer_id']}  {kind}")
     print(f"{len(connected)} connected peer(s)", file=sys.stderr)
-    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _node(args).status(args.cid)
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+    return _show(args, _node(args).status(args.cid), _print_status)
+
+
+def _print_status(st: dict[str, Any]) -> None:
     print(
         f"{st['cid']}: k={st['k']} n={st['n']} "
         f"{'healthy' if st['healthy'] else 'DEGRADED'}"
@@ -247,7 +251,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         for f in seg["fragments"]:
             mark = "ok " if f["answered"] else "-- "
             print(f"    {mark}fragment {f['index']}  {f['peer'] or 'no known holder'}")
-    return 0
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -291,16 +294,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = _node(args).jobs()
-    if args.json:
-        print(json.dumps(jobs, indent=2))
-        return 0
+    return _show(args, _node(args).jobs(), _print_jobs)
+
+
+def _print_jobs(jobs: list[dict[str, Any]]) -> None:
     for j in jobs:
         took = f"{j['seconds']:.1f}s" if j.get("seconds") is not None else "-"
         outcome = j["result"] or (j["error"] or "")
         print(f"{j['id']:>4}  {j['state']:<8} {took:>7}  {j['kind']} {j['source']}  {outcome}")
     print(f"{len(jobs)} job(s)", file=sys.stderr)
-    return 0
 
 
 def cmd_share(args: argparse.Namespace) -> int:
@@ -310,10 +312,10 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = _node(args).info(args.cid, args.identity)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+    return _show(args, _node(args).info(args.cid, args.identity), _print_info)
+
+
+def _print_info(info: dict[str, Any]) -> None:
     print(f"{info['cid']}")
     print(
         f"  {'encrypted (age)' if info['encrypted'] else 'public'}, "
@@ -324,7 +326,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     meta = info.get("metadata")
     if not meta:
         print("  metadata: sealed (no identity given here can open it)")
-        return 0
+        return
     print(f"  name {meta['name']}, {meta['size']} bytes, sha256 {meta['sha256']}")
     if meta.get("recipients"):
         print(f"  recipients: {', '.join(meta['recipients'])}")
@@ -346,7 +348,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{ver.get('max_abs_error')}, max rel error {ver.get('max_rel_error')} "
             f"(rtol {ver.get('rtol')}, atol {ver.get('atol')})"
         )
-    return 0
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -361,20 +362,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _command(
+    sub: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    text: str,
+    *,
+    repo: bool = True,
+    json_flag: bool = False,
+    cid: bool = False,
+    **extra: Any,
+) -> argparse.ArgumentParser:
+    """A subcommand: its positional CID, ``--repo`` and ``--json`` when it has them."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=text, **extra)
+    if cid:
+        p.add_argument("cid", help="manifest CID")
+    if repo:
+        p.add_argument("--repo", help="node repo (default: $FUSENODE_REPO or ~/.fusenode)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _recipients(p: argparse.ArgumentParser, text: str, required: bool = False) -> None:
+    p.add_argument("--recipient", action="append", metavar="AGE1...", required=required, help=text)
+
+
+def _identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--identity", help="age identity file (default: the node's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fusenode import __version__
+
     p = argparse.ArgumentParser(
         prog="fusenode",
         description="Decentralized storage and optimization node for ML models.",
     )
-    from fusenode import __version__
-
     p.add_argument("--version", action="version", version=f"fusenode {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    f = sub.add_parser(
+    f = _command(
+        sub,
         "fuse",
-        help="fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm",
+        cmd_fuse,
+        "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm",
+        repo=False,
         description="Fold every BatchNormalization that can be folded exactly into the "
         "Conv / ConvTranspose / Gemm before it; report what was fused and what was skipped.",
     )
@@ -401,108 +436,67 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIMS",
         help="shape for a symbolic input in --verify, e.g. x=1x3x224x224",
     )
-    f.set_defaults(handler=cmd_fuse)
 
-    kg = sub.add_parser("keygen", help="create an age identity (X25519 key pair)")
+    kg = _command(sub, "keygen", cmd_keygen, "create an age identity (X25519 key pair)", repo=False)
     kg.add_argument("-o", "--output", help="write the identity here (mode 0600)")
-    kg.set_defaults(handler=cmd_keygen)
 
-    i = sub.add_parser("init", help="create a node repo")
-    _repo_arg(i)
+    i = _command(sub, "init", cmd_init, "create a node repo")
     i.add_argument("--swarm-port", type=int, help="IPFS swarm port on 127.0.0.1 (default: free)")
     i.add_argument("--api-port", type=int, help="HTTP API port on 127.0.0.1 (default: free)")
-    i.set_defaults(handler=cmd_init)
 
-    pu = sub.add_parser("put", help="store a file: encrypt, erasure-code, pin; print its CID")
+    pu = _command(sub, "put", cmd_put, "store a file: encrypt, erasure-code, pin; print its CID")
     pu.add_argument("file")
     pu.add_argument("-k", type=int, help="fragments needed to rebuild a segment")
     pu.add_argument("-n", type=int, help="fragments stored per segment")
-    pu.add_argument(
-        "--recipient",
-        action="append",
-        metavar="AGE1...",
-        help="age recipient who may read it (repeatable; default: this node)",
-    )
+    _recipients(pu, "age recipient who may read it (repeatable; default: this node)")
     pu.add_argument("--public", action="store_true", help="store unencrypted")
-    _repo_arg(pu)
-    pu.set_defaults(handler=cmd_put)
 
-    g = sub.add_parser("get", help="retrieve a stored file by its manifest CID")
-    g.add_argument("cid")
+    g = _command(sub, "get", cmd_get, "retrieve a stored file by its manifest CID", cid=True)
     g.add_argument("-o", "--output", required=True, help="where to write the file")
-    g.add_argument("--identity", help="age identity file (default: the node's)")
-    _repo_arg(g)
-    g.set_defaults(handler=cmd_get)
+    _identity(g)
 
-    dm = sub.add_parser("daemon", help="run a storage node in the foreground")
-    _repo_arg(dm)
+    dm = _command(sub, "daemon", cmd_daemon, "run a storage node in the foreground")
     dm.add_argument(
         "--bootstrap",
         action="append",
         metavar="MULTIADDR",
         help="peer to join, /ip4/127.0.0.1/tcp/PORT/p2p/PEERID (repeatable)",
     )
-    dm.set_defaults(handler=cmd_daemon)
 
-    idp = sub.add_parser("id", help="this node's peer ID, addresses and age recipient")
-    _repo_arg(idp)
-    idp.add_argument("--json", action="store_true")
-    idp.set_defaults(handler=cmd_id)
-
-    pe = sub.add_parser("peers", help="list connected peers (needs a running daemon)")
-    _repo_arg(pe)
-    pe.add_argument("--json", action="store_true")
-    pe.set_defaults(handler=cmd_peers)
-
-    stp = sub.add_parser("status", help="which peer holds which fragment of a stored model")
-    stp.add_argument("cid")
-    _repo_arg(stp)
-    stp.add_argument("--json", action="store_true")
-    stp.set_defaults(handler=cmd_status)
-
-    rp = sub.add_parser("repair", help="run a repair pass now (needs a running daemon)")
-    _repo_arg(rp)
-    rp.set_defaults(handler=cmd_repair)
-
-    op = sub.add_parser("optimize", help="fuse a stored model by CID and republish it")
-    op.add_argument("cid")
-    op.add_argument(
-        "--recipient",
-        action="append",
-        metavar="AGE1...",
-        help="who may read the result (default: the source model's recipients)",
+    _command(sub, "id", cmd_id, "this node's peer ID, addresses and age recipient", json_flag=True)
+    _command(sub, "peers", cmd_peers, "list connected peers (needs a daemon)", json_flag=True)
+    _command(
+        sub,
+        "status",
+        cmd_status,
+        "which peer holds which fragment of a stored model",
+        json_flag=True,
+        cid=True,
     )
+    _command(sub, "repair", cmd_repair, "run a repair pass now (needs a running daemon)")
+
+    op = _command(
+        sub, "optimize", cmd_optimize, "fuse a stored model by CID and republish it", cid=True
+    )
+    _recipients(op, "who may read the result (default: the source model's recipients)")
     op.add_argument("--detach", action="store_true", help="print the job id and return")
-    _repo_arg(op)
-    op.set_defaults(handler=cmd_optimize)
 
-    jb = sub.add_parser("jobs", help="list optimization jobs with state and timing")
-    jb.add_argument("--json", action="store_true")
-    _repo_arg(jb)
-    jb.set_defaults(handler=cmd_jobs)
+    _command(sub, "jobs", cmd_jobs, "list optimization jobs with state and timing", json_flag=True)
 
-    sh = sub.add_parser("share", help="grant another key access (new manifest CID, same data)")
-    sh.add_argument("cid")
-    sh.add_argument("--recipient", action="append", required=True, metavar="AGE1...")
-    sh.add_argument("--identity", help="an identity that can read the model (default: node's)")
-    _repo_arg(sh)
-    sh.set_defaults(handler=cmd_share)
+    sh = _command(
+        sub, "share", cmd_share, "grant another key access (new manifest CID, same data)", cid=True
+    )
+    _recipients(sh, "a key to grant access to (repeatable)", required=True)
+    _identity(sh)
 
-    inf = sub.add_parser("info", help="a stored model's metadata and provenance")
-    inf.add_argument("cid")
-    inf.add_argument("--identity", help="identity to open the sealed metadata (default: node's)")
-    inf.add_argument("--json", action="store_true")
-    _repo_arg(inf)
-    inf.set_defaults(handler=cmd_info)
+    inf = _command(
+        sub, "info", cmd_info, "a stored model's metadata and provenance", json_flag=True, cid=True
+    )
+    _identity(inf)
 
-    d = sub.add_parser("demo", help="run a self-contained demonstration")
+    d = _command(sub, "demo", cmd_demo, "run a self-contained demonstration", repo=False)
     d.add_argument("--workdir", help="keep the demo's files here (default: a temp folder)")
-    d.set_defaults(handler=cmd_demo)
     return p
-
-
-def _repo_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", help="node repo (default: $FUSENODE_REPO or ~/.fusenode)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

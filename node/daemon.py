@@ -27,6 +27,7 @@ from pathlib import Path
 from aiohttp import web
 from fusenode.node.aio import AsyncBlocks, AsyncTransport, Bridge
 from fusenode.node.allocator import Allocator
+from fusenode.node.context import NodeContext
 from fusenode.node.holder import Holder
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.network import PeerNetwork
@@ -63,29 +64,19 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     config = repo.config
     blocks = AsyncBlocks(kubo, bridge)
     transport = AsyncTransport(kubo.transport, bridge)
-    peer_id = kubo.identity().peer_id
+    ctx = NodeContext(kubo.identity().peer_id, blocks, state, repo.files.tmp)
     client = PeerClient(transport, load_private_key(repo.files.kubo))
-    monitor = PeerMonitor(
-        peer_id, blocks, state, client, unreachable_after=config.repair.unreachable_after
-    )
-    placer = Placer(peer_id, blocks, client, state, config.placement.pin_timeout)
-    announcer = Announcer(transport, config.optimizer.announce)
-    network = PeerNetwork(peer_id, state, monitor, client, placer, announcer)
+    monitor = PeerMonitor(ctx, client, unreachable_after=config.repair.unreachable_after)
+    placer = Placer(ctx, client, config.placement.pin_timeout)
+    network = PeerNetwork(ctx, monitor, placer, Announcer(transport, config.optimizer.announce))
     allocator = Allocator()
-    service = NodeService(repo, blocks, state, network, allocator)
+    service = NodeService(repo, ctx, network, allocator)
+    fetch_timeout = config.storage.fetch_timeout
     service.repairer = Repairer(
-        peer_id,
-        blocks,
-        state,
-        monitor,
-        allocator,
-        placer,
-        service.manifest,
-        fetch_timeout=config.storage.fetch_timeout,
-        tmp=repo.tmp,
+        ctx, monitor, allocator, placer, service.manifest, fetch_timeout=fetch_timeout
     )
     service.optimizer = Optimizer(service, transport)
-    holder = Holder(blocks, state, repo.tmp, config.placement.pin_timeout)
+    holder = Holder(ctx, config.placement.pin_timeout)
     return Components(service, holder, monitor, service.repairer, service.optimizer, client)
 
 
@@ -129,7 +120,7 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
     from fusenode.node.peer_server import create_peer_app
     from fusenode.node.protocol import PROTOCOL
 
-    from fusenode.net import free_loopback_port
+    from fusenode.system import free_loopback_port
 
     config = repo.config
     stop = asyncio.Event()

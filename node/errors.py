@@ -4,52 +4,33 @@
 from fusenode.errors import Error
 
 
-class NodeError(Error):
+class NodeError(Error, http_status=409):
     """Base of the node layer's errors."""
 
-    http_status = 409
 
-
-class ConfigError(NodeError):
+class ConfigError(NodeError, exit_code=8, http_status=500):
     """Invalid configuration."""
 
-    exit_code = 8
-    http_status = 500
 
-
-class RepoError(NodeError):
+class RepoError(NodeError, exit_code=8):
     """A problem with the repo folder (or a file it names, such as an identity)."""
 
-    exit_code = 8
 
-
-class DaemonError(NodeError):
+class DaemonError(NodeError, exit_code=9, http_status=502):
     """A request to the daemon failed."""
 
-    exit_code = 9
-    http_status = 502
 
-
-class PlacementError(NodeError):
+class PlacementError(NodeError, exit_code=7, http_status=503):
     """Not enough reachable nodes for the requested placement."""
 
-    exit_code = 7
-    http_status = 503
 
-
-class NotFoundError(NodeError):
+class NotFoundError(NodeError, exit_code=4, http_status=404):
     """The thing asked for does not exist."""
 
-    exit_code = 4
-    http_status = 404
 
-
-class BadRequest(NodeError):
+class BadRequest(NodeError, exit_code=2, http_status=400):
     """A request does not match the API's schema (a wrong type, a missing key, a bad
     pattern): the caller must change it."""
-
-    exit_code = 2
-    http_status = 400
 
 
 class CommandError(NodeError):

@@ -10,22 +10,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from fusenode.node.aio import AsyncBlocks
+from fusenode.node.context import NodeContext
 from fusenode.node.protocol import BadPeerRequest, Health
-from fusenode.node.state import State
 from fusenode.storage.unixfs import file_cid
 
 __all__ = ["Holder"]
 
 
 class Holder:
-    def __init__(self, blocks: AsyncBlocks, state: State, tmp: Path, pin_timeout: float) -> None:
-        identity = blocks.identity()
-        self.peer_id = identity.peer_id
-        self.addresses = tuple(identity.addresses)
-        self.blocks = blocks
-        self.state = state
-        self.tmp = tmp
+    def __init__(self, ctx: NodeContext, pin_timeout: float) -> None:
+        self.peer_id = ctx.peer_id
+        self.addresses = tuple(ctx.blocks.identity().addresses)
+        self.blocks, self.state, self.tmp = ctx.blocks, ctx.state, ctx.tmp
         self.pin_timeout = pin_timeout
 
     def health(self, requester: str) -> Health:

@@ -70,6 +70,7 @@ class LocalNode:
 
     async def _run(self, name: str, args: dict[str, Any]) -> Any:
         from fusenode.node.aio import AsyncBlocks, Bridge
+        from fusenode.node.context import NodeContext
         from fusenode.node.network import Offline
         from fusenode.node.service import NodeService
         from fusenode.node.state import State
@@ -80,8 +81,8 @@ class LocalNode:
             kubo = await bridge.run(self.repo.open_backend)
             try:
                 blocks = AsyncBlocks(kubo, bridge)
-                network = Offline(kubo.identity().peer_id, blocks, state)
-                service = NodeService(self.repo, blocks, state, network)
+                ctx = NodeContext(kubo.identity().peer_id, blocks, state, self.repo.files.tmp)
+                service = NodeService(self.repo, ctx, Offline(ctx))
                 return await getattr(service, name)(**args)
             finally:
                 await bridge.run(kubo.close)

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from fusenode.node.aio import AsyncBlocks
+from fusenode.node.context import NodeContext
 from fusenode.node.protocol import Health, PeerError
-from fusenode.node.state import State, parse_iso
+from fusenode.node.state import parse_iso
 
 from fusenode import defaults
 
@@ -47,17 +47,13 @@ def _now() -> datetime:
 class PeerMonitor:
     def __init__(
         self,
-        peer_id: str,
-        blocks: AsyncBlocks,
-        state: State,
+        ctx: NodeContext,
         client: HealthChecker,
         *,
         unreachable_after: float,
         clock: Callable[[], datetime] = _now,
     ) -> None:
-        self.peer_id = peer_id
-        self.blocks = blocks
-        self.state = state
+        self.peer_id, self.blocks, self.state = ctx.peer_id, ctx.blocks, ctx.state
         self.client = client
         self.unreachable_after = unreachable_after
         self.clock = clock

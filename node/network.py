@@ -17,12 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from fusenode.node.aio import AsyncBlocks
+from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
-from fusenode.node.peer_client import PeerClient
 from fusenode.node.placement import Placer
 from fusenode.node.protocol import PeerError
-from fusenode.node.state import State
 
 __all__ = ["Announcer", "Network", "Offline", "PeerNetwork"]
 
@@ -54,18 +52,11 @@ class PeerNetwork:
     networked = True
 
     def __init__(
-        self,
-        peer_id: str,
-        state: State,
-        monitor: PeerMonitor,
-        client: PeerClient,
-        placer: Placer,
-        announcer: Announcer,
+        self, ctx: NodeContext, monitor: PeerMonitor, placer: Placer, announcer: Announcer
     ) -> None:
-        self.peer_id = peer_id
-        self.state = state
+        self.peer_id, self.state = ctx.peer_id, ctx.state
         self.monitor = monitor
-        self.client = client
+        self.client = placer.client
         self.placer = placer
         self.announcer = announcer
 
@@ -104,10 +95,8 @@ class PeerNetwork:
 class Offline:
     networked = False
 
-    def __init__(self, peer_id: str, blocks: AsyncBlocks, state: State) -> None:
-        self.peer_id = peer_id
-        self.blocks = blocks
-        self.state = state
+    def __init__(self, ctx: NodeContext) -> None:
+        self.peer_id, self.blocks, self.state = ctx.peer_id, ctx.blocks, ctx.state
 
     async def live_peers(self) -> list[str]:
         return []

@@ -137,7 +137,7 @@ class Optimizer:
         recipients = list(job["recipients"]) or list(getattr(metadata, "recipients", None) or [])
         if manifest.encrypted and not recipients:
             raise JobError(f"{source} does not record its recipients: name them with --recipient")
-        work = Path(tempfile.mkdtemp(prefix=f".job{job['id']}-", dir=service.repo.tmp))
+        work = Path(tempfile.mkdtemp(prefix=f".job{job['id']}-", dir=service.repo.files.tmp))
         try:
             source_file = work / "input.onnx"
             fused_file = work / "fused.onnx"

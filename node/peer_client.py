@@ -15,7 +15,7 @@ from fusenode.node.protocol import CidList, Health, PeerRefused, PeerUnreachable
 from yarl import URL
 
 from fusenode import defaults
-from fusenode.net import free_loopback_port
+from fusenode.system import free_loopback_port
 
 __all__ = ["PeerClient"]
 

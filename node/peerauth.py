@@ -95,7 +95,7 @@ _MAX_KEY_HEADER: Final = 4096  # base64 chars: an 8192-bit RSA key is ~1.4 KB of
 _MAX_SIG_HEADER: Final = 2048
 
 
-class PeerAuthError(NodeError):
+class PeerAuthError(NodeError, http_status=401):
     """A peer's identity key could not be loaded, or a request's signature did not verify."""
 
 

@@ -13,22 +13,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fusenode.node import protocol
-from fusenode.node.aio import AsyncBlocks
+from fusenode.node.context import NodeContext
 from fusenode.node.peer_client import PeerClient
-from fusenode.node.state import State
 from fusenode.storage.unixfs import file_cid
 
 __all__ = ["Placer"]
 
 
 class Placer:
-    def __init__(
-        self, peer_id: str, blocks: AsyncBlocks, client: PeerClient, state: State, timeout: float
-    ) -> None:
-        self.peer_id = peer_id
-        self.blocks = blocks
+    def __init__(self, ctx: NodeContext, client: PeerClient, timeout: float) -> None:
+        self.peer_id, self.blocks, self.state = ctx.peer_id, ctx.blocks, ctx.state
         self.client = client
-        self.state = state
         self.timeout = timeout
 
     async def place(self, holder: str, path: Path, cid: str | None = None) -> str:

@@ -49,24 +49,6 @@ from fusenode.storage.errors import InvalidArgument
 
 from fusenode import defaults
 
-__all__ = [
-    "HAS",
-    "HEALTH",
-    "MAX_BODY",
-    "MAX_FRAGMENT",
-    "PIN",
-    "PROTOCOL",
-    "STORE",
-    "UNPIN",
-    "BadPeerRequest",
-    "CidList",
-    "Health",
-    "PeerError",
-    "PeerRefused",
-    "PeerUnreachable",
-    "Stored",
-]
-
 PROTOCOL: Final = "/x/fusenode/peer/1"
 HEALTH: Final = "/peer/v1/health"
 PIN: Final = "/peer/v1/pin"
@@ -79,29 +61,20 @@ MAX_BODY: Final = defaults.PEER_MAX_BODY
 MAX_FRAGMENT: Final = defaults.MAX_STREAMED_FRAGMENT
 
 
-class PeerError(NodeError):
+class PeerError(NodeError, exit_code=7, http_status=502):
     """A call to a peer failed."""
 
-    exit_code = 7
-    http_status = 502
 
-
-class PeerUnreachable(PeerError):
+class PeerUnreachable(PeerError, http_status=503):
     """A peer did not answer (down, disconnected, or its daemon is not running)."""
 
-    http_status = 503
 
-
-class PeerRefused(PeerError):
+class PeerRefused(PeerError, exit_code=1):
     """A peer answered with an error."""
 
-    exit_code = 1
 
-
-class BadPeerRequest(NodeError):
+class BadPeerRequest(NodeError, http_status=400):
     """A peer's request is malformed (answered 400)."""
-
-    http_status = 400
 
 
 def _object(data: bytes | dict[str, Any], what: str) -> dict[str, Any]:

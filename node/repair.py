@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fusenode.node.aio import AsyncBlocks
 from fusenode.node.allocator import Allocator
+from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.placement import Placer
-from fusenode.node.state import Placement, State
+from fusenode.node.state import Placement
 from fusenode.storage.erasure import ErasureCoder
 from fusenode.storage.errors import StorageError
 from fusenode.storage.manifest import FragmentRef, Manifest
@@ -38,26 +38,25 @@ log = logging.getLogger(__name__)
 class Repairer:
     def __init__(
         self,
-        peer_id: str,
-        blocks: AsyncBlocks,
-        state: State,
+        ctx: NodeContext,
         monitor: PeerMonitor,
         allocator: Allocator,
         placer: Placer,
         manifest: Callable[[str], Awaitable[Manifest]],
         *,
         fetch_timeout: float,
-        tmp: Path,
     ) -> None:
-        self.peer_id = peer_id
-        self.blocks = blocks
-        self.state = state
+        self.peer_id, self.blocks, self.state, self.tmp = (
+            ctx.peer_id,
+            ctx.blocks,
+            ctx.state,
+            ctx.tmp,
+        )
         self.monitor = monitor
         self.allocator = allocator
         self.placer = placer
         self.manifest = manifest
         self.fetch_timeout = fetch_timeout
-        self.tmp = tmp
         self._lock = asyncio.Lock()
 
     async def run(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from fusenode.storage import age
 from fusenode.storage.backend import NodeIdentity
 
 from fusenode.layout import RepoLayout
-from fusenode.net import free_loopback_port
+from fusenode.system import free_loopback_port
 
 if TYPE_CHECKING:
     from fusenode.storage.kubo import KuboNode
@@ -71,16 +71,8 @@ class Repo:
     def files(self) -> RepoLayout:
         return RepoLayout(self.path)
 
-    @property
-    def identity_path(self) -> Path:
-        return self.files.identity
-
-    @property
-    def tmp(self) -> Path:
-        return self.files.tmp
-
     def identities(self) -> list[age.X25519Identity]:
-        return read_identities(self.identity_path)
+        return read_identities(self.files.identity)
 
     def recipient(self) -> str:
         return self.identities()[0].recipient.to_string()

@@ -18,20 +18,6 @@ from typing import Any
 
 from fusenode.node.errors import BadRequest
 
-__all__ = [
-    "AbsolutePath",
-    "Array",
-    "Boolean",
-    "Field",
-    "Free",
-    "Integer",
-    "Nullable",
-    "Object",
-    "String",
-    "Type",
-    "type_name",
-]
-
 
 def type_name(value: Any) -> str:
     """The JSON name of a Python value's type, for messages."""

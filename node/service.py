@@ -18,6 +18,7 @@ block nobody has never ends by itself in Kubo).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,13 +26,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusenode.node.aio import AsyncBlocks
 from fusenode.node.allocator import Allocator, SegmentAllocation
+from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError
 from fusenode.node.network import Network
 from fusenode.node.protocol import PeerError
 from fusenode.node.repo import Repo, read_identities
-from fusenode.node.state import State
 from fusenode.storage import age
 from fusenode.storage.erasure import validate_parameters
 from fusenode.storage.errors import InvalidArgument, NoIdentityMatch
@@ -67,20 +67,15 @@ class NodeService:
     def __init__(
         self,
         repo: Repo,
-        blocks: AsyncBlocks,
-        state: State,
+        ctx: NodeContext,
         network: Network,
         allocator: Allocator | None = None,
     ) -> None:
-        self.repo = repo
-        self.config = repo.config
-        self.blocks = blocks
-        self.state = state
+        self.repo, self.config = repo, repo.config
+        self.peer_id, self.blocks, self.state = ctx.peer_id, ctx.blocks, ctx.state
+        self.addresses = list(ctx.blocks.identity().addresses)
         self.network = network
         self.allocator = allocator or Allocator()
-        identity = blocks.identity()
-        self.peer_id = identity.peer_id
-        self.addresses = list(identity.addresses)
         # The daemon's own components, wired by the daemon (None in a command without one).
         self.optimizer: Optimizer | None = None
         self.repairer: Repairer | None = None
@@ -187,7 +182,7 @@ class NodeService:
                 k=k,
                 n=n,
                 segment_size=self.config.storage.segment_size,
-                work_dir=self.repo.tmp,
+                work_dir=self.repo.files.tmp,
                 sink=sink,
                 progress=update,
                 name=name,
@@ -246,18 +241,13 @@ class NodeService:
                 deadline = min(deadline, defaults.UNKNOWN_HOLDER_TIMEOUT)
             return self.blocks.sync.fetch_bytes(frag_cid, deadline)
 
+        # Known beforehand: what is fetched, from where, and how it is checked.
+        retrieve = functools.partial(
+            get_file, cid, output, self.blocks.sync, manifest=manifest, order=order, fetch=fetch
+        )
         with (progress or _no_progress)(manifest.plaintext_size(), "get") as update:
             result = await self.blocks.bridge.run(
-                get_file,
-                cid,
-                output,
-                self.blocks.sync,
-                identities=identities,
-                fetch_timeout=timeout,
-                order=order,
-                fetch=fetch,
-                manifest=manifest,
-                progress=update,
+                retrieve, identities=identities, fetch_timeout=timeout, progress=update
             )
         return {
             "path": str(result.path),

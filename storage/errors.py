@@ -8,75 +8,49 @@ class StorageError(Error):
     """Base of all storage errors."""
 
 
-class InvalidArgument(StorageError):
+class InvalidArgument(StorageError, exit_code=2, http_status=409):
     """A parameter cannot be used: out of range, malformed, a file that is not there.
 
     HTTP 409, not 400: the API answers 400 only for a request that breaks its schema
     (`fusenode.node.schema`); a value the schema allows but the node cannot use is this.
     """
 
-    exit_code = 2
-    http_status = 409
-
 
 class CryptoError(StorageError):
     """Encryption or decryption failed."""
 
 
-class HeaderError(CryptoError):
+class HeaderError(CryptoError, exit_code=2, http_status=409):
     """Malformed age header, recipient or identity."""
 
-    exit_code = 2
-    http_status = 409
 
-
-class NoIdentityMatch(CryptoError):
+class NoIdentityMatch(CryptoError, exit_code=5, http_status=403):
     """None of the identities given can open this file (wrong key)."""
 
-    exit_code = 5
-    http_status = 403
 
-
-class DecryptionError(CryptoError):
+class DecryptionError(CryptoError, exit_code=6, http_status=502):
     """The ciphertext failed authentication or is truncated."""
 
-    exit_code = 6
-    http_status = 502
 
-
-class IntegrityError(StorageError):
+class IntegrityError(StorageError, exit_code=6, http_status=502):
     """Stored data does not match its content hash."""
 
-    exit_code = 6
-    http_status = 502
 
-
-class ManifestError(StorageError):
+class ManifestError(StorageError, http_status=409):
     """The manifest is malformed or of an unsupported version."""
-
-    http_status = 409
 
 
 class BackendError(StorageError):
     """The IPFS backend failed."""
 
 
-class BackendTimeout(BackendError):
+class BackendTimeout(BackendError, exit_code=7, http_status=504):
     """An IPFS call did not finish before its deadline."""
 
-    exit_code = 7
-    http_status = 504
 
-
-class ManifestNotFound(BackendTimeout):
+class ManifestNotFound(BackendTimeout, exit_code=4, http_status=404):
     """No reachable node has the manifest a CID names."""
 
-    exit_code = 4
-    http_status = 404
 
-
-class NotEnoughFragments(StorageError):
+class NotEnoughFragments(StorageError, exit_code=7, http_status=503):
     """Fewer than k good fragments of a segment could be retrieved."""
-
-    exit_code = 7
-    http_status = 503

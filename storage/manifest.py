@@ -32,6 +32,7 @@ from fusenode.storage.erasure import ALGORITHM, fragment_size, validate_paramete
 from fusenode.storage.errors import InvalidArgument, ManifestError, StorageError
 from fusenode.storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
 
+from fusenode import strictjson
 from fusenode.defaults import MAX_SEGMENT_SIZE
 
 __all__ = [
@@ -100,30 +101,14 @@ def canonical_json(obj: Any) -> bytes:
         raise ManifestError(f"value cannot be encoded as canonical JSON: {err}") from None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ManifestError(f"{name} is not allowed in a manifest (JSON has no such number)")
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Refuse duplicate keys: parsers disagree on which one wins, an ambiguity to exploit."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ManifestError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
 def _parse_json(data: bytes, what: str) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ManifestError(f"{what} is not valid UTF-8: {err}") from None
     try:
-        return json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
-    except ManifestError as err:
-        raise ManifestError(f"{what} is not valid: {err}") from None
-    except (ValueError, RecursionError) as err:
+        return strictjson.loads(text)
+    except ValueError as err:  # syntax, duplicate key, NaN/Infinity, nesting
         raise ManifestError(f"{what} is not valid JSON: {err}") from None
 
 

@@ -63,7 +63,8 @@ class PubSubMessage:
 
 
 class Libp2pTransport(abc.ABC):
-    """Stream mounting and PubSub of one libp2p node."""
+    """Stream mounting and PubSub of one libp2p node: what the node layer uses of them.
+    (An implementation may offer more, such as closing and listing mounts.)"""
 
     @abc.abstractmethod
     def p2p_listen(
@@ -76,28 +77,6 @@ class Libp2pTransport(abc.ABC):
         self, protocol: str, listen: str, peer_id: str, *, timeout: float | None = None
     ) -> P2PForward:
         """Carry TCP connections to local ``listen`` (port 0: pick one) to ``peer_id``."""
-
-    @abc.abstractmethod
-    def p2p_close(
-        self,
-        protocol: str | None = None,
-        *,
-        listen: str | None = None,
-        target: str | None = None,
-        peer_id: str | None = None,
-        listeners: bool = True,
-        forwards: bool = True,
-        timeout: float | None = None,
-    ) -> int:
-        """Close the listeners and/or forwards matching every filter given; how many closed."""
-
-    @abc.abstractmethod
-    def p2p_listeners(self, *, timeout: float | None = None) -> list[P2PListener]:
-        """The listeners active now."""
-
-    @abc.abstractmethod
-    def p2p_forwards(self, *, timeout: float | None = None) -> list[P2PForward]:
-        """The forwards active now."""
 
     @abc.abstractmethod
     def pubsub_subscribe(self, topic: str, *, timeout: float | None = None) -> int:

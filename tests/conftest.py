@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fusenode.net import free_loopback_port
+from fusenode.system import free_loopback_port
 from tests.support.cli import Cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,6 +36,7 @@ from fusenode.storage.kubo.transport import KuboTransport
 from fusenode.storage.multiformats import encode_multihash, parse_cid
 
 from fusenode import defaults
+from fusenode.system import removed_on_error
 
 __all__ = ["KuboNode"]
 
@@ -213,16 +214,12 @@ class KuboNode(IpfsBackend):
             raise InvalidArgument(f"fetch destination {dest} is a directory")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
-        try:
+        with removed_on_error(tmp):
             self._download(cid, tmp, timeout)
             if durable:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
             os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
 
     def fetch_bytes(self, cid: str, timeout: float) -> bytes:
         """The content of ``cid`` as bytes; for small objects such as manifests."""

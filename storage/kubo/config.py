@@ -6,13 +6,14 @@ Pure JSON edits; creating a repo needs the library, so it happens in a child pro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Final
 
 from fusenode.storage.errors import BackendError, InvalidArgument
+
+from fusenode.system import removed_on_error
 
 NON_LOOPBACK_FILTERS: Final = (
     "/ip4/0.0.0.0/ipcidr/2",
@@ -83,15 +84,11 @@ def read_config(config_path: Path) -> dict[str, Any]:
 def write_config(config_path: Path, config: dict[str, Any]) -> None:
     """Replace the config atomically, keeping it private (it holds the node's private key)."""
     tmp = config_path.with_name(f".config.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+    with removed_on_error(tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, config_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

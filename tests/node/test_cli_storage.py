@@ -15,7 +15,7 @@ import tomllib
 import pyrage
 import pytest
 
-from fusenode.net import free_loopback_port as free_port
+from fusenode.system import free_loopback_port as free_port
 from tests.support.cli import Cli, assert_clean_error, assert_ok, clean_env
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fusenode.node.aio import AsyncBlocks, Bridge
+from fusenode.node.context import NodeContext
 from fusenode.node.holder import Holder
 from fusenode.node.protocol import BadPeerRequest
 from fusenode.node.repo import Repo
@@ -28,7 +29,9 @@ def test_store_for_checks_the_bytes_before_adding(tmp_path: Path) -> None:
 
         async def scenario() -> None:
             bridge = Bridge()
-            holder = Holder(AsyncBlocks(kubo, bridge), state, repo.tmp, pin_timeout=10)
+            blocks = AsyncBlocks(kubo, bridge)
+            ctx = NodeContext(kubo.identity().peer_id, blocks, state, repo.files.tmp)
+            holder = Holder(ctx, pin_timeout=10)
             good = os.urandom(300_000)  # two chunks: a real UnixFS tree
             cid = file_cid(good)
             assert await holder.store_for(OWNER, cid, good) == cid

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from fusenode.node.aio import AsyncBlocks, Bridge
+from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.protocol import Health, PeerUnreachable
 from fusenode.node.state import State
@@ -42,9 +44,8 @@ def state(tmp_path):
 
 
 def monitor(state, swarm, health, now):
-    return PeerMonitor(
-        "self", AsyncBlocks(swarm, Bridge()), state, health, unreachable_after=600, clock=now
-    )
+    ctx = NodeContext("self", AsyncBlocks(swarm, Bridge()), state, Path("/nonexistent"))
+    return PeerMonitor(ctx, health, unreachable_after=600, clock=now)
 
 
 def test_health_answers_and_failures_are_recorded(state):

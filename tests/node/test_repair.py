@@ -8,10 +8,12 @@ import os
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.allocator import Allocator
+from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.repair import Repairer
 from fusenode.node.state import State
@@ -62,30 +64,15 @@ class World:
 
     def repairer(self) -> Repairer:
         blocks = AsyncBlocks(self.backend, Bridge())
-        monitor = PeerMonitor(
-            SELF,
-            blocks,
-            self.state,
-            self.health,
-            unreachable_after=600,
-            clock=lambda: self.clock[0],
-        )
         blocks.peers = self._connected  # type: ignore[method-assign]
+        ctx = NodeContext(SELF, blocks, self.state, self.tmp)
+        monitor = PeerMonitor(ctx, self.health, unreachable_after=600, clock=lambda: self.clock[0])
 
         async def manifest(cid: str):
             return load_manifest(cid, self.backend)
 
-        return Repairer(
-            SELF,
-            blocks,
-            self.state,
-            monitor,
-            Allocator(),
-            self.placer,
-            manifest,  # type: ignore[arg-type]
-            fetch_timeout=1.0,
-            tmp=self.tmp,
-        )
+        placer: Any = self.placer
+        return Repairer(ctx, monitor, Allocator(), placer, manifest, fetch_timeout=1.0)
 
     async def _connected(self) -> list[str]:
         return sorted(self.health.answers)

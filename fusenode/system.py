@@ -1,0 +1,29 @@
+"""Small operating-system helpers the layers share."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["free_loopback_port", "removed_on_error"]
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (another process could still take it first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def removed_on_error(path: Path) -> Iterator[Path]:
+    """Yield ``path`` (a temporary file being written); delete it if the block fails, so a
+    failed write leaves nothing behind."""
+    try:
+        yield path
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
