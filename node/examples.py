@@ -176,7 +176,7 @@ def resnet50_like_param_count(width: float = 1.0) -> int:
     """Number of float values stored by :func:`resnet50_like` (BN running stats included).
 
     Pure arithmetic (no torch) so the benchmark can say how big a model will be before
-    building it; ``tests/test_examples.py`` checks it against the torch module.
+    building it; ``tests/node/test_examples.py`` checks it against the torch module.
     """
     stem = _channels(64, width)
     total = 3 * stem * 49 + 4 * stem  # stem conv + BN (gamma, beta, mean, var)

@@ -83,7 +83,7 @@ PROTOTYPES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "P2PListForwards": (C_STR, [C_CHARP]),
 }
 # Kept apart from PROTOTYPES: their C types (long long, void*) are outside what the header
-# check in tests/test_kubo.py parses; tests/test_p2p.py checks these against the header.
+# check in tests/storage/test_kubo.py parses; tests/storage/test_p2p.py checks these against the header.
 PUBSUB_PROTOTYPES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "PubSubPublish": (C_INT, [C_CHARP, C_CHARP, ctypes.c_void_p, C_INT]),
     "PubSubSubscribe": (ctypes.c_longlong, [C_CHARP, C_CHARP]),

@@ -249,6 +249,23 @@ def test_connect_to_closed_port_fails_fast(pair: Pair) -> None:
     assert time.monotonic() - start < 5
 
 
+def test_a_lone_node_answers_a_missing_cid_at_once(tmp_path: Path) -> None:
+    """Nothing stored here and no peer to ask: Kubo would wait the whole deadline and the
+    node would then be restarted; the backend answers at once, and keeps its process."""
+    with KuboNode(tmp_path / "alone") as node:
+        cid = missing_cid(node, tmp_path)
+        present = node.add_bytes(b"here")
+        assert node.has_block(present) and not node.has_block(cid)
+        assert node.has_block(CIDV1) is False
+        pid = node.pid
+        for call in (lambda: node.fetch_bytes(cid, 30), lambda: node.pin(cid, 30)):
+            start = time.monotonic()
+            with pytest.raises(BackendTimeout, match="no peer is connected"):
+                call()
+            assert time.monotonic() - start < 2
+        assert node.pid == pid and node.fetch_bytes(present, 5) == b"here"
+
+
 def test_fetch_of_missing_cid_times_out_and_node_recovers(pair: Pair, tmp_path: Path) -> None:
     a, b = pair.a, pair.b
     cid = missing_cid(a, tmp_path)
