@@ -220,6 +220,7 @@ def max_rel_err(got: list[Any], want: list[Any]) -> float:
 def inspect_output(row: Row, feeds: dict[str, Any], want: list[Any]) -> None:
     """Fill BN left, node count, error and size for a tool's output (errors go to the note)."""
     import onnx
+
     from fusenode.node.examples import count_ops
 
     assert row.out is not None

@@ -82,6 +82,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from common import GiB, MiB, human, parse_size, sha256_file, write_random_file  # noqa: E402
+
 from fusenode.node.localnet import LocalNetwork  # noqa: E402
 from fusenode.storage.kubo import KuboNode  # noqa: E402
 from fusenode.storage.manifest import Manifest  # noqa: E402

@@ -36,11 +36,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
-from fusenode.node.operations import API_PREFIX, OPERATIONS, Operation, openapi
-from fusenode.node.schema import Object, type_name
 
 from fusenode import strictjson
 from fusenode.errors import Error
+from fusenode.node.operations import API_PREFIX, OPERATIONS, Operation, openapi
+from fusenode.node.schema import Object, type_name
 
 __all__ = [
     "API_PREFIX",

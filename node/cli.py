@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusenode.node.errors import CommandError
-
 from fusenode.errors import EXIT_INTERRUPTED, Error
+from fusenode.node.errors import CommandError
 
 EXIT_UNFORESEEN = 1
 

@@ -31,6 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusenode import defaults
+from fusenode.errors import Error
+from fusenode.layout import RepoLayout
 from fusenode.node.errors import DaemonError
 from fusenode.node.operations import API_PREFIX, by_name, has_operation
 
@@ -38,10 +41,6 @@ from fusenode.node.operations import API_PREFIX, by_name, has_operation
 # `Error.named` knows them (all are small).
 from fusenode.passes import errors as _passes_errors  # noqa: F401
 from fusenode.storage import errors as _storage_errors  # noqa: F401
-
-from fusenode import defaults
-from fusenode.errors import Error
-from fusenode.layout import RepoLayout
 
 __all__ = ["HEALTH_TIMEOUT", "DaemonClient", "find_daemon"]
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fusenode import defaults
 from fusenode.node.errors import ConfigError
 from fusenode.storage.erasure import validate_parameters
 from fusenode.storage.errors import InvalidArgument
-
-from fusenode import defaults
 
 DEFAULTS_PATH = Path(__file__).with_name("default-config.toml")
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+
+from fusenode import defaults
 from fusenode.node.aio import AsyncBlocks, AsyncTransport, Bridge
 from fusenode.node.allocator import Allocator
 from fusenode.node.context import NodeContext
@@ -39,8 +41,6 @@ from fusenode.node.repo import Repo, write_private
 from fusenode.node.service import NodeService
 from fusenode.node.state import State
 from fusenode.storage.kubo import KuboNode
-
-from fusenode import defaults
 
 __all__ = ["Components", "main", "run_daemon", "wire"]
 
@@ -119,7 +119,6 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
     from fusenode.node.api import create_app
     from fusenode.node.peer_server import create_peer_app
     from fusenode.node.protocol import PROTOCOL
-
     from fusenode.system import free_loopback_port
 
     config = repo.config

@@ -10,7 +10,6 @@ the same declarations either way (`fusenode.node.operations`).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +65,8 @@ class LocalNode:
                 "addresses": list(node.addresses),
                 "recipient": self.repo.recipient(),
             }
+        import asyncio  # here: the CLI's other commands start faster without it
+
         return asyncio.run(self._run(name, {**checked, **extra}))
 
     async def _run(self, name: str, args: dict[str, Any]) -> Any:

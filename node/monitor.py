@@ -23,11 +23,10 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from fusenode import defaults
 from fusenode.node.context import NodeContext
 from fusenode.node.protocol import Health, PeerError
 from fusenode.node.state import parse_iso
-
-from fusenode import defaults
 
 __all__ = ["HealthChecker", "PeerMonitor"]
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusenode import __version__, defaults
 from fusenode.node.errors import BadRequest
 from fusenode.node.schema import (
     AbsolutePath,
@@ -29,8 +30,6 @@ from fusenode.node.schema import (
     Type,
     type_name,
 )
-
-from fusenode import __version__, defaults
 
 __all__ = ["API_PREFIX", "OPERATIONS", "Cid", "Operation", "by_name", "has_operation", "openapi"]
 

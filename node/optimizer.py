@@ -32,14 +32,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusenode import __version__
 from fusenode.node.aio import AsyncTransport
 from fusenode.node.errors import NodeError
 from fusenode.passes import fuse_bn
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import NoIdentityMatch, StorageError
 from fusenode.storage.store import open_metadata
-
-from fusenode import __version__
 
 if TYPE_CHECKING:
     from fusenode.node.service import NodeService

@@ -8,13 +8,13 @@ import json
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
+from yarl import URL
+
+from fusenode import defaults
 from fusenode.node import protocol
 from fusenode.node.aio import AsyncTransport
 from fusenode.node.peerauth import PeerKey, sign_request
 from fusenode.node.protocol import CidList, Health, PeerRefused, PeerUnreachable
-from yarl import URL
-
-from fusenode import defaults
 from fusenode.system import free_loopback_port
 
 __all__ = ["PeerClient"]

@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
+
+from fusenode.errors import Error
 from fusenode.node import protocol
 from fusenode.node.peerauth import PeerAuthError, verify_request
 from fusenode.node.protocol import BadPeerRequest, CidList, Health, Stored
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
-
-from fusenode.errors import Error
 
 __all__ = ["PeerHandler", "create_peer_app"]
 

@@ -48,6 +48,7 @@ from typing import Final
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
 from fusenode.node.errors import NodeError
 from fusenode.storage.multiformats import (
     IDENTITY,

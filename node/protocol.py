@@ -43,11 +43,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
+from fusenode import defaults
 from fusenode.node.errors import NodeError
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
-
-from fusenode import defaults
 
 PROTOCOL: Final = "/x/fusenode/peer/1"
 HEALTH: Final = "/peer/v1/health"

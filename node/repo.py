@@ -13,12 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusenode.layout import RepoLayout
 from fusenode.node.config import Config, load_config, render_config
 from fusenode.node.errors import RepoError
 from fusenode.storage import age
 from fusenode.storage.backend import NodeIdentity
-
-from fusenode.layout import RepoLayout
 from fusenode.system import free_loopback_port
 
 if TYPE_CHECKING:

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusenode import defaults
 from fusenode.node.allocator import Allocator, SegmentAllocation
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError
@@ -44,8 +45,6 @@ from fusenode.storage.store import (
     open_metadata,
     put_file,
 )
-
-from fusenode import defaults
 
 if TYPE_CHECKING:
     from fusenode.node.optimizer import Optimizer

@@ -32,22 +32,21 @@ Speed: with glibc's default malloc policy page faults dominate; a daemon should 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import struct
 import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from fusenode.storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
-from fusenode.storage.unixfs import matches_cid
-from pyeclib.ec_iface import ECDriver, ECDriverError
+from typing import Any
 
 from fusenode import defaults
+from fusenode.storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
 
 
 def _matches_cid(cid: str, data: bytes) -> bool:
+    from fusenode.storage.unixfs import matches_cid  # here: reading k/n needs no hashing
+
     try:
         return matches_cid(cid, data)
     except ValueError as err:
@@ -188,6 +187,8 @@ def tune_allocator() -> bool:
     where glibc's ``mallopt`` is unavailable (musl, macOS, Windows).
     """
     try:
+        import ctypes
+
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
@@ -198,19 +199,29 @@ def tune_allocator() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
 
 
-_drivers: dict[tuple[int, int, bool], ECDriver] = {}
+_drivers: dict[tuple[int, int, bool], Any] = {}
 _drivers_lock = threading.Lock()
 
 
-def _driver(k: int, n: int, crc32: bool = False) -> ECDriver:
+def _ec_error() -> type[Exception]:
+    from pyeclib.ec_iface import ECDriverError
+
+    return ECDriverError
+
+
+def _driver(k: int, n: int, crc32: bool = False) -> Any:
     """One driver per (k, n, checksum) for the whole process: creating one builds ISA-L
-    tables. Any driver decodes fragments of either checksum type."""
+    tables. Any driver decodes fragments of either checksum type. pyeclib is imported here,
+    at first use: validating k/n or reading a fragment header (the config, manifests, the
+    CLI's start) needs none of it."""
     key = (k, n, crc32)
     driver = _drivers.get(key)
     if driver is None:
         with _drivers_lock:
             driver = _drivers.get(key)
             if driver is None:
+                from pyeclib.ec_iface import ECDriver
+
                 chksum = "inline_crc32" if crc32 else "none"
                 driver = ECDriver(ec_type=ALGORITHM, k=k, m=n - k, chksum_type=chksum)
                 _drivers[key] = driver
@@ -251,7 +262,7 @@ class ErasureCoder:
         driver = _driver(self.k, self.n, crc32) if crc32 else self._driver
         try:
             fragments = driver.encode(segment)
-        except ECDriverError as err:  # pragma: no cover - would be a pyeclib bug
+        except _ec_error() as err:  # pragma: no cover - would be a pyeclib bug
             raise InvalidArgument(f"erasure encoding failed: {err}") from err
         if len(fragments) != self.n:  # pragma: no cover - would be a pyeclib bug
             raise InvalidArgument(f"pyeclib returned {len(fragments)} fragments, not {self.n}")
@@ -346,7 +357,7 @@ class ErasureCoder:
         chosen = [fragments[i] for i in sorted(fragments)[: self.k]]
         try:
             segment = self._driver.decode(chosen)
-        except ECDriverError as err:
+        except _ec_error() as err:
             raise IntegrityError(f"erasure decoding failed: {err}") from err
         if len(segment) != segment_size:  # pragma: no cover - would be a pyeclib bug
             raise IntegrityError(

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from fusenode import strictjson
+from fusenode.defaults import MAX_SEGMENT_SIZE
 from fusenode.storage.age import X25519Recipient
 from fusenode.storage.erasure import ALGORITHM, fragment_size, validate_parameters
 from fusenode.storage.errors import InvalidArgument, ManifestError, StorageError
 from fusenode.storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
-
-from fusenode import strictjson
-from fusenode.defaults import MAX_SEGMENT_SIZE
 
 __all__ = [
     "ENCRYPTION_AGE",

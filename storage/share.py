@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+from fusenode.defaults import FETCH_TIMEOUT
 from fusenode.storage import age
 from fusenode.storage.backend import IpfsBackend
 from fusenode.storage.errors import InvalidArgument
 from fusenode.storage.manifest import Manifest
 from fusenode.storage.store import load_manifest, open_metadata
-
-from fusenode.defaults import FETCH_TIMEOUT
 
 __all__ = ["share", "share_cid"]
 

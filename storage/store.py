@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from fusenode import defaults
 from fusenode.storage import age
 from fusenode.storage.backend import IpfsBackend, validate_cid
 from fusenode.storage.erasure import FRAGMENT_HEADER_SIZE, ErasureCoder, tune_allocator
@@ -66,8 +67,6 @@ from fusenode.storage.manifest import (
     utc_now,
 )
 from fusenode.storage.unixfs import file_cid, matches_cid
-
-from fusenode import defaults
 
 _READ_CHUNK = 8 * 2**20
 #: Encoded segments whose fragments are not all stored yet when the next one is encoded.

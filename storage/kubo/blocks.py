@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from fusenode import defaults
 from fusenode.storage.backend import (
     IpfsBackend,
     NodeIdentity,
@@ -34,8 +35,6 @@ from fusenode.storage.errors import BackendTimeout, InvalidArgument
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.kubo.transport import KuboTransport
 from fusenode.storage.multiformats import encode_multihash, parse_cid
-
-from fusenode import defaults
 from fusenode.system import removed_on_error
 
 __all__ = ["KuboNode"]

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
+from fusenode.layout import RepoLayout
 from fusenode.storage.errors import BackendError
 from fusenode.storage.kubo.config import (
     configured_port,
@@ -42,8 +43,6 @@ from fusenode.storage.kubo.logs import (
     p2p_log_error,
     start_failure,
 )
-
-from fusenode.layout import RepoLayout
 
 STOP_GRACE_S: Final = 2.0
 PUBSUB_POLL_S: Final = 0.005

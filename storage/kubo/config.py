@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from fusenode.storage.errors import BackendError, InvalidArgument
-
 from fusenode.system import removed_on_error
 
 NON_LOOPBACK_FILTERS: Final = (

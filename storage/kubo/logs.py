@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from fusenode.storage.kubo.config import configured_port, read_config
-
 from fusenode.layout import RepoLayout
+from fusenode.storage.kubo.config import configured_port, read_config
 
 LOG_ROTATE_BYTES: Final = 16 * 1024 * 1024
 

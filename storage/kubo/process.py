@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final
 
+from fusenode.layout import RepoLayout
 from fusenode.storage.backend import (
     NodeIdentity,
 )
@@ -42,8 +43,6 @@ from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgumen
 from fusenode.storage.kubo.child import create_repo_main, node_main
 from fusenode.storage.kubo.config import check_port
 from fusenode.storage.kubo.library import find_libkubo
-
-from fusenode.layout import RepoLayout
 from fusenode.system import free_loopback_port
 
 STOP_GRACE_S: Final = 2.0

@@ -6,6 +6,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from fusenode.node.allocator import Allocator, PutPlan, SegmentAllocation
 from fusenode.node.errors import PlacementError
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
+
 from fusenode.node.api import create_app
 from fusenode.node.client import DaemonClient, find_daemon
 from fusenode.node.errors import (
@@ -43,7 +44,6 @@ from fusenode.storage.errors import (
     NotEnoughFragments,
     StorageError,
 )
-
 from tests.support.fakes import fake_cid
 
 TOKEN = "s3cret-token-for-tests-only-0123456789"

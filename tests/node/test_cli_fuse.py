@@ -8,10 +8,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from fusenode.node.cli import main
-from fusenode.passes.numerics import NumpyBackend, cuda_available
 from onnx import helper
 
+from fusenode.node.cli import main
+from fusenode.passes.numerics import NumpyBackend, cuda_available
 from tests.support.cli import Cli
 from tests.support.onnx_models import assert_close, conv_bn, count_ops, gemm_bn, run
 

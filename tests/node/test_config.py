@@ -6,10 +6,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fusenode.node.config import Config, load_config, parse_config, render_config
-from fusenode.node.errors import ConfigError
 
 from fusenode import defaults
+from fusenode.node.config import Config, load_config, parse_config, render_config
+from fusenode.node.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,8 +19,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from fusenode.node import examples
 from onnx import numpy_helper
+
+from fusenode.node import examples
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.context import NodeContext
 from fusenode.node.holder import Holder

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.protocol import Health, PeerUnreachable
 from fusenode.node.state import State
-
 from tests.support.fakes import FakeBackend, FakeHealth
 
 

@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fusenode.node.localnet import LocalNetwork
 
+from fusenode.node.localnet import LocalNetwork
 from tests.support.cli import assert_ok, clean_env
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import onnx
 import pytest
+
 from fusenode.node import examples
 from fusenode.storage import age
-
 from tests.support.cli import assert_ok
 from tests.support.onnx_models import assert_close, count_ops, run
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from fusenode.node.peer_server import create_peer_app
 from fusenode.node.peerauth import private_key_from_protobuf, sign_request
 from fusenode.node.protocol import BadPeerRequest, Health
-
 from tests.support.fakes import fake_cid
 from tests.support.keys import ed25519_protobuf
 

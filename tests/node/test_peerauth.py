@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from multidict import CIMultiDict
+
 from fusenode.node.errors import NodeError
 from fusenode.node.peerauth import (
     HEADER_DATE,
@@ -36,8 +38,6 @@ from fusenode.node.peerauth import (
     verify_request,
 )
 from fusenode.storage.kubo import KuboNode, create_repo
-from multidict import CIMultiDict
-
 from tests.support.keys import ed25519_protobuf
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)

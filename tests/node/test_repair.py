@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.allocator import Allocator
 from fusenode.node.context import NodeContext
@@ -19,7 +20,6 @@ from fusenode.node.repair import Repairer
 from fusenode.node.state import State
 from fusenode.storage.store import load_manifest, put_file
 from fusenode.storage.unixfs import file_cid
-
 from tests.support.fakes import FakeBackend, FakeHealth
 
 SELF = "self"

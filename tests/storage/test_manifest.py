@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fusenode.storage.age import ScryptPassphrase, X25519Identity
 from fusenode.storage.erasure import fragment_size
 from fusenode.storage.errors import ManifestError

@@ -6,6 +6,7 @@ import base64
 import hashlib
 
 import pytest
+
 from fusenode.node.peerauth import peer_id_from_public_key
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument

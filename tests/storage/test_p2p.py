@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
 from fusenode.storage.kubo import KuboNode, find_libkubo
 from fusenode.storage.kubo.library import PUBSUB_PROTOTYPES

@@ -8,13 +8,13 @@ import os
 
 import pyrage
 import pytest
+
 from fusenode.storage import age
 from fusenode.storage.erasure import ErasureCoder
 from fusenode.storage.errors import InvalidArgument, NoIdentityMatch
 from fusenode.storage.manifest import Manifest, Metadata
 from fusenode.storage.share import share, share_cid
 from fusenode.storage.store import get_file, load_manifest, open_metadata, put_file
-
 from tests.support.fakes import FakeBackend, as_version_1
 
 SEG = 4096 + 17  # several segments, the last one short

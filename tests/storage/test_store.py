@@ -6,6 +6,7 @@ import os
 
 import pyrage
 import pytest
+
 from fusenode.storage import age
 from fusenode.storage.errors import (
     BackendError,
@@ -17,7 +18,6 @@ from fusenode.storage.errors import (
 )
 from fusenode.storage.manifest import Manifest
 from fusenode.storage.store import get_file, load_manifest, put_file
-
 from tests.support.fakes import FakeBackend, as_version_1
 
 SEG = 4096 + 17  # small segments: many of them, the last one short

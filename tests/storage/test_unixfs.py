@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fusenode.storage.kubo import KuboNode
 from fusenode.storage.multiformats import b58decode
 from fusenode.storage.unixfs import CHUNK_SIZE, MAX_LINKS, file_cid, matches_cid

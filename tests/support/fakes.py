@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusenode import defaults
 from fusenode.node.protocol import Health, PeerUnreachable
 from fusenode.storage.backend import IpfsBackend, NodeIdentity, validate_cid
 from fusenode.storage.errors import BackendTimeout
 from fusenode.storage.unixfs import file_cid
-
-from fusenode import defaults
 
 
 def fake_cid(data: bytes) -> str:
