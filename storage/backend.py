@@ -7,7 +7,7 @@ for unit tests can be swapped without touching them.
 Contract shared by every implementation:
 
 - All methods are synchronous and thread-safe: the daemon calls them from a thread pool
-  (``asyncio.to_thread``), several at once.
+  (through `fusenode.node.aio.Bridge`), several at once.
 - Every call that can wait on the network takes a ``timeout`` in seconds and raises
   `BackendTimeout` when it is missed; the backend stays usable afterwards.
 - Arguments are checked before anything reaches the node: a malformed CID or multiaddr raises

@@ -1,0 +1,175 @@
+"""The use cases on in-memory fakes: put places on the allocator's nodes and records it, get
+and status read it back, refusals come before the network is asked (node/service.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusenode.node.aio import AsyncBlocks, Bridge
+from fusenode.node.config import Config, PlacementSection, StorageSection
+from fusenode.node.context import NodeContext
+from fusenode.node.errors import PlacementError
+from fusenode.node.network import Offline
+from fusenode.node.repo import Repo, identity_text, write_private
+from fusenode.node.service import NodeService
+from fusenode.node.state import State
+from fusenode.storage import age
+from fusenode.storage.errors import HeaderError, InvalidArgument
+from tests.support.fakes import FakeBackend
+
+SELF = "self"
+
+
+class FakeNetwork:
+    """Peers that all store into one in-memory backend; records what the use cases ask."""
+
+    networked = True
+
+    def __init__(self, backend: FakeBackend, peers: list[str]) -> None:
+        self.backend = backend
+        self.peers = peers
+        self.asked_live = 0
+        self.placed: list[tuple[str, str]] = []
+        self.pinned: list[tuple[list[str], list[str]]] = []
+        self.announced: list[tuple[str, str, bool]] = []
+
+    async def live_peers(self) -> list[str]:
+        self.asked_live += 1
+        return list(self.peers)
+
+    async def holders(self, cids: list[str]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for holder, cid in self.placed:
+            found.setdefault(cid, set()).add(holder)
+        return found
+
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+        added = self.backend.add(path)
+        self.placed.append((holder, added))
+        return added
+
+    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None:
+        self.pinned.append((list(peers), list(cids)))
+
+    async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
+        self.announced.append((cid, kind, encrypted))
+
+    async def report(self) -> list[dict[str, Any]]:
+        return []
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    (tmp_path / "tmp").mkdir()
+    write_private(tmp_path / "identity.txt", identity_text(age.X25519Identity.generate()))
+    config = Config(
+        storage=StorageSection(segment_size=4096), placement=PlacementSection(allow_weak=False)
+    )
+    return Repo(tmp_path, config)
+
+
+def run(repo: Repo, network_for: Any, scenario: Any) -> Any:
+    async def main() -> Any:
+        backend = FakeBackend()
+        state = State(repo.files.state)
+        ctx = NodeContext(SELF, AsyncBlocks(backend, Bridge()), state, repo.files.tmp)
+        network = network_for(backend, ctx)
+        try:
+            return await scenario(NodeService(repo, ctx, network), network, state)
+        finally:
+            state.close()
+
+    return asyncio.run(main())
+
+
+def model(repo: Repo, size: int = 10_000) -> Path:
+    path = repo.path / "model.onnx"
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def test_put_places_distinctly_records_and_reads_back(repo: Repo) -> None:
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        reply = await service.put(str(src), None, None, [], False)
+        assert reply["placement"] == "distinct" and (reply["k"], reply["n"]) == (4, 6)
+        segments = reply["segments"]
+        assert segments == 3 and reply["size"] == 10_000 and reply["encrypted"]
+        # Each segment's six fragments on six distinct nodes, every node used evenly.
+        rows = state.placements(reply["cid"])
+        per_segment = Counter((r.segment, r.peer) for r in rows)
+        assert max(per_segment.values()) == 1 and len(rows) == 6 * segments
+        assert Counter(r.peer for r in rows) == {p: segments for p in (SELF, *network.peers)}
+        assert reply["holders"] == {p: segments for p in (SELF, *network.peers)}
+        # The manifest went to every holder; the put was announced.
+        assert network.pinned == [(sorted((SELF, *network.peers)), [reply["cid"]])]
+        assert network.announced == [(reply["cid"], "stored", True)]
+        status = await service.status(reply["cid"])
+        assert status["healthy"] and status["owner"]
+        assert all(seg["distinct"] for seg in status["segments"])
+        got = await service.get(reply["cid"], str(repo.path / "out"), None)
+        assert (repo.path / "out").read_bytes() == src.read_bytes()
+        assert got["size"] == 10_000 and got["name"] == "model.onnx"
+
+    run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2", "p3", "p4", "p5"]), scenario)
+
+
+def test_too_few_nodes_refuse_before_anything_is_stored(repo: Repo) -> None:
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        with pytest.raises(PlacementError, match="allow_weak"):
+            await service.put(str(src), 2, 4, [], False)
+        assert network.placed == [] and network.announced == []
+        assert state.placements() == []
+
+    run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2"]), scenario)
+
+
+@pytest.mark.parametrize(
+    ("path", "k", "n", "recipients", "error", "message"),
+    [
+        ("missing.onnx", None, None, [], InvalidArgument, "no such file"),
+        (".", None, None, [], InvalidArgument, "directory"),
+        ("model.onnx", 4, 4, [], InvalidArgument, "1 <= k < n"),
+        ("model.onnx", None, None, ["age1notarecipient"], HeaderError, "invalid age recipient"),
+    ],
+)
+def test_refusals_come_before_the_network_is_asked(repo, path, k, n, recipients, error, message):
+    model(repo)
+
+    async def scenario(service, network, state):
+        with pytest.raises(error, match=message):
+            await service.put(str(repo.path / path), k, n, recipients, False)
+        assert network.asked_live == 0 and network.placed == []
+
+    run(repo, lambda backend, ctx: FakeNetwork(backend, []), scenario)
+
+
+def test_without_a_network_everything_stays_here(repo: Repo) -> None:
+    src = model(repo, 5000)
+    reader = age.X25519Identity.generate()
+
+    async def scenario(service, network, state):
+        recipient = reader.recipient.to_string()
+        reply = await service.put(str(src), 2, 3, [recipient], False)
+        assert reply["placement"] == "local" and reply["holders"] == {SELF: 3 * reply["segments"]}
+        rows = state.placements(reply["cid"])
+        assert {r.peer for r in rows} == {SELF}
+        assert state.held([r.cid for r in rows]) == {r.cid for r in rows}
+        key = repo.path / "reader.txt"
+        write_private(key, identity_text(reader))
+        await service.get(reply["cid"], str(repo.path / "o"), str(key))
+        assert (repo.path / "o").read_bytes() == src.read_bytes()
+        info = await service.info(reply["cid"], str(key))
+        assert info["readable"] and info["metadata"]["recipients"] == [recipient]
+        assert (await service.info(reply["cid"], None))["readable"] is False  # not the node's
+
+    run(repo, lambda backend, ctx: Offline(ctx), scenario)
