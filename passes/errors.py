@@ -4,10 +4,8 @@
 from fusenode.errors import Error
 
 
-class PassError(Error):
+class PassError(Error, http_status=400):
     """Base of all errors raised by passes/."""
-
-    http_status = 400
 
 
 class ModelFileError(PassError):
@@ -18,8 +16,5 @@ class OutputError(PassError):
     """The output model cannot be written."""
 
 
-class VerificationError(PassError):
+class VerificationError(PassError, exit_code=3, http_status=422):
     """The optimized model is not proven equivalent to the original."""
-
-    exit_code = 3
-    http_status = 422

@@ -4,12 +4,15 @@ A :class:`Rule` is rooted at one op type, its ``anchor``, and has three steps:
 
 - ``match(node, scope)``: the pattern. Returns a match object, or ``None`` when the pattern is
   not there (e.g. a BatchNormalization whose input comes from another op family).
-- ``check(match, scope)``: returns ``None`` to accept, or the *reason* it declines (a string,
-  reported to the user). A check never raises for a model it cannot handle; it explains. It has
-  no side effects: it changes neither the match, the graph, its indexes nor any tensor or
-  reference in the store (it may read through the store's file mappings), so running it twice,
-  or not acting on it, leaves everything as it was.
-- ``rewrite(match, scope)``: changes the graph. Only called right after check accepted.
+- ``check(match, scope)``: returns the *reason* it declines (a string, reported to the user),
+  or, to accept, anything else: ``None``, or an immutable *plan* of what it worked out, which
+  the framework hands to ``rewrite`` (so the rewrite need not work it out again). A check never
+  raises for a model it cannot handle; it explains. It has no side effects: it changes neither
+  the match, the graph, its indexes nor any tensor or reference in the store (it may read
+  through the store's file mappings), so running it twice, or not acting on it, leaves
+  everything as it was.
+- ``rewrite(match, scope, plan)``: changes the graph; ``plan`` is what check returned. Only
+  called right after check accepted.
 
 Every anchor node ends up in the report: fused by the first rule that matches and accepts, or
 skipped with the reason of the first rule that matched, or, when no rule's pattern matched,
@@ -33,9 +36,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
+
+from fusenode.passes.onnxproto import (
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    TensorProto,
+    get_attribute_value,
+    make_tensor_value_info,
+    np_dtype_to_tensor_dtype,
+)
 from fusenode.passes.tensorstore import Computed, TensorStore
-from onnx import TensorProto, helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -87,7 +98,7 @@ class Constant:
     name: str
     scope: Scope
     tensor: TensorProto | None  # None for Constant nodes with value_float(s)/value_int(s)
-    node: onnx.NodeProto | None = None  # the Constant node, when it is one
+    node: NodeProto | None = None  # the Constant node, when it is one
 
     def array(self) -> np.ndarray:
         if self.tensor is not None:
@@ -99,13 +110,15 @@ class Rule(Protocol):
     #: The op type (default ONNX domain) at the root of the pattern.
     anchor: str
 
-    def match(self, node: onnx.NodeProto, scope: Scope) -> Any | None: ...
+    def match(self, node: NodeProto, scope: Scope) -> Any | None: ...
 
-    def check(self, match: Any, scope: Scope) -> str | None: ...
+    def check(self, match: Any, scope: Scope) -> str | Any:
+        """The reason to decline (a str), or what to hand ``rewrite`` (anything else)."""
+        ...
 
-    def rewrite(self, match: Any, scope: Scope) -> Fused: ...
+    def rewrite(self, match: Any, scope: Scope, plan: Any) -> Fused: ...
 
-    def unmatched(self, node: onnx.NodeProto, scope: Scope, rules: Sequence[Rule]) -> str:
+    def unmatched(self, node: NodeProto, scope: Scope, rules: Sequence[Rule]) -> str:
         """Why none of ``rules`` (all anchored at ``node``'s op type) matched ``node``."""
         ...
 
@@ -113,7 +126,7 @@ class Rule(Protocol):
 class ModelContext:
     """What all scopes of one model share."""
 
-    def __init__(self, model: onnx.ModelProto, store: TensorStore) -> None:
+    def __init__(self, model: ModelProto, store: TensorStore) -> None:
         self.model = model
         self.store = store
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
@@ -142,26 +155,28 @@ class Scope:
     """One graph, its enclosing scopes, and indexes kept up to date by the edits below."""
 
     def __init__(
-        self, graph: onnx.GraphProto, model: ModelContext, parent: Scope | None, path: str
+        self, graph: GraphProto, model: ModelContext, parent: Scope | None, path: str
     ) -> None:
         self.graph = graph
         self.model = model
         self.parent = parent
         self.path = path
+        #: ids of the nodes removed from this graph (a sweep skips them; it holds them all).
+        self.removed: set[int] = set()
         self._reindex()
 
     def _reindex(self) -> None:
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.inputs = {i.name for i in self.graph.input}
         self.outputs = {o.name for o in self.graph.output}
-        self.producers: dict[str, onnx.NodeProto] = {}
+        self.producers: dict[str, NodeProto] = {}
         for node in self.graph.node:
             for out in node.output:
                 if out:
                     self.producers[out] = node
 
     # -- queries ---------------------------------------------------------------------------
-    def producer(self, name: str) -> onnx.NodeProto | None:
+    def producer(self, name: str) -> NodeProto | None:
         return self.producers.get(name)
 
     def uses(self, name: str) -> int:
@@ -198,7 +213,7 @@ class Scope:
 
     # -- edits -----------------------------------------------------------------------------
     def replace_input(
-        self, node: onnx.NodeProto, index: int, array: np.ndarray | Computed, base: str
+        self, node: NodeProto, index: int, array: np.ndarray | Computed, base: str
     ) -> None:
         """Make input ``index`` of ``node`` hold ``array``.
 
@@ -222,13 +237,13 @@ class Scope:
     def add_initializer(self, name: str, array: np.ndarray | Computed) -> None:
         tensor = self.graph.initializer.add()
         tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.data_type = np_dtype_to_tensor_dtype(array.dtype)
         self.model.store.set_array(tensor, array)
         self.initializers[name] = tensor
         if self.model.ir_version < 4 and self.parent is None:
             # IR < 4: every initializer must also be declared as a graph input.
             self.graph.input.append(
-                helper.make_tensor_value_info(name, tensor.data_type, list(array.shape))
+                make_tensor_value_info(name, tensor.data_type, list(array.shape))
             )
             self.inputs.add(name)
 
@@ -258,10 +273,11 @@ class Scope:
                 return
             scope = scope.parent
 
-    def remove_node(self, node: onnx.NodeProto) -> None:
+    def remove_node(self, node: NodeProto) -> None:
         for out in node.output:
             self.producers.pop(out, None)
         self.graph.node.remove(node)
+        self.removed.add(id(node))
 
     def remove_value_info(self, name: str) -> None:
         _remove_named(self.graph.value_info, name)
@@ -274,14 +290,14 @@ def _remove_named(container, name: str) -> None:
             return
 
 
-def _constant_attr_tensor(node: onnx.NodeProto) -> TensorProto | None:
+def _constant_attr_tensor(node: NodeProto) -> TensorProto | None:
     for attr in node.attribute:
         if attr.name == "value" and attr.HasField("t"):
             return attr.t
     return None
 
 
-def _constant_attr_value(node: onnx.NodeProto | None) -> np.ndarray:
+def _constant_attr_value(node: NodeProto | None) -> np.ndarray:
     assert node is not None
     for attr in node.attribute:
         if attr.name == "value_float":
@@ -295,7 +311,7 @@ def _constant_attr_value(node: onnx.NodeProto | None) -> np.ndarray:
     raise ValueError(f"Constant node {node.name!r} holds no numeric value")
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def _graphs(graph: GraphProto) -> Iterator[GraphProto]:
     yield graph
     for node in graph.node:
         for attr in node.attribute:
@@ -316,19 +332,19 @@ def _scopes(scope: Scope) -> Iterator[Scope]:
                 yield from _scopes(Scope(g, scope.model, scope, f"{scope.path}/{label}.{suffix}"))
 
 
-def count_nodes(graph: onnx.GraphProto) -> int:
+def count_nodes(graph: GraphProto) -> int:
     return sum(len(g.node) for g in _graphs(graph))
 
 
-def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+def attr(node: NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)
+            return get_attribute_value(a)
     return default
 
 
 def run_rewrites(
-    model: onnx.ModelProto,
+    model: ModelProto,
     store: TensorStore,
     rules: Sequence[Rule],
     name: str,
@@ -344,7 +360,7 @@ def run_rewrites(
         changed = False
         for scope in _scopes(Scope(model.graph, ctx, None, "main")):
             for node in list(scope.graph.node):
-                if node not in scope.graph.node:  # removed by an earlier rewrite this sweep
+                if id(node) in scope.removed:  # removed by an earlier rewrite this sweep
                     continue
                 anchored = [r for r in rules if r.anchor == node.op_type]
                 if not anchored or node.domain not in DEFAULT_DOMAINS:
@@ -363,19 +379,19 @@ def run_rewrites(
     return report
 
 
-def _apply(node: onnx.NodeProto, scope: Scope, rules: Sequence[Rule]) -> Fused | str:
+def _apply(node: NodeProto, scope: Scope, rules: Sequence[Rule]) -> Fused | str:
     """Rewrite ``node`` with the first rule that matches and accepts, or say why none did."""
     reason = None
     for rule in rules:
         match = rule.match(node, scope)
         if match is None:
             continue
-        why = rule.check(match, scope)
-        if why is None:
-            return rule.rewrite(match, scope)
-        reason = reason or why
+        verdict = rule.check(match, scope)
+        if not isinstance(verdict, str):
+            return rule.rewrite(match, scope, verdict)
+        reason = reason or verdict
     return reason if reason is not None else rules[0].unmatched(node, scope, rules)
 
 
-def node_key(node: onnx.NodeProto) -> str:
+def node_key(node: NodeProto) -> str:
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"

@@ -13,11 +13,10 @@ var + eps > 0, float storage dtypes, and that neither the fused bias nor the fus
 overflows. A subclass's :meth:`FuseBatchNormRule.fold` checks the channel alignment and returns
 the per-channel :class:`Fold`.
 
-``check`` has no side effects: it computes a :class:`Plan` (per-channel vectors and views of
-the stored tensors), scans the weight for overflow, and drops both. ``rewrite`` computes the
-same plan again (the same bits) rather than receiving it through a mutated match: cheap, as the
-weight is a view of the input file, except in a chain (Conv -> BN -> BN) where the weight is
-the previous fold's result and is computed once more.
+``check`` has no side effects: it computes a :class:`Plan` (per-channel vectors, read-only,
+and a view of the stored weight), scans the weight for overflow and, when it accepts, returns
+the plan, which the framework hands to ``rewrite`` unchanged: the rewrite works from what the
+check saw and computes nothing again.
 """
 
 from __future__ import annotations
@@ -27,9 +26,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import onnx
+
 from fusenode.passes.framework import DEFAULT_DOMAINS, Constant, Fused, Rule, Scope, attr, node_key
 from fusenode.passes.numerics import Backend, float_max, is_bfloat16, is_float, round_to
+from fusenode.passes.onnxproto import NodeProto
 from fusenode.passes.tensorstore import Computed
 
 
@@ -37,15 +37,15 @@ from fusenode.passes.tensorstore import Computed
 class BnMatch:
     """The pattern's two nodes: a BatchNormalization and the op whose output it normalizes."""
 
-    bn: onnx.NodeProto
-    op: onnx.NodeProto
+    bn: NodeProto
+    op: NodeProto
 
 
 @dataclass(frozen=True)
 class Operands:
     """What a family's fold works from, once the shared checks passed."""
 
-    op: onnx.NodeProto
+    op: NodeProto
     opset: int
     w: np.ndarray  # the weight as stored
     b: np.ndarray | None  # the bias (Gemm: C) as stored, or None
@@ -56,15 +56,22 @@ class Operands:
 
 @dataclass(frozen=True)
 class Fold:
-    """A family's fold, per channel: W' = round(W * factor); ``bias`` replaces the op's bias."""
+    """A family's fold, per channel: W' = round(W * factor); ``bias`` replaces the op's bias.
+
+    Immutable: both arrays are made read-only here (a plan travels from check to rewrite).
+    """
 
     factor: np.ndarray  # float64, broadcasts against the weight
     bias: np.ndarray  # in the weight's storage dtype
 
+    def __post_init__(self) -> None:
+        self.factor.flags.writeable = False
+        self.bias.flags.writeable = False
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the rewrite needs once the checks (but the weight scan) passed."""
+    """Everything the rewrite needs: what :meth:`FuseBatchNormRule.check` returns to accept."""
 
     weight: Constant
     w: np.ndarray  # the weight as stored (a view of the input file where it can be)
@@ -89,11 +96,11 @@ class FuseBatchNormRule:
         up. Reads the weight's shape and dtype only (its values may be gigabytes)."""
         raise NotImplementedError
 
-    def rewrite_attributes(self, op: onnx.NodeProto) -> None:
+    def rewrite_attributes(self, op: NodeProto) -> None:
         """Attribute changes the fold implies (none for most families)."""
 
     # -- pattern -----------------------------------------------------------------------------
-    def match(self, node: onnx.NodeProto, scope: Scope) -> BnMatch | None:
+    def match(self, node: NodeProto, scope: Scope) -> BnMatch | None:
         if node.op_type != self.anchor or node.domain not in DEFAULT_DOMAINS or not node.input:
             return None
         op = scope.producer(node.input[0])
@@ -101,7 +108,7 @@ class FuseBatchNormRule:
             return None
         return BnMatch(node, op)
 
-    def unmatched(self, node: onnx.NodeProto, scope: Scope, rules: Sequence[Rule]) -> str:
+    def unmatched(self, node: NodeProto, scope: Scope, rules: Sequence[Rule]) -> str:
         """Why no rule of the set matched this BatchNormalization."""
         reason = inference_form(node, scope.model.opset)
         if reason:  # reported first, as for a matched BatchNormalization
@@ -115,7 +122,8 @@ class FuseBatchNormRule:
         return f"its input comes from {op.op_type}, not {families}"
 
     # -- check -------------------------------------------------------------------------------
-    def check(self, m: BnMatch, scope: Scope) -> str | None:
+    def check(self, m: BnMatch, scope: Scope) -> Plan | str:
+        """The plan the rewrite follows, or why this BatchNormalization is not folded."""
         plan = self.plan(m, scope)
         if isinstance(plan, str):
             return plan
@@ -125,7 +133,7 @@ class FuseBatchNormRule:
         source = store.extent(plan.weight.tensor) if plan.weight.tensor is not None else None
         reason = weight_overflow(plan.w, plan.fold.factor, self.op_type)
         store.release(source)
-        return reason
+        return plan if reason is None else reason
 
     def plan(self, m: BnMatch, scope: Scope) -> Plan | str:
         """All checks but the weight scan, in the order their reasons are reported."""
@@ -186,10 +194,7 @@ class FuseBatchNormRule:
         return params, w_const, b_const
 
     # -- rewrite -----------------------------------------------------------------------------
-    def rewrite(self, m: BnMatch, scope: Scope) -> Fused:
-        plan = self.plan(m, scope)  # before any edit: the weight as check saw it
-        if isinstance(plan, str):
-            raise AssertionError(f"rewrite of a match its check declined: {plan}")
+    def rewrite(self, m: BnMatch, scope: Scope, plan: Plan) -> Fused:
         bn, op = m.bn, m.op
         store, backend = scope.model.store, self.backend
         w, factor = plan.w, plan.fold.factor
@@ -221,7 +226,7 @@ class FuseBatchNormRule:
         return fused
 
 
-def inference_form(bn: onnx.NodeProto, opset: int) -> str | None:
+def inference_form(bn: NodeProto, opset: int) -> str | None:
     """Why this BatchNormalization is not the inference form of its opset, or None.
 
     - opset 1 and 6: attribute is_test (default 0 = training); spatial (default 1);
@@ -244,7 +249,7 @@ def inference_form(bn: onnx.NodeProto, opset: int) -> str | None:
 
 
 def _scale(
-    bn: onnx.NodeProto, params: list[Constant]
+    bn: NodeProto, params: list[Constant]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """``(s, beta, mean)`` in float64, or why the statistics cannot be folded."""
     try:

@@ -15,6 +15,7 @@ BatchNormalization must have M = group * W.shape[1] channels.
 from __future__ import annotations
 
 import numpy as np
+
 from fusenode.passes.framework import attr
 from fusenode.passes.fuse_bn_base import Fold, FuseBatchNormRule, Operands, bias_vector
 

@@ -16,10 +16,11 @@ broadcast=1 must be [M, N].
 from __future__ import annotations
 
 import numpy as np
-import onnx
+
 from fusenode.passes.framework import attr
 from fusenode.passes.fuse_bn_base import Fold, FuseBatchNormRule, Operands
 from fusenode.passes.numerics import round_to
+from fusenode.passes.onnxproto import NodeProto, make_float_attribute
 
 
 class FuseBatchNormIntoGemm(FuseBatchNormRule):
@@ -49,10 +50,10 @@ class FuseBatchNormIntoGemm(FuseBatchNormRule):
         factor = s.reshape(n, 1) if trans_b else s.reshape(1, n)
         return Fold(factor, new_c)
 
-    def rewrite_attributes(self, op: onnx.NodeProto) -> None:
+    def rewrite_attributes(self, op: NodeProto) -> None:
         # beta_g is folded into C'.
         for a in op.attribute:
             if a.name == "beta":
                 a.f = 1.0
                 return
-        op.attribute.append(onnx.helper.make_attribute("beta", 1.0))
+        op.attribute.append(make_float_attribute("beta", 1.0))

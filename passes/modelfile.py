@@ -5,7 +5,7 @@ tensors) plus a :class:`TensorStore` that knows where each large tensor's bytes 
 
 - on load, the file is walked (:mod:`modelwire` with :mod:`protowire`); every tensor payload of
   at least :data:`~tensorstore.INLINE_LIMIT` bytes (``raw_data``, or external data of a >2 GB
-  model) is replaced in the skeleton by a placeholder reference ``fusenode-ref:<id>`` to an
+  model) is replaced in the skeleton by a placeholder reference ``#fusenode-ref:<id>`` to an
   :class:`~tensorstore.Extent` (file, offset, length). Only the skeleton (kilobytes) is parsed
   by protobuf.
 - passes read the tensors they need (:meth:`TensorStore.array`) and store replacements
@@ -27,13 +27,21 @@ import mmap
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
+import numpy as np
+
 from fusenode.passes.errors import ModelFileError, OutputError
 from fusenode.passes.modelwire import Loader, Piece, Saver
+from fusenode.passes.onnxproto import (
+    GraphProto,
+    ModelProto,
+    TensorProto,
+    check_model,
+    check_model_file,
+)
 from fusenode.passes.protowire import WireError
 from fusenode.passes.tensorstore import (
     Computed,
@@ -42,10 +50,16 @@ from fusenode.passes.tensorstore import (
     little_endian,
     write_all,
 )
-from onnx import TensorProto
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 #: A serialized protobuf message may not exceed 2 GiB; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**24
+#: Computed tensors totalling fewer bytes are computed by the writer itself, not by threads.
+THREADS_FROM = 16 * 2**20
+#: The key field of a StringStringEntryProto holding "location", serialized.
+_LOCATION_KEY = b"\n\x08location"
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,7 +68,7 @@ PROTOBUF_LIMIT = 2**31 - 2**24
 class LazyModel:
     """An ONNX model whose large tensors stay on disk until needed. Use as a context manager."""
 
-    def __init__(self, model: onnx.ModelProto, store: TensorStore, source: Path, external: bool):
+    def __init__(self, model: ModelProto, store: TensorStore, source: Path, external: bool):
         self.model = model
         self.store = store
         self.source = source
@@ -85,7 +99,7 @@ class LazyModel:
                     raise ModelFileError(f"{path}: not an ONNX model or truncated ({e})") from e
                 finally:
                     view.release()
-            model = onnx.ModelProto()
+            model = ModelProto()
             try:
                 model.ParseFromString(skeleton)
             except Exception as e:
@@ -108,12 +122,36 @@ class LazyModel:
 
     # -- validation --------------------------------------------------------------------
     def check(self, what: str | None = None) -> None:
-        """Run onnx's checker on the skeleton (placeholders point at an empty stand-in file).
+        """Run onnx's checker on the skeleton, the placeholders standing for the weights.
 
         Catches structural errors (unsorted graph, unknown operator, bad attributes) without
-        reading any weight.
+        reading any weight. The verdict is that of checking the skeleton written to a file
+        beside an empty stand-in file that every placeholder points at (:meth:`_check_file`).
+        First, the skeleton is checked from memory: there, onnx's checker resolves external data
+        against the working folder, except a location starting with ``#`` (as every placeholder
+        does), which it takes as is. That check is the verdict only when it passes and the only
+        external data locations in the skeleton are placeholders (the file check then passes
+        too); otherwise (or for a skeleton over the protobuf limit) the file check decides and
+        gives the message.
         """
-        checked = onnx.ModelProto()
+        data = self.model.SerializeToString()
+        placeholders = sum(
+            1 for t in _all_tensors(self.model.graph) if self.store.ref_id(t) is not None
+        )
+        # Every "location" key of an external data entry, wherever it is, serializes as these
+        # bytes: no more of them than placeholders means no other external data to look for.
+        if len(data) <= PROTOBUF_LIMIT and data.count(_LOCATION_KEY) == placeholders:
+            try:
+                check_model(data)
+                return
+            except Exception:  # the file check decides, and words the message
+                pass
+        self._check_file(what)
+
+    def _check_file(self, what: str | None) -> None:
+        """The checker on the skeleton written to a file, placeholders pointing at an empty
+        stand-in file beside it."""
+        checked = ModelProto()
         checked.CopyFrom(self.model)
         for tensor in _all_tensors(checked.graph):
             if self.store.ref_id(tensor) is not None:
@@ -123,7 +161,7 @@ class LazyModel:
             model_path = Path(tmp, "model.onnx")
             model_path.write_bytes(checked.SerializeToString())
             try:
-                onnx.checker.check_model(str(model_path))
+                check_model_file(str(model_path))
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ModelFileError(f"{what or self.source}: invalid ONNX model: {first}") from e
@@ -173,8 +211,15 @@ class LazyModel:
 
     def _write_pieces(self, fd: int, pieces: list[Piece]) -> None:
         """Write pieces in order; Computed values are produced on two worker threads, at most
-        a few ahead of the writer, so computing overlaps writing and memory stays bounded."""
+        a few ahead of the writer, so computing overlaps writing and memory stays bounded.
+        Below :data:`THREADS_FROM` computed bytes, the writer computes them itself: handing
+        them to threads would cost more than it overlaps."""
         computed = [p for p in pieces if isinstance(p, Computed)]
+        if sum(c.length for c in computed) < THREADS_FROM:
+            self._write_in_order(fd, pieces, lambda c: little_endian(c.compute()))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
         ahead: dict[int, Future] = {}
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusenode-compute") as pool:
             next_submit = 0
@@ -186,29 +231,38 @@ class LazyModel:
                     ahead[id(c)] = pool.submit(lambda c=c: little_endian(c.compute()))
                     next_submit += 1
 
-            pending: list[bytes] = []
-            for piece in pieces:
-                if isinstance(piece, bytes):
-                    pending.append(piece)
-                    continue
-                if pending:
-                    write_all(fd, b"".join(pending))
-                    pending.clear()
-                if isinstance(piece, Computed):
-                    refill()
-                    data = ahead.pop(id(piece)).result()
-                    if data.nbytes != piece.length:
-                        raise ModelFileError("computed tensor size does not match its shape")
-                    write_all(fd, bytes_view(data))
-                    del data
-                    refill()
-                else:
-                    self.store.write_to(piece, fd)
+            def produced(piece: Computed) -> np.ndarray:
+                refill()
+                data = ahead.pop(id(piece)).result()
+                refill()
+                return data
+
+            self._write_in_order(fd, pieces, produced)
+
+    def _write_in_order(
+        self, fd: int, pieces: list[Piece], produce: Callable[[Computed], np.ndarray]
+    ) -> None:
+        pending: list[bytes] = []
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending.append(piece)
+                continue
             if pending:
                 write_all(fd, b"".join(pending))
+                pending.clear()
+            if isinstance(piece, Computed):
+                data = produce(piece)
+                if data.nbytes != piece.length:
+                    raise ModelFileError("computed tensor size does not match its shape")
+                write_all(fd, bytes_view(data))
+                del data
+            else:
+                self.store.write_to(piece, fd)
+        if pending:
+            write_all(fd, b"".join(pending))
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def _all_tensors(graph: GraphProto) -> Iterator[TensorProto]:
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:

@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusenode.passes.errors import ModelFileError
+from fusenode.passes.onnxproto import TensorProto
 from fusenode.passes.protowire import LEN, VARINT, encode_key, encode_varint, iter_fields
-from fusenode.passes.tensorstore import INLINE_LIMIT, Computed, Extent, TensorStore, set_ref
-from onnx import TensorProto
+from fusenode.passes.tensorstore import INLINE_LIMIT, REF, Computed, Extent, TensorStore, set_ref
 
 #: Alignment of tensors in an external data file (page size: lets runtimes mmap them).
 EXTERNAL_ALIGN = 4096
+_REF_BYTES = REF.encode()
 
 # onnx.proto field numbers used by the walker.
 _MODEL_GRAPH = 7
@@ -137,7 +138,13 @@ Piece = bytes | Extent | Computed
 
 
 class Saver:
-    """Turns the serialized skeleton into pieces (bytes or extents) of the output file(s)."""
+    """Turns the serialized skeleton into pieces (bytes or extents) of the output file(s).
+
+    The skeleton comes from protobuf's serializer, so every field is in its shortest encoding:
+    a field with no placeholder below it (the bytes of :data:`~tensorstore.REF` do not occur in
+    it) is copied as it is, without walking it, and fields copied as they are in a row make one
+    piece.
+    """
 
     def __init__(self, store: TensorStore, data_name: str | None) -> None:
         self.store = store
@@ -146,22 +153,31 @@ class Saver:
         self.data_size = 0
 
     def model(self, buf: bytes) -> tuple[list[Piece], int]:
+        self._skeleton = buf
         return self._message(memoryview(buf), 0, len(buf), self._model_field)
 
     def _message(self, buf, start, end, on_field) -> tuple[list[Piece], int]:
         pieces: list[Piece] = []
         size = 0
+        copied = start  # where the run of fields copied as they are began
         for field, wt, fs, vs, ve in iter_fields(buf, start, end):
-            child = on_field(buf, field, vs, ve) if wt == LEN else None
+            if wt != LEN or self._skeleton.find(_REF_BYTES, vs, ve) < 0:
+                continue
+            child = on_field(buf, field, vs, ve)
             if child is None:
-                pieces.append(bytes(buf[fs:ve]))
-                size += ve - fs
-            else:
-                sub, sub_size = child
-                head = encode_key(field, LEN) + encode_varint(sub_size)
-                pieces.append(head)
-                pieces.extend(sub)
-                size += len(head) + sub_size
+                continue
+            if copied < fs:
+                pieces.append(bytes(buf[copied:fs]))
+                size += fs - copied
+            sub, sub_size = child
+            head = encode_key(field, LEN) + encode_varint(sub_size)
+            pieces.append(head)
+            pieces.extend(sub)
+            size += len(head) + sub_size
+            copied = ve
+        if copied < end:
+            pieces.append(bytes(buf[copied:end]))
+            size += end - copied
         return pieces, size
 
     def _model_field(self, buf, field, vs, ve):

@@ -144,6 +144,8 @@ class TorchBackend:
         _check_factor(weight, factor)
         if not weight.flags.writeable:  # a view of the mapped model file; torch wants writable
             weight = weight.copy()
+        if not factor.flags.writeable:  # a fold's plan is read-only
+            factor = factor.copy()
         bf16 = is_bfloat16(weight.dtype)
         if bf16:
             w = torch.from_numpy(np.ascontiguousarray(weight).view(np.int16)).view(torch.bfloat16)

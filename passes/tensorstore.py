@@ -1,6 +1,6 @@
 """Where the bytes of a model's large tensors live while passes work on its skeleton.
 
-A :class:`TensorStore` resolves the placeholder references ``fusenode-ref:<id>`` that
+A :class:`TensorStore` resolves the placeholder references ``#fusenode-ref:<id>`` that
 :mod:`modelwire` puts in the skeleton on load: each names an :class:`Extent` (file, offset,
 length) of the input, or a :class:`Computed` value produced only when the output is written.
 Passes read tensors with :meth:`TensorStore.array` (a zero-copy view of the mapped file) and
@@ -20,13 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fusenode.passes.errors import ModelFileError
-from onnx import TensorProto, helper, numpy_helper
+from fusenode.passes.onnxproto import (
+    TensorProto,
+    np_dtype_to_tensor_dtype,
+    tensor_dtype_to_np_dtype,
+    to_array,
+)
 
 #: Tensor payloads smaller than this stay inline in the skeleton (same rule as onnx's
 #: external-data converter).
 INLINE_LIMIT = 1024
-_REF = "fusenode-ref:"
+#: Placeholder locations start with "#": onnx's checker then looks for no file (LazyModel.check).
+REF = "#fusenode-ref:"
 _COPY_CHUNK = 64 * 2**20
 
 
@@ -112,15 +119,15 @@ class TensorStore:
     # -- references ----------------------------------------------------------------------
     def reference(self, extent: Extent | Computed) -> str:
         self._extents.append(extent)
-        return f"{_REF}{len(self._extents) - 1}"
+        return f"{REF}{len(self._extents) - 1}"
 
     @staticmethod
     def ref_id(tensor: TensorProto) -> int | None:
         if tensor.data_location != TensorProto.EXTERNAL:
             return None
         for entry in tensor.external_data:
-            if entry.key == "location" and entry.value.startswith(_REF):
-                return int(entry.value[len(_REF) :])
+            if entry.key == "location" and entry.value.startswith(REF):
+                return int(entry.value[len(REF) :])
         return None
 
     def extent(self, tensor: TensorProto) -> Extent | Computed | None:
@@ -182,7 +189,7 @@ class TensorStore:
         extent = self.extent(tensor)
         if extent is None:
             try:
-                return numpy_helper.to_array(tensor)
+                return to_array(tensor)
             except Exception as e:
                 raise ModelFileError(f"tensor {tensor.name!r} cannot be decoded: {e}") from e
         if isinstance(extent, Computed):
@@ -231,13 +238,13 @@ def little_endian(array: np.ndarray) -> np.ndarray:
 
 def np_dtype(data_type: int) -> np.dtype:
     try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+        return np.dtype(tensor_dtype_to_np_dtype(data_type))
     except Exception as e:
         raise ModelFileError(f"unsupported tensor data type {data_type}") from e
 
 
 def _onnx_dtype(dtype: np.dtype) -> int:
-    return helper.np_dtype_to_tensor_dtype(dtype)
+    return np_dtype_to_tensor_dtype(dtype)
 
 
 def set_ref(tensor: TensorProto, ref: str) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fusenode.passes.errors import VerificationError
 from fusenode.passes.numerics import bfloat16, is_bfloat16
+from fusenode.passes.onnxproto import full_onnx, tensor_dtype_to_np_dtype
 
 #: (rtol, atol) per output dtype. float32/float64: the tolerances of the ONNX tools' own fusion
 #: tests. float16 (11-bit significand) and bfloat16 (8-bit) round the fused weights and every
@@ -75,7 +77,7 @@ class _Runner:
             self.inputs = [(i.name, i.type, i.shape) for i in self.session.get_inputs()]
             self.output_names = [o.name for o in self.session.get_outputs()]
         else:
-            import onnx
+            onnx = full_onnx()
             from onnx.reference import ReferenceEvaluator
 
             model = onnx.load(str(path))
@@ -96,9 +98,7 @@ class _Runner:
 
 def _ort_type_to_dtype(t: Any) -> np.dtype:
     if isinstance(t, int):  # reference path: ONNX TensorProto enum
-        from onnx import helper
-
-        return np.dtype(helper.tensor_dtype_to_np_dtype(t))
+        return np.dtype(tensor_dtype_to_np_dtype(t))
     names = {
         "tensor(float)": np.float32,
         "tensor(double)": np.float64,

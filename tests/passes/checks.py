@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from fusenode.passes.fuse import fuse_file
 
+from fusenode.passes.fuse import fuse_file
 from tests.support.onnx_models import assert_close, count_ops, run
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+
 from fusenode.node import examples
 from fusenode.passes.fuse import fuse_file
-
 from tests.support.onnx_models import assert_close, count_ops, run
 
 BUILDERS = {

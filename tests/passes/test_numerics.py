@@ -7,6 +7,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+
 from fusenode.passes.numerics import (
     NumpyBackend,
     TorchBackend,
@@ -16,7 +17,6 @@ from fusenode.passes.numerics import (
     is_float,
     round_to,
 )
-
 from tests.support.onnx_models import BF16
 
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
+
 from fusenode.passes import fuse_bn
 from fusenode.passes.framework import ModelContext, Scope, run_rewrites
-from fusenode.passes.fuse_bn_base import FuseBatchNormRule
+from fusenode.passes.fuse_bn_base import FuseBatchNormRule, Plan
 from fusenode.passes.fuse_bn_conv import FuseBatchNormIntoConv
 from fusenode.passes.fuse_bn_conv_transpose import FuseBatchNormIntoConvTranspose
 from fusenode.passes.fuse_bn_gemm import FuseBatchNormIntoGemm
 from fusenode.passes.modelfile import LazyModel
-from fusenode.passes.numerics import NumpyBackend
-from onnx import helper
-
+from fusenode.passes.numerics import NumpyBackend, TorchBackend
 from tests.passes.checks import fuse
 from tests.support.onnx_models import conv_bn, convt_bn, gemm_bn, tensor, value_info
 
@@ -80,7 +80,8 @@ def test_rule_set_is_explicit():
 @pytest.mark.parametrize("declined", [False, True])
 def test_check_has_no_side_effects(rule, builder, declined, tmp_path):
     """check() twice changes neither the match, the graph, the scope nor the stored tensors:
-    saving afterwards gives the bytes of saving without it."""
+    saving afterwards gives the bytes of saving without it. To accept, it returns an immutable
+    plan (the same one twice); to decline, the reason."""
     # Weights over the inline limit, so check reads them through the store's file mapping.
     model, _ = builder(k=64, n=32) if builder is gemm_bn else builder(cin=16, cout=32)
     if declined:  # declined by the last step, the weight scan, after everything was read
@@ -97,13 +98,24 @@ def test_check_has_no_side_effects(rule, builder, declined, tmp_path):
         assert match is not None
         assert lazy.store.extent(scope.initializers[match.op.input[1]]) is not None
         before = scope_state(scope), match.bn.SerializeToString(), match.op.SerializeToString()
-        reasons = [r.check(match, scope), r.check(match, scope)]
+        verdicts = [r.check(match, scope), r.check(match, scope)]
         after = scope_state(scope), match.bn.SerializeToString(), match.op.SerializeToString()
         assert after == before
-        assert reasons[0] == reasons[1]
-        assert reasons[0] == (
-            f"{rule.op_type} weight contains non-finite values" if declined else None
-        )
+        if declined:
+            assert verdicts == [f"{rule.op_type} weight contains non-finite values"] * 2
+        else:
+            first, second = verdicts
+            assert isinstance(first, Plan) and isinstance(second, Plan)
+            assert first.weight.name == second.weight.name == match.op.input[1]
+            for a, b in (
+                (first.w, second.w),
+                (first.fold.factor, second.fold.factor),
+                (first.fold.bias, second.fold.bias),
+            ):
+                np.testing.assert_array_equal(a, b)
+            assert not first.fold.factor.flags.writeable and not first.fold.bias.flags.writeable
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                first.fold = None
         with pytest.raises(dataclasses.FrozenInstanceError):
             match.op = None  # the match is immutable: nothing is handed to rewrite through it
         lazy.save(tmp_path / "checked.onnx", durable=False)
@@ -165,8 +177,9 @@ def test_every_batchnorm_reported(tmp_path):
 
 
 def test_rule_modules_import_nothing_heavy_at_top():
-    """ml_dtypes, onnxruntime and torch are imported inside the functions that need them."""
-    heavy = {"ml_dtypes", "onnxruntime", "torch"}
+    """ml_dtypes, onnxruntime, torch and onnx's package are imported inside the functions that
+    need them (onnxproto loads what passes/ needs of onnx without its package)."""
+    heavy = {"ml_dtypes", "onnxruntime", "torch", "onnx"}
     for path in sorted(PASSES.glob("*.py")):
         for node in ast.parse(path.read_text()).body:
             names = []
@@ -178,17 +191,34 @@ def test_rule_modules_import_nothing_heavy_at_top():
 
 
 def test_fuse_without_onnxruntime_or_torch(tmp_path):
-    """A float32 model fused on the CPU loads neither onnxruntime nor torch. (ml_dtypes cannot
-    be checked this way: ``import onnx`` itself imports it.)"""
+    """A float32 model fused on the CPU loads neither onnxruntime nor torch, nor ml_dtypes or
+    onnx's package (see test_onnxproto)."""
     model, _ = conv_bn()
     onnx.save(model, tmp_path / "m.onnx")
     code = (
         "import json, sys\n"
         "from fusenode.passes.fuse import fuse_file\n"
         f"fuse_file({str(tmp_path / 'm.onnx')!r}, {str(tmp_path / 'o.onnx')!r}, device='cpu')\n"
-        "print(json.dumps(sorted(m for m in ('onnxruntime', 'torch') if m in sys.modules)))\n"
+        "heavy = ('ml_dtypes', 'onnx', 'onnxruntime', 'torch')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize(("rule", "builder"), FAMILIES)
+def test_torch_backend_folds_from_the_read_only_plan(rule, builder, tmp_path):
+    """The plan's arrays are read-only: the torch path (CUDA's, run here on the CPU) takes them
+    without a warning and writes the bytes the numpy path writes."""
+    model, _ = builder()
+    written = []
+    for backend in (NumpyBackend(), TorchBackend("cpu")):
+        with loaded(model, tmp_path) as lazy:
+            report = run_rewrites(lazy.model, lazy.store, [rule(backend)], "t", "0")
+            assert len(report.fused) == 1
+            out = tmp_path / f"{backend.name}-{type(backend).__name__}.onnx"
+            lazy.save(out, durable=False)
+        written.append(out.read_bytes())
+    assert written[0] == written[1]
