@@ -28,6 +28,7 @@ from fusenode.errors import Error
 
 if TYPE_CHECKING:
     from fusenode.node.local import Node
+    from fusenode.passes.fuse import fuse_file as fuse
 
 __version__ = "0.1.0"
 __all__ = ["Error", "__version__", "connect", "fetch", "fuse", "store"]
@@ -73,20 +74,11 @@ def fetch(
     return dict(connect(repo).get(cid, os.fspath(output), key))
 
 
-def fuse(
-    source: PathLike,
-    output: PathLike,
-    *,
-    device: str = "auto",
-    verify: bool = False,
-    shapes: dict[str, list[int]] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-) -> dict[str, Any]:
-    """Fold BatchNormalization into the Conv/ConvTranspose/Gemm before it; the report
-    (what was fused, what was skipped and why, verification figures with ``verify``)."""
-    from fusenode.passes.fuse import fuse_file
+def __getattr__(name: str) -> Any:
+    # `fuse` is `fusenode.passes.fuse.fuse_file` itself (same signature and docs), imported on
+    # first use so that `import fusenode` stays light.
+    if name == "fuse":
+        from fusenode.passes.fuse import fuse_file
 
-    return fuse_file(
-        source, output, device=device, verify=verify, shapes=shapes, rtol=rtol, atol=atol
-    )
+        return fuse_file
+    raise AttributeError(f"module 'fusenode' has no attribute {name!r}")
