@@ -1,7 +1,12 @@
 """Benchmark fusenode on a local network of daemons against plain 3x replication (run by hand).
 
     python benchmarks/bench_network.py [--size 1GiB] [--segment-size 64MiB] [--work-dir DIR]
-                                       [--keep-dir] [--timeout SECONDS]
+                                       [--keep-dir] [--timeout SECONDS] [--hosts]
+
+--hosts: every node (fusenode's six daemons, the baseline's Kubo nodes) on its own host made of
+a Linux network namespace (`fusenode.node.netns`: one private /24 on a bridge of its own;
+needs root), instead of all on 127.0.0.1: traffic crosses veth links and a bridge, as between
+machines. The ratios are the same.
 
 One random file (``--size``, default 1 GiB) is written once. Two set-ups then run one after
 the other (never at the same time: the machine's cores are shared, so each side gets the
@@ -84,7 +89,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from common import GiB, MiB, human, parse_size, sha256_file, write_random_file  # noqa: E402
 
 from fusenode.node.localnet import LocalNetwork  # noqa: E402
-from fusenode.storage.kubo import KuboNode  # noqa: E402
+from fusenode.node.netns import NamespaceHosts, unavailable  # noqa: E402
+from fusenode.storage.kubo import KuboNode, SwarmSettings  # noqa: E402
 from fusenode.storage.manifest import Manifest  # noqa: E402
 
 NODES = 6
@@ -243,12 +249,25 @@ F_PUT, F_GET, F_GET_DEGRADED = "fusenode put", "fusenode get all up", "fusenode 
 # ----------------------------------------------------------------------------- baseline
 
 
-def run_baseline(work: Path, src: Path, sha: str, timeout: float, meter: Meter) -> Stored:
+BASELINE_PORT = 4002  # on namespace hosts; fusenode's daemons use 4001
+
+
+def run_baseline(
+    work: Path, src: Path, sha: str, timeout: float, meter: Meter, hosts: NamespaceHosts | None
+) -> Stored:
     root = work / "baseline"
     nodes: dict[str, KuboNode] = {}
+
+    def kubo(name: str) -> KuboNode:  # A, B, C, D on hosts 0-3 with --hosts
+        if hosts is None:
+            return KuboNode(root / name)
+        i = "ABCD".index(name)
+        swarm = SwarmSettings(host=hosts.address(i), port=BASELINE_PORT)
+        return KuboNode(root / name, swarm=swarm, netns=hosts.names[i])
+
     try:
         with ThreadPoolExecutor(3) as pool:
-            started = dict(zip("ABC", pool.map(lambda n: KuboNode(root / n), "ABC"), strict=True))
+            started = dict(zip("ABC", pool.map(kubo, "ABC"), strict=True))
         nodes.update(started)
         a, b, c = nodes["A"], nodes["B"], nodes["C"]
         addr = {name: node.identity().addresses[0] for name, node in nodes.items()}
@@ -267,7 +286,7 @@ def run_baseline(work: Path, src: Path, sha: str, timeout: float, meter: Meter) 
 
         for name in "BC":  # D must have A as its only possible source
             nodes.pop(name).close()
-        nodes["D"] = d = KuboNode(root / "D")
+        nodes["D"] = d = kubo("D")
         d.connect(addr["A"], 30)
         out = work / "baseline.out"
         with meter(B_READ):
@@ -336,6 +355,7 @@ def run_fusenode(
     timeout: float,
     meter: Meter,
     keep: bool = False,
+    hosts: NamespaceHosts | None = None,
 ) -> tuple[Stored, list[str]]:
     notes: list[str] = []
     root = work / "fusenode"
@@ -343,7 +363,7 @@ def run_fusenode(
         ("storage", "segment_size"): str(segment_size),
         ("placement", "pin_timeout"): f"{max(120.0, timeout):.1f}",
     }
-    net = LocalNetwork(root, NODES, config)
+    net = LocalNetwork(root, NODES, config, hosts=hosts)
     try:
         t0 = time.perf_counter()
         net.start()
@@ -430,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="limit per put, get, pin and read, in seconds (default: 120 s + 0.5 s per MiB)",
     )
+    parser.add_argument(
+        "--hosts", action="store_true", help="each node on its own namespace host (root)"
+    )
     args = parser.parse_args(argv)
+    if args.hosts and (reason := unavailable()):
+        raise SystemExit(f"--hosts: {reason}")
     if args.timeout is None:
         args.timeout = 120.0 + 0.5 * args.size / MiB
 
@@ -438,21 +463,27 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size
     print(
         f"fusenode network benchmark: {human(size)} random file, {NODES} nodes, k={K} n={N}, "
-        f"{human(args.segment_size)} segments, vs 3x replication of the plaintext; "
+        f"{human(args.segment_size)} segments, vs 3x replication of the plaintext, "
+        f"{'on namespace hosts' if args.hosts else 'on 127.0.0.1'}; "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, work dir {work}",
         flush=True,
     )
     started = time.perf_counter()
     meter = Meter()
+    hosts = NamespaceHosts(NODES) if args.hosts else None
     try:
+        if hosts is not None:
+            hosts.create()
         src = work / "model.bin"
         sha = write_random_file(src, size)
         log(f"input written, sha256 {sha[:16]}...")
-        base = run_baseline(work, src, sha, args.timeout, meter)
+        base = run_baseline(work, src, sha, args.timeout, meter, hosts)
         fuse, notes = run_fusenode(
-            work, src, sha, args.segment_size, args.timeout, meter, keep=args.keep_dir
+            work, src, sha, args.segment_size, args.timeout, meter, args.keep_dir, hosts
         )
     finally:
+        if hosts is not None:
+            hosts.destroy()
         if args.keep_dir:
             print(f"kept {work}")
         else:

@@ -33,6 +33,9 @@ FETCH_TIMEOUT: Final = 60.0
 PIN_TIMEOUT: Final = 120.0
 #: A peer's answer to a health check.
 HEALTH_TIMEOUT: Final = 3.0
+#: A get asks one more holder for a segment when none of its fetches finished for this long
+#: (a slow or silently partitioned holder then costs seconds, not the fetch deadline).
+HEDGE_AFTER: Final = 5.0
 #: A fetch of a fragment no live node claims to hold (Kubo would wait forever).
 UNKNOWN_HOLDER_TIMEOUT: Final = 10.0
 #: A peer call that takes no explicit deadline (has, unpin, ...).

@@ -7,14 +7,20 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["free_loopback_port", "removed_on_error"]
+__all__ = ["free_loopback_port", "free_tcp_port", "removed_on_error"]
+
+
+def free_tcp_port(host: str) -> int:
+    """A TCP port free on ``host`` right now (another process could still take it first)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (another process could still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now."""
+    return free_tcp_port("127.0.0.1")
 
 
 @contextlib.contextmanager

@@ -126,9 +126,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from fusenode.node.repo import Repo, default_repo_path
 
     path = default_repo_path(args.repo)
-    repo = Repo.init(path, args.swarm_port, args.api_port)
+    repo = Repo.init(path, args.swarm_port, args.api_port, args.swarm_host)
     print(f"initialized fusenode repo in {path}")
-    print(f"  swarm: /ip4/{repo.config.node.swarm_host}/tcp/{repo.config.node.swarm_port}")
+    for address in repo.node_identity().addresses:
+        print(f"  swarm: {address}")
     print(f"  api:   http://{repo.config.api.host}:{repo.config.api.port}")
     print(f"  recipient: {repo.recipient()}")
     return 0
@@ -440,7 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("-o", "--output", help="write the identity here (mode 0600)")
 
     i = _command(sub, "init", cmd_init, "create a node repo")
-    i.add_argument("--swarm-port", type=int, help="IPFS swarm port on 127.0.0.1 (default: free)")
+    i.add_argument(
+        "--swarm-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the IPFS swarm listens on: 127.0.0.1 (default: this machine only), "
+        "an address of this machine, or 0.0.0.0 for every interface",
+    )
+    i.add_argument("--swarm-port", type=int, help="IPFS swarm TCP port (default: a free one)")
     i.add_argument("--api-port", type=int, help="HTTP API port on 127.0.0.1 (default: free)")
 
     pu = _command(sub, "put", cmd_put, "store a file: encrypt, erasure-code, pin; print its CID")

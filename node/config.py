@@ -8,16 +8,21 @@ every mistake with the key it concerns.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusenode import defaults
 from fusenode.node.errors import ConfigError
 from fusenode.storage.erasure import validate_parameters
 from fusenode.storage.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from fusenode.storage.swarm import SwarmSettings
 
 DEFAULTS_PATH = Path(__file__).with_name("default-config.toml")
 
@@ -26,6 +31,7 @@ DEFAULTS_PATH = Path(__file__).with_name("default-config.toml")
 class NodeSection:
     swarm_host: str = "127.0.0.1"
     swarm_port: int = 0
+    announce: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,18 +47,23 @@ class StorageSection:
     n: int = defaults.N
     segment_size: int = defaults.SEGMENT_SIZE
     fetch_timeout: float = defaults.FETCH_TIMEOUT
+    hedge_after: float = defaults.HEDGE_AFTER
 
 
 @dataclass(frozen=True)
 class NetworkSection:
     bootstrap: tuple[str, ...] = ()
     accept_from: tuple[str, ...] = ("*",)
+    deny: tuple[str, ...] = ()
+    mdns: bool = False
+    upnp: bool = False
 
 
 @dataclass(frozen=True)
 class PlacementSection:
     allow_weak: bool = False
     pin_timeout: float = defaults.PIN_TIMEOUT
+    domain: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -156,8 +167,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config: [storage] k={s.k}, n={s.n}: {e}") from None
     if not s.k <= s.segment_size <= defaults.MAX_SEGMENT_SIZE:
         raise ConfigError(f"config: [storage] segment_size {s.segment_size} out of range")
-    if s.fetch_timeout <= 0:
-        raise ConfigError("config: [storage] fetch_timeout must be positive")
+    if s.fetch_timeout <= 0 or s.hedge_after <= 0:
+        raise ConfigError("config: [storage] fetch_timeout and hedge_after must be positive")
     for what, value in (
         ("[placement] pin_timeout", config.placement.pin_timeout),
         ("[repair] interval", config.repair.interval),
@@ -169,6 +180,40 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config: [optimizer] device {config.optimizer.device!r}: auto|cpu|cuda")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("config: [api] max_body_bytes must be at least 1024")
+    if config.placement.domain not in DOMAINS:
+        raise ConfigError(
+            f"config: [placement] domain {config.placement.domain!r}: {' | '.join(DOMAINS)}"
+        )
+    try:  # the local API never leaves the machine, whatever the swarm address is
+        if not ipaddress.ip_address(config.api.host).is_loopback:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"config: [api] host {config.api.host!r} must be a loopback address (127.0.0.1)"
+        ) from None
+    try:
+        swarm_settings(config)
+    except InvalidArgument as e:
+        raise ConfigError(f"config: [node]/[network]: {e}") from None
+
+
+#: ``[placement] domain``: what placement spreads a segment's fragments over. "auto" is
+#: "node" on a loopback swarm host (every node shares 127.0.0.1) and "ip" on any other.
+DOMAINS = ("auto", "node", "ip", "subnet24")
+
+
+def swarm_settings(config: Config) -> SwarmSettings:
+    """The embedded IPFS node's network settings this config asks for."""
+    from fusenode.storage.swarm import SwarmSettings
+
+    return SwarmSettings(
+        host=config.node.swarm_host,
+        port=config.node.swarm_port or None,
+        announce=config.node.announce,
+        deny=config.network.deny,
+        mdns=config.network.mdns,
+        nat_port_map=config.network.upnp,
+    )
 
 
 def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
@@ -194,9 +239,10 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
     return config
 
 
-def render_config(swarm_port: int, api_port: int) -> str:
-    """The documented default file with the ports chosen at init filled in."""
+def render_config(swarm_port: int, api_port: int, swarm_host: str = "127.0.0.1") -> str:
+    """The documented default file with the address and ports chosen at init filled in."""
     text = DEFAULTS_PATH.read_text(encoding="utf-8")
+    text = _set_first(text, 'swarm_host = "127.0.0.1"', f"swarm_host = {json.dumps(swarm_host)}")
     text = _set_first(text, "swarm_port = 0", f"swarm_port = {swarm_port}")
     text = _set_first(text, "port = 0 ", f"port = {api_port} ")
     parse_config(tomllib.loads(text))  # the file we write must load

@@ -29,9 +29,11 @@ from aiohttp import web
 from fusenode import defaults
 from fusenode.node.aio import AsyncBlocks, AsyncTransport, Bridge
 from fusenode.node.allocator import Allocator
+from fusenode.node.config import swarm_settings
 from fusenode.node.context import NodeContext
+from fusenode.node.domains import domain_function
 from fusenode.node.holder import Holder
-from fusenode.node.monitor import PeerMonitor
+from fusenode.node.monitor import AddressPolicy, PeerMonitor
 from fusenode.node.network import PeerNetwork
 from fusenode.node.optimizer import Announcer, Optimizer
 from fusenode.node.peer_client import PeerClient
@@ -62,22 +64,35 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     from fusenode.node.peerauth import load_private_key
 
     config = repo.config
+    swarm = swarm_settings(config)
     blocks = AsyncBlocks(kubo, bridge)
     transport = AsyncTransport(kubo.transport, bridge)
-    ctx = NodeContext(kubo.identity().peer_id, blocks, state, repo.files.tmp)
+    identity = kubo.identity()
+    ctx = NodeContext(identity.peer_id, blocks, state, repo.files.tmp)
     client = PeerClient(transport, load_private_key(repo.files.kubo))
-    monitor = PeerMonitor(ctx, client, unreachable_after=config.repair.unreachable_after)
+    addresses = AddressPolicy(swarm.loopback, config.network.deny)
+    unreachable_after = config.repair.unreachable_after
+    monitor = PeerMonitor(ctx, client, unreachable_after=unreachable_after, addresses=addresses)
     placer = Placer(ctx, client, config.placement.pin_timeout)
     network = PeerNetwork(ctx, monitor, placer, Announcer(transport, config.optimizer.announce))
-    allocator = Allocator()
+    domain = config.placement.domain
+    allocator = Allocator(
+        domain_function(domain, swarm.loopback, identity.peer_id, identity.addresses, state)
+    )
     service = NodeService(repo, ctx, network, allocator)
     fetch_timeout = config.storage.fetch_timeout
     service.repairer = Repairer(
         ctx, monitor, allocator, placer, service.manifest, fetch_timeout=fetch_timeout
     )
     service.optimizer = Optimizer(service, transport)
-    holder = Holder(ctx, config.placement.pin_timeout)
+    holder = Holder(ctx, config.placement.pin_timeout, recent=unreachable_after)
     return Components(service, holder, monitor, service.repairer, service.optimizer, client)
+
+
+def _dialable(addresses: list[str], loopback: bool) -> list[str]:
+    """The addresses worth telling peers: loopback ones on a loopback node, others else."""
+    local = [a for a in addresses if a.startswith(("/ip4/127.", "/ip6/::1/"))]
+    return (local if loopback else [a for a in addresses if a not in local]) or addresses
 
 
 def load_or_create_token(repo: Repo) -> str:
@@ -98,7 +113,8 @@ async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
 
 
 async def _bootstrap(monitor: PeerMonitor, addresses: list[str], stop: asyncio.Event) -> None:
-    """Dial every bootstrap peer; retry the ones that fail until they answer or we stop."""
+    """Dial every bootstrap peer, then meet the peers they know (peer exchange); retry the
+    ones that fail until they answer or we stop."""
     pending = list(dict.fromkeys(addresses))
     while pending and not stop.is_set():
         still = []
@@ -109,6 +125,9 @@ async def _bootstrap(monitor: PeerMonitor, addresses: list[str], stop: asyncio.E
             except Exception as e:
                 log.info("bootstrap %s: %s (retrying)", addr, e)
                 still.append(addr)
+        if len(still) < len(pending):
+            with contextlib.suppress(Exception):
+                await monitor.discover()
         pending = still
         if pending:
             with contextlib.suppress(TimeoutError):
@@ -162,9 +181,8 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "peer_id": service.peer_id}))
         os.replace(tmp, api_json)
 
-        swarm = [a for a in service.addresses if "/127.0.0.1/" in a] or service.addresses
         print(f"peer ID: {service.peer_id}")
-        for addr in swarm:
+        for addr in _dialable(service.addresses, swarm_settings(config).loopback):
             print(f"swarm:   {addr}")
         print(f"api:     {url}")
         print("ready", flush=True)

@@ -11,22 +11,35 @@ import tempfile
 from pathlib import Path
 
 from fusenode.node.context import NodeContext
-from fusenode.node.protocol import BadPeerRequest, Health
+from fusenode.node.protocol import BadPeerRequest, Health, PeerList
 from fusenode.storage.unixfs import file_cid
 
 __all__ = ["Holder"]
 
 
 class Holder:
-    def __init__(self, ctx: NodeContext, pin_timeout: float) -> None:
+    def __init__(self, ctx: NodeContext, pin_timeout: float, recent: float) -> None:
         self.peer_id = ctx.peer_id
         self.addresses = tuple(ctx.blocks.identity().addresses)
         self.blocks, self.state, self.tmp = ctx.blocks, ctx.state, ctx.tmp
         self.pin_timeout = pin_timeout
+        self.recent = recent
 
     def health(self, requester: str) -> Health:
         self.state.peer_answered(requester)
         return Health(self.peer_id, self.addresses)
+
+    def known_peers(self, requester: str) -> PeerList:
+        """The peers that answered this node within ``recent`` seconds (its repair
+        threshold), with the addresses they reported: what a new node needs to find them."""
+        records = self.state.recent_peers(self.recent)
+        return PeerList(
+            tuple(
+                Health(r.peer_id, tuple(r.multiaddrs()))
+                for r in records
+                if r.peer_id not in (requester, self.peer_id) and r.multiaddrs()
+            )
+        )
 
     def held(self, cids: list[str]) -> set[str]:
         return self.state.held(cids)

@@ -1,8 +1,11 @@
-"""A network of fusenode daemons on this machine (127.0.0.1 only), each a real process with
-its own repo and ports. Used by `fusenode demo`, the network tests and the benchmark.
+"""A network of fusenode daemons on this machine, each a real process with its own repo and
+ports: on 127.0.0.1, or one per host of `fusenode.node.netns.NamespaceHosts` (nodes on
+"different machines"). Used by `fusenode demo`, the network tests and the benchmark.
 
 Node 0 starts first; the others bootstrap to it. Config keys can be set per network (e.g. a
-short repair threshold for a demo) before the daemons start.
+short repair threshold for a demo) before the daemons start. On namespace hosts each daemon,
+and every command run for it (`LocalNetwork.cli`: the API is on the host's own 127.0.0.1),
+runs inside its host's namespace; node i listens on its host's address, port 4001.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fusenode.node.netns import NamespaceHosts
 from fusenode.node.repo import Repo
 
 READY_TIMEOUT = 60.0
+#: The swarm and API ports of a node on a namespace host (each host has its own ports).
+HOST_SWARM_PORT = 4001
+HOST_API_PORT = 5001
 
 
 def set_config(repo_path: Path, section: str, key: str, value: str) -> None:
@@ -59,17 +66,31 @@ class LocalNode:
 
 class LocalNetwork:
     def __init__(
-        self, base: Path, count: int, config: dict[tuple[str, str], str] | None = None
+        self,
+        base: Path,
+        count: int,
+        config: dict[tuple[str, str], str] | None = None,
+        hosts: NamespaceHosts | None = None,
     ) -> None:
+        if hosts is not None and hosts.count < count:
+            raise ValueError(f"{count} nodes need {count} hosts, not {hosts.count}")
         self.base = Path(base)
         self.nodes = [LocalNode(i, self.base / f"node{i}") for i in range(count)]
         self.config = config or {}
+        self.hosts = hosts
+
+    def _prefix(self, i: int) -> list[str]:
+        return self.hosts.exec_prefix(i) if self.hosts is not None else []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self) -> None:
         def one(node: LocalNode) -> None:
             if not (node.repo / "config.toml").exists():
-                Repo.init(node.repo)
+                if self.hosts is None:
+                    Repo.init(node.repo)
+                else:
+                    address = self.hosts.address(node.index)
+                    Repo.init(node.repo, HOST_SWARM_PORT, HOST_API_PORT, address)
             for (section, key), value in self.config.items():
                 set_config(node.repo, section, key, value)
 
@@ -82,10 +103,13 @@ class LocalNetwork:
         with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
             list(pool.map(self.start_node, range(1, len(self.nodes))))
 
-    def start_node(self, i: int) -> LocalNode:
+    def start_node(self, i: int, bootstrap: bool = True) -> LocalNode:
+        """Start node ``i``'s daemon; it joins node 0 unless ``bootstrap`` is False (a
+        restarted node must find the network from what its repo remembers)."""
         node = self.nodes[i]
-        cmd = [sys.executable, "-m", "fusenode.node.cli", "daemon", "--repo", str(node.repo)]
-        if i != 0 and self.nodes[0].multiaddr:
+        cmd = [*self._prefix(i), sys.executable, "-m", "fusenode.node.cli", "daemon"]
+        cmd += ["--repo", str(node.repo)]
+        if bootstrap and i != 0 and self.nodes[0].multiaddr:
             cmd += ["--bootstrap", self.nodes[0].multiaddr]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
         env["FUSENODE_LOG"] = os.environ.get("FUSENODE_LOG", "WARNING")
@@ -164,7 +188,15 @@ class LocalNetwork:
     def cli(self, i: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FUSENODE_")}
         return subprocess.run(
-            [sys.executable, "-m", "fusenode.node.cli", *args, "--repo", str(self.nodes[i].repo)],
+            [
+                *self._prefix(i),
+                sys.executable,
+                "-m",
+                "fusenode.node.cli",
+                *args,
+                "--repo",
+                str(self.nodes[i].repo),
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -35,6 +35,10 @@ class Network(Protocol):
 
     async def live_peers(self) -> list[str]: ...
 
+    async def discover(self) -> list[str]:
+        """Look for more peers (ask the live ones whom they know, dial those); the live ones."""
+        ...
+
     async def holders(self, cids: list[str]) -> dict[str, set[str]]:
         """For each CID, the live nodes (this one included) that say they hold it."""
         ...
@@ -62,6 +66,9 @@ class PeerNetwork:
 
     async def live_peers(self) -> list[str]:
         return await self.monitor.live_peers()
+
+    async def discover(self) -> list[str]:
+        return await self.monitor.discover()
 
     async def holders(self, cids: list[str]) -> dict[str, set[str]]:
         found: dict[str, set[str]] = defaultdict(set)
@@ -99,6 +106,9 @@ class Offline:
         self.peer_id, self.blocks, self.state = ctx.peer_id, ctx.blocks, ctx.state
 
     async def live_peers(self) -> list[str]:
+        return []
+
+    async def discover(self) -> list[str]:
         return []
 
     async def holders(self, cids: list[str]) -> dict[str, set[str]]:

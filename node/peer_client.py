@@ -14,7 +14,7 @@ from fusenode import defaults
 from fusenode.node import protocol
 from fusenode.node.aio import AsyncTransport
 from fusenode.node.peerauth import PeerKey, sign_request
-from fusenode.node.protocol import CidList, Health, PeerRefused, PeerUnreachable
+from fusenode.node.protocol import CidList, Health, PeerList, PeerRefused, PeerUnreachable
 from fusenode.system import free_loopback_port
 
 __all__ = ["PeerClient"]
@@ -38,6 +38,10 @@ class PeerClient:
 
     async def health(self, peer_id: str, timeout: float = defaults.HEALTH_TIMEOUT) -> Health:
         return Health.parse(await self.call(peer_id, "GET", protocol.HEALTH, timeout=timeout))
+
+    async def peers(self, peer_id: str) -> PeerList:
+        """The fusenode peers ``peer_id`` has seen answer lately (peer exchange)."""
+        return PeerList.parse(await self.call(peer_id, "GET", protocol.PEERS))
 
     async def pin(self, peer_id: str, cids: list[str], timeout: float, attempts: int = 1) -> None:
         body = CidList(tuple(cids)).body()

@@ -12,7 +12,7 @@ from aiohttp import web
 from fusenode.errors import Error
 from fusenode.node import protocol
 from fusenode.node.peerauth import PeerAuthError, verify_request
-from fusenode.node.protocol import BadPeerRequest, CidList, Health, Stored
+from fusenode.node.protocol import BadPeerRequest, CidList, Health, PeerList, Stored
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
 
@@ -30,6 +30,8 @@ class PeerHandler(Protocol):
     peer_id: str
 
     def health(self, requester: str) -> Health: ...
+
+    def known_peers(self, requester: str) -> PeerList: ...
 
     async def pin_for(self, owner: str, cids: list[str]) -> list[str]: ...
 
@@ -80,6 +82,9 @@ def create_peer_app(node: PeerHandler, accept_from: tuple[str, ...]) -> web.Appl
     async def health(request: web.Request) -> web.Response:
         return web.json_response(node.health(request[REQUESTER]).body())  # type: ignore[index]
 
+    async def peers(request: web.Request) -> web.Response:
+        return web.json_response(node.known_peers(request[REQUESTER]).body())  # type: ignore[index]
+
     async def pin(request: web.Request) -> web.Response:
         pinned = await node.pin_for(request[REQUESTER], await cids_of(request))  # type: ignore[index]
         return web.json_response(CidList(tuple(pinned)).body("pinned"))
@@ -103,6 +108,7 @@ def create_peer_app(node: PeerHandler, accept_from: tuple[str, ...]) -> web.Appl
 
     app = web.Application(middlewares=[authenticate], client_max_size=protocol.MAX_FRAGMENT + 4096)
     app.router.add_get(protocol.HEALTH, health)
+    app.router.add_get(protocol.PEERS, peers)
     app.router.add_post(protocol.PIN, pin)
     app.router.add_post(protocol.HAS, has)
     app.router.add_post(protocol.UNPIN, unpin)

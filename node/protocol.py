@@ -15,6 +15,8 @@ private key over method, path, date, body hash and the receiver's peer ID
 Messages (JSON unless said otherwise; every request signed)::
 
     GET  /peer/v1/health                  -> Health   {"peer_id", "addresses"}
+    GET  /peer/v1/peers                   -> PeerList {"peers": [{"peer_id", "addresses"}]}
+                                             fusenode peers that answered lately (exchange)
     POST /peer/v1/pin    CidList {"cids"} -> CidList  {"pinned": [...]}   fetch, pin, hold
     POST /peer/v1/has    CidList {"cids"} -> CidList  {"held": [...]}     which ones held here
     POST /peer/v1/unpin  CidList {"cids"} -> CidList  {"released": [...]} drop caller's holds
@@ -50,6 +52,7 @@ from fusenode.storage.errors import InvalidArgument
 
 PROTOCOL: Final = "/x/fusenode/peer/1"
 HEALTH: Final = "/peer/v1/health"
+PEERS: Final = "/peer/v1/peers"
 PIN: Final = "/peer/v1/pin"
 HAS: Final = "/peer/v1/has"
 UNPIN: Final = "/peer/v1/unpin"
@@ -132,6 +135,37 @@ class Health:
             if isinstance(addresses, list)
             else (),
         )
+
+
+#: Bounds of a peer list, given and taken: peers, addresses per peer, characters per address.
+MAX_LISTED_PEERS: Final = 64
+MAX_ADDRESSES: Final = 8
+MAX_ADDRESS_CHARS: Final = 200
+
+
+@dataclass(frozen=True)
+class PeerList:
+    """Peers a node vouches for having seen answer, with their addresses (peer exchange)."""
+
+    peers: tuple[Health, ...]
+
+    def body(self) -> dict[str, Any]:
+        listed = self.peers[:MAX_LISTED_PEERS]
+        return {"peers": [Health(p.peer_id, p.addresses[:MAX_ADDRESSES]).body() for p in listed]}
+
+    @classmethod
+    def parse(cls, data: bytes | dict[str, Any]) -> PeerList:
+        """A peer's list, bounded and cleaned: what does not fit the bounds is dropped."""
+        items = _object(data, "peer list").get("peers")
+        out = []
+        for item in items[:MAX_LISTED_PEERS] if isinstance(items, list) else []:
+            entry = Health.parse(item) if isinstance(item, dict) else Health("", ())
+            addresses = tuple(
+                a for a in entry.addresses[:MAX_ADDRESSES] if len(a) <= MAX_ADDRESS_CHARS
+            )
+            if entry.peer_id and len(entry.peer_id) <= 128:
+                out.append(Health(entry.peer_id, addresses))
+        return cls(tuple(out))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,18 @@ segment (erasure coding is deterministic, so a rebuilt fragment has the bytes, a
 the manifest lists), and place each lost one where the allocator says (the same policy as
 put: a node without a fragment of the segment first). The placement table records the move.
 One failed segment does not stop the pass; the summary lists it.
+
+When an away holder comes back (a partition healed), its old copies are *surplus*: the
+placement already has the rebuilt ones. The rule: they are released. Each move records the
+old copy (``surplus`` table), and once its holder answers again the owner asks it to drop its
+hold (``/peer/v1/unpin``, which only the owner's own hold can be) unless the placement put
+that fragment back on it meanwhile. Keeping them as extra redundancy would let the placement
+table and the network drift apart, and the holder's disk is its operator's.
+
+Rebalance: a segment with two fragments in one failure domain (a weak placement, or a repair
+while too few domains were live) gets one of them moved to a live domain that holds none of
+the segment, when there is one: the placement is never left weaker than the network allows.
+At most `MAX_REBALANCE` moves a pass, so a returning network is not flooded.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.placement import Placer
+from fusenode.node.protocol import PeerError
 from fusenode.node.state import Placement
 from fusenode.storage.erasure import ErasureCoder
 from fusenode.storage.errors import StorageError
@@ -33,6 +46,9 @@ from fusenode.storage.manifest import FragmentRef, Manifest
 __all__ = ["Repairer"]
 
 log = logging.getLogger(__name__)
+
+#: Fragments moved by one pass to spread a segment over more domains.
+MAX_REBALANCE = 16
 
 
 class Repairer:
@@ -66,19 +82,29 @@ class Repairer:
 
     async def _pass(self) -> dict[str, Any]:
         placements = self.state.placements()
-        peers = sorted({p.peer for p in placements if p.peer != self.peer_id})
-        answers = await self.monitor.check(peers)
-        away = set(self.monitor.away(answers))
+        holders = sorted({p.peer for p in placements if p.peer != self.peer_id})
+        surplus_holders = {peer for _, peer in self.state.surplus()}
+        answers = await self.monitor.check(sorted(set(holders) | surplus_holders))
+        away = set(self.monitor.away({p: answers[p] for p in holders}))
         summary: dict[str, Any] = {
-            "checked": len(peers),
-            "unreachable": sorted(p for p in peers if not answers[p]),
+            "checked": len(holders),
+            "unreachable": sorted(p for p in holders if not answers[p]),
             "replaced": sorted(away),
             "repaired": [],
             "failed": [],
+            "rebalanced": [],
+            "released": 0,
         }
-        if not away:
-            return summary
         live = await self.monitor.live_peers()
+        if away:
+            await self._repair_away(placements, away, live, summary)
+        summary["rebalanced"] = await self._rebalance(live)
+        summary["released"] = await self._release(answers)
+        return summary
+
+    async def _repair_away(
+        self, placements: list[Placement], away: set[str], live: list[str], summary: dict
+    ) -> None:
         by_segment: dict[tuple[str, int], list[Placement]] = defaultdict(list)
         for p in placements:
             by_segment[(p.manifest, p.segment)].append(p)
@@ -95,7 +121,90 @@ class Repairer:
                 summary["failed"].append(
                     {"manifest": manifest_cid, "segment": segment, "error": str(e)}
                 )
-        return summary
+
+    async def _release(self, answers: dict[str, bool]) -> int:
+        """Ask holders that answer again to drop the copies repair replaced; how many went."""
+        current = {(p.cid, p.peer) for p in self.state.placements()}
+        pending: dict[str, list[str]] = defaultdict(list)
+        for cid, peer in self.state.surplus():
+            if (cid, peer) in current:  # placed there again since: it counts
+                self.state.drop_surplus(cid, peer)
+            elif answers.get(peer):
+                pending[peer].append(cid)
+        released = 0
+        for peer, cids in pending.items():
+            try:
+                await self.placer.client.unpin(peer, cids)
+            except PeerError as e:
+                log.info("release of %d surplus copies on %s: %s", len(cids), peer, e)
+                continue
+            for cid in cids:
+                self.state.drop_surplus(cid, peer)
+            released += len(cids)
+        return released
+
+    async def _rebalance(self, live: list[str]) -> list[dict[str, Any]]:
+        """Move one fragment of each segment that doubles up in a domain to a live domain
+        without any of the segment, while there is one (see the module docstring)."""
+        domain = self.allocator.domain_of
+        candidates = [self.peer_id, *live]
+        reachable = set(candidates)
+        placements = self.state.placements()
+        total = Counter(p.peer for p in placements)
+        by_segment: dict[tuple[str, int], list[Placement]] = defaultdict(list)
+        for p in placements:
+            by_segment[(p.manifest, p.segment)].append(p)
+        moves: list[dict[str, Any]] = []
+        for (manifest_cid, segment), rows in sorted(by_segment.items()):
+            if len(moves) >= MAX_REBALANCE:
+                break
+            counts = Counter(domain(r.peer) for r in rows)
+            doubled = [r for r in rows if counts[domain(r.peer)] > 1 and r.peer in reachable]
+            free = [c for c in candidates if counts[domain(c)] == 0]
+            if not doubled or not free:
+                continue
+            row = doubled[-1]
+            others = [r.peer for r in rows if r is not row]
+            target = self.allocator.replacement(free, others, total)
+            try:
+                await self._move(manifest_cid, row, target)
+            except Exception as e:
+                log.warning("rebalance of %s segment %d: %s", manifest_cid, segment, e)
+                continue
+            total[target] += 1
+            total[row.peer] -= 1
+            moves.append(_move_record(row, target))
+        return moves
+
+    async def _move(self, manifest_cid: str, row: Placement, target: str) -> None:
+        """Copy fragment ``row`` to ``target`` (checked by CID), then record the move and
+        the old copy as surplus (or drop this node's own hold at once)."""
+        manifest = await self.manifest(manifest_cid)
+        seg = manifest.segments[row.segment]
+        ref = seg.fragments[row.fragment]
+        coder = ErasureCoder(manifest.erasure.k, manifest.erasure.n)
+
+        def fetch_checked() -> bytes:
+            data = self.blocks.sync.fetch_bytes(ref.cid, self.fetch_timeout)
+            coder.check_fragment(row.fragment, data, seg.size, cid=ref.cid, sha256=ref.sha256)
+            return data
+
+        data = await self.blocks.bridge.run(fetch_checked)
+        with tempfile.NamedTemporaryFile(dir=self.tmp, prefix=".rebalance-") as f:
+            f.write(data)
+            f.flush()
+            cid = await self.placer.place(target, Path(f.name), cid=ref.cid)
+        if cid != ref.cid:
+            raise NodeError(f"fragment {row.fragment} was stored as {cid}, not {ref.cid}")
+        self.state.move_placement(manifest_cid, row.segment, row.fragment, target)
+        await self._surplus(manifest_cid, ref.cid, row.peer)
+
+    async def _surplus(self, manifest_cid: str, cid: str, peer: str) -> None:
+        if peer == self.peer_id:  # our own copy: release it here, now
+            if self.state.release(cid, self.peer_id):
+                await self.blocks.unpin(cid)
+        else:
+            self.state.add_surplus(manifest_cid, cid, peer)
 
     async def _segment(
         self,
@@ -148,18 +257,11 @@ class Repairer:
             if cid != ref.cid:
                 raise NodeError(f"rebuilt fragment {row.fragment} hashes to {cid}, not {ref.cid}")
             self.state.move_placement(manifest_cid, segment, row.fragment, target)
+            await self._surplus(manifest_cid, ref.cid, row.peer)
             holders.append(target)
             total[target] += 1
             total[row.peer] -= 1
-            moves.append(
-                {
-                    "manifest": manifest_cid,
-                    "segment": segment,
-                    "fragment": row.fragment,
-                    "from": row.peer,
-                    "to": target,
-                }
-            )
+            moves.append(_move_record(row, target))
             log.info(
                 "repaired %s segment %d fragment %d: %s -> %s",
                 manifest_cid,
@@ -184,3 +286,13 @@ class Repairer:
                     log.info("repair pass: %s", summary)
             except Exception:
                 log.exception("repair pass failed")
+
+
+def _move_record(row: Placement, target: str) -> dict[str, Any]:
+    return {
+        "manifest": row.manifest,
+        "segment": row.segment,
+        "fragment": row.fragment,
+        "from": row.peer,
+        "to": target,
+    }

@@ -6,6 +6,7 @@ Default location ~/.fusenode, or FUSENODE_REPO, or --repo.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusenode.layout import RepoLayout
-from fusenode.node.config import Config, load_config, render_config
+from fusenode.node.config import Config, load_config, render_config, swarm_settings
 from fusenode.node.errors import RepoError
 from fusenode.storage import age
 from fusenode.storage.backend import NodeIdentity
-from fusenode.system import free_loopback_port
+from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.swarm import SwarmSettings
+from fusenode.system import free_loopback_port, free_tcp_port
 
 if TYPE_CHECKING:
     from fusenode.storage.kubo import KuboNode
@@ -80,18 +83,22 @@ class Repo:
         """Start the embedded Kubo node of this repo (a child process)."""
         from fusenode.storage.kubo import KuboNode
 
-        return KuboNode(self.path, self.config.node.swarm_port or None)
+        return KuboNode(self.path, swarm=swarm_settings(self.config))
 
     def node_identity(self) -> NodeIdentity:
-        """Peer ID and swarm addresses from the repo's files, without starting Kubo."""
+        """Peer ID and the addresses peers should dial, from the repo's files, without
+        starting Kubo: the announced addresses if any, else the configured listen address
+        (a daemon reports the addresses of every interface of 0.0.0.0 instead)."""
         kubo_config = self.files.kubo_config
         try:
-            cfg = json.loads(kubo_config.read_text())
-            peer_id = cfg["Identity"]["PeerID"]
-            swarm = cfg["Addresses"]["Swarm"]
+            peer_id = json.loads(kubo_config.read_text())["Identity"]["PeerID"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RepoError(f"{kubo_config}: cannot read the node identity ({e})") from e
-        return NodeIdentity(peer_id, tuple(f"{a}/p2p/{peer_id}" for a in swarm))
+        node = self.config.node
+        host = ipaddress.ip_address(node.swarm_host)
+        listen = (f"/ip{host.version}/{host}/tcp/{node.swarm_port}",)
+        addresses = node.announce or listen
+        return NodeIdentity(peer_id, tuple(f"{a}/p2p/{peer_id}" for a in addresses))
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -100,7 +107,14 @@ class Repo:
         return cls(path, load_config(RepoLayout(path).config))
 
     @classmethod
-    def init(cls, path: Path, swarm_port: int | None = None, api_port: int | None = None) -> Repo:
+    def init(
+        cls,
+        path: Path,
+        swarm_port: int | None = None,
+        api_port: int | None = None,
+        swarm_host: str = "127.0.0.1",
+    ) -> Repo:
+        """Create a repo: identity, Kubo repo configured for ``swarm_host``, config.toml."""
         files = RepoLayout(path)
         if files.config.exists():
             raise RepoError(f"{path}: already a fusenode repo")
@@ -109,7 +123,13 @@ class Repo:
                 raise RepoError(f"{name} {port} is not a TCP port (1-65535)")
         if swarm_port is not None and swarm_port == api_port:
             raise RepoError("--swarm-port and --api-port must differ")
-        swarm = swarm_port or free_loopback_port()
+        try:
+            settings = SwarmSettings(host=swarm_host)
+        except InvalidArgument as e:
+            raise RepoError(f"--swarm-host: {e}") from None
+        swarm = swarm_port or (
+            free_loopback_port() if settings.loopback else free_tcp_port(swarm_host)
+        )
         api = api_port or free_loopback_port()
         while api == swarm:
             api = free_loopback_port()
@@ -126,9 +146,10 @@ class Repo:
                 created_identity = True
             from fusenode.storage.kubo import create_repo
 
-            create_repo(path, swarm)
+            create_repo(path, swarm, swarm=settings)
             # config.toml last: its presence marks a complete repo.
-            files.config.write_text(render_config(swarm, api), encoding="utf-8")
+            text = render_config(swarm, api, str(ipaddress.ip_address(swarm_host)))
+            files.config.write_text(text, encoding="utf-8")
         except BaseException:
             if created_identity:
                 with contextlib.suppress(OSError):

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusenode import defaults
-from fusenode.node.allocator import Allocator, SegmentAllocation
+from fusenode.node.allocator import Allocator, PutPlan, SegmentAllocation
 from fusenode.node.context import NodeContext
-from fusenode.node.errors import NodeError, NotFoundError
+from fusenode.node.errors import NodeError, NotFoundError, PlacementError
 from fusenode.node.network import Network
 from fusenode.node.protocol import PeerError
 from fusenode.node.repo import Repo, read_identities
@@ -147,13 +147,7 @@ class NodeService:
         size = await self.blocks.bridge.run(check_input, path)
         k, n = self.erasure(k, n)
         readers = self.recipients(recipients, public)
-        plan = self.allocator.plan(
-            self.peer_id,
-            await self.network.live_peers(),
-            n,
-            networked=self.network.networked,
-            allow_weak=self.config.placement.allow_weak,
-        )
+        plan = await self._plan(n)
         allocation = SegmentAllocation(self.allocator, plan, n)
         placements: list[tuple[int, int, str, str]] = []
         lock = threading.Lock()
@@ -209,6 +203,28 @@ class NodeService:
             "holders": dict(sorted(Counter(h for *_, h in placements).items())),
         }
 
+    async def _plan(self, n: int) -> PutPlan:
+        """The allocator's plan over the live peers; when they are too few domains for n
+        fragments, first look for the rest of the network (a node that just joined may not
+        know it yet)."""
+
+        def plan(live: list[str]) -> PutPlan:
+            return self.allocator.plan(
+                self.peer_id,
+                live,
+                n,
+                networked=self.network.networked,
+                allow_weak=self.config.placement.allow_weak,
+            )
+
+        try:
+            first = plan(await self.network.live_peers())
+        except PlacementError:
+            return plan(await self.network.discover())
+        if first.mode == "weak":
+            return plan(await self.network.discover())
+        return first
+
     # -- get ---------------------------------------------------------------------------------
     async def get(
         self,
@@ -242,7 +258,14 @@ class NodeService:
 
         # Known beforehand: what is fetched, from where, and how it is checked.
         retrieve = functools.partial(
-            get_file, cid, output, self.blocks.sync, manifest=manifest, order=order, fetch=fetch
+            get_file,
+            cid,
+            output,
+            self.blocks.sync,
+            manifest=manifest,
+            order=order,
+            fetch=fetch,
+            hedge_after=self.config.storage.hedge_after if networked else None,
         )
         with (progress or _no_progress)(manifest.plaintext_size(), "get") as update:
             result = await self.blocks.bridge.run(

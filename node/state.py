@@ -8,8 +8,11 @@ Tables:
   because repair changes it (docs/format.md).
 - ``held``: pins this node keeps for others (or itself): fragment or manifest CIDs and the
   owner who asked. A CID stays pinned while any row references it.
-- ``peers``: fusenode peers seen, when they last answered, and their last error: repair
-  decides from ``last_seen`` whether a peer has been away longer than the threshold.
+- ``peers``: fusenode peers seen (or learned from other peers), when they last answered,
+  their last error and addresses: repair decides from ``last_seen`` whether a peer has been
+  away longer than the threshold; the daemon redials them after a restart.
+- ``surplus``: copies of fragments this node placed that repair replaced elsewhere; each is
+  released (``/peer/v1/unpin``) once its holder answers again.
 
 One connection, WAL mode, short transactions; callers serialize through the lock, so the
 daemon's event loop and worker threads can share it.
@@ -22,7 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -77,17 +80,27 @@ CREATE TABLE IF NOT EXISTS peers (
     last_error TEXT,
     addresses TEXT                     -- JSON list of multiaddrs, to redial after restarts
 );
+CREATE TABLE IF NOT EXISTS surplus (
+    cid TEXT NOT NULL,                 -- a fragment this node placed, repaired elsewhere
+    peer TEXT NOT NULL,                -- the holder whose copy no longer counts
+    manifest TEXT NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (cid, peer)
+);
 """
 
 
+_ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(_ISO)
 
 
 def parse_iso(text: str | None) -> datetime | None:
     if not text:
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return datetime.strptime(text, _ISO).replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -344,6 +357,17 @@ class State:
             [peer_id, stamp, stamp, addrs],
         )
 
+    def peer_learned(self, peer_id: str, addresses: list[str]) -> bool:
+        """Remember a peer another peer told us about (never seen answering yet); True when
+        it was new. Known peers keep the addresses they reported themselves."""
+        stamp = now_iso()
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO peers VALUES (?, ?, NULL, NULL, ?) ON CONFLICT(peer_id) DO NOTHING",
+                (peer_id, stamp, json.dumps(addresses)),
+            )
+            return cur.rowcount == 1
+
     def peer_failed(self, peer_id: str, error: str) -> None:
         self._run(
             "INSERT INTO peers VALUES (?, ?, NULL, ?, NULL) ON CONFLICT(peer_id) DO UPDATE "
@@ -357,3 +381,24 @@ class State:
 
     def peers(self) -> list[PeerRecord]:
         return [PeerRecord(*r) for r in self._run("SELECT * FROM peers ORDER BY peer_id")]
+
+    def recent_peers(self, seconds: float) -> list[PeerRecord]:
+        """Peers that answered within the last ``seconds``, most recent first."""
+        since = (datetime.now(UTC) - timedelta(seconds=seconds)).strftime(_ISO)
+        rows = self._run(
+            "SELECT * FROM peers WHERE last_seen >= ? ORDER BY last_seen DESC", [since]
+        )
+        return [PeerRecord(*r) for r in rows]
+
+    # -- copies repair made surplus ----------------------------------------------------------
+    def add_surplus(self, manifest: str, cid: str, peer: str) -> None:
+        self._run(
+            "INSERT OR IGNORE INTO surplus VALUES (?, ?, ?, ?)", [cid, peer, manifest, now_iso()]
+        )
+
+    def surplus(self) -> list[tuple[str, str]]:
+        """(cid, peer) of every copy this node no longer counts, oldest first."""
+        return [(r[0], r[1]) for r in self._run("SELECT cid, peer FROM surplus ORDER BY created")]
+
+    def drop_surplus(self, cid: str, peer: str) -> None:
+        self._run("DELETE FROM surplus WHERE cid = ? AND peer = ?", [cid, peer])

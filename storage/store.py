@@ -512,11 +512,17 @@ def get_file(
     progress: Progress | None = None,
     fetch: Callable[[str, float], bytes] | None = None,
     manifest: Manifest | None = None,
+    hedge_after: float | None = None,
 ) -> GetResult:
     """Retrieve, verify, decrypt and write a stored file atomically to ``out``.
 
     ``manifest``: the manifest ``cid`` names, when the caller already has it from
     `load_manifest` (which checked it against ``cid``), so it is not fetched and hashed twice.
+    ``hedge_after``: when none of a segment's fetches has finished for this many seconds, one
+    more fragment is asked for (from the next holder in ``order``), and so on: the segment is
+    decoded from the first k good fragments to arrive, so a slow or silently partitioned
+    holder costs a get seconds, not the fetch deadline. None: ask for another only when one
+    fails.
     """
     out = Path(out)
     folder = out.parent
@@ -553,7 +559,9 @@ def get_file(
         with (
             os.fdopen(fd, "wb") as f,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusenode-write") as writer,
-            contextlib.closing(_segments(manifest, fetch, fetch_timeout, order)) as segments,
+            contextlib.closing(
+                _segments(manifest, fetch, fetch_timeout, order, hedge_after)
+            ) as segments,
         ):
             writing: Future[None] | None = None
             for pieces in segments:
@@ -592,14 +600,19 @@ def _segments(
     fetch: Callable[[str, float], bytes],
     timeout: float,
     order: FragmentOrder | None,
+    hedge_after: float | None,
 ) -> Iterator[list[bytes | memoryview]]:
     """Decoded segments in order, each as a list of pieces to concatenate; the next
     segment's fragments are fetched meanwhile."""
     coder = ErasureCoder(manifest.erasure.k, manifest.erasure.n)
-    k = manifest.erasure.k
-    with ThreadPoolExecutor(max_workers=2 * k, thread_name_prefix="fusenode-get") as pool:
+    # Two segments at once, each k fetches plus hedges (a hedged fetch keeps its worker until
+    # its own deadline even once the segment no longer needs it).
+    workers = 2 * (manifest.erasure.n if hedge_after else manifest.erasure.k)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fusenode-get")
+    try:
         gatherers = [
-            _SegmentFetch(seg, coder, pool, fetch, timeout, order) for seg in manifest.segments
+            _SegmentFetch(seg, coder, pool, fetch, timeout, order, hedge_after)
+            for seg in manifest.segments
         ]
         for i, gatherer in enumerate(gatherers):
             gatherer.start()
@@ -607,13 +620,18 @@ def _segments(
                 gatherers[i + 1].start()
             yield gatherer.result()
             gatherers[i] = None  # type: ignore[call-overload]  # free the segment's memory
+    finally:
+        # Not waiting: a fetch no longer needed (a hedged-around silent holder) ends at its
+        # own deadline, in the background, instead of holding the get until then.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _SegmentFetch:
     """Gets k good fragments of one segment: data fragments first, others on failure."""
 
-    def __init__(self, segment, coder, pool, fetch, timeout, order) -> None:
+    def __init__(self, segment, coder, pool, fetch, timeout, order, hedge_after=None) -> None:
         self.segment = segment
+        self.hedge_after = hedge_after
         self.coder = coder
         self.pool = pool
         self.fetch = fetch
@@ -655,7 +673,11 @@ class _SegmentFetch:
                     f"segment {self.segment.index}: only {len(self.good)} of the {k} fragments "
                     f"needed could be retrieved ({'; '.join(self.errors) or 'none reachable'})"
                 )
-            done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+            hedge = self.hedge_after if self.queue else None
+            done, _ = wait(self.running, timeout=hedge, return_when=FIRST_COMPLETED)
+            if not done:  # nothing for hedge_after seconds: ask one more holder too
+                self._launch(1)
+                continue
             for future in done:
                 index = self.running.pop(future)
                 try:

@@ -3,11 +3,13 @@
 Layout: tests/storage, tests/passes and tests/node test their package; tests/support holds
 helpers that are not tests (in-memory fakes, ONNX model builders, keys). Tests on real nodes
 start them here: `cli` runs the ``fusenode`` command line as a user would (a new process,
-no FUSENODE_* variable leaking in), `network` starts several real daemons on 127.0.0.1.
+no FUSENODE_* variable leaking in), `network` starts several real daemons on 127.0.0.1, and
+`host_network` one daemon on each of several hosts made of network namespaces.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,3 +66,39 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., 
     yield start
     for net in started:
         net.stop()
+
+
+@pytest.fixture(scope="module")
+def host_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """``host_network(count, config)``: a started LocalNetwork with one daemon on each of
+    ``count`` hosts made of Linux network namespaces (one private /24, nothing added to the
+    machine's network; ``net.hosts.cut(i)`` / ``restore(i)`` take a host's link down and up).
+    Everything is torn down after the module's tests, whatever happened. Where namespaces
+    cannot be made (not root), the tests skip with the reason, except under CI=true, where
+    that is a failure: CI runs as root and must run them."""
+    from fusenode.node.localnet import LocalNetwork
+    from fusenode.node.netns import NamespaceHosts, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"namespace hosts are required under CI: {reason}")
+        pytest.skip(f"namespace hosts: {reason}")
+    made: list[tuple[LocalNetwork, NamespaceHosts]] = []
+
+    def start(count: int, config: dict[tuple[str, str], str] | None = None) -> LocalNetwork:
+        hosts = NamespaceHosts(count, prefix=f"fn{os.getpid()}x{len(made)}")
+        net = LocalNetwork(tmp_path_factory.mktemp("hosts"), count, config, hosts=hosts)
+        made.append((net, hosts))
+        hosts.create()
+        net.start()
+        return net
+
+    try:
+        yield start
+    finally:
+        for net, hosts in made:
+            try:
+                net.stop()
+            finally:
+                hosts.destroy()

@@ -15,13 +15,21 @@ node runs, and Download/PinCID of a CID nobody has block forever with no way to 
 call. So the parent never loads the library, and a call that misses its deadline is ended by
 killing and restarting the child.
 
-Network: every repo is loopback-only unless ``loopback_only=False`` (see `loopback_config`).
+Network: every repo is loopback-only unless given other `SwarmSettings` (`network_config`).
 """
 
 from fusenode.storage.kubo.blocks import KuboNode
-from fusenode.storage.kubo.config import loopback_config
+from fusenode.storage.kubo.config import SwarmSettings, loopback_config, network_config
 from fusenode.storage.kubo.library import find_libkubo
 from fusenode.storage.kubo.process import create_repo
 from fusenode.storage.kubo.transport import KuboTransport
 
-__all__ = ["KuboNode", "KuboTransport", "create_repo", "find_libkubo", "loopback_config"]
+__all__ = [
+    "KuboNode",
+    "KuboTransport",
+    "SwarmSettings",
+    "create_repo",
+    "find_libkubo",
+    "loopback_config",
+    "network_config",
+]

@@ -35,6 +35,7 @@ from fusenode.storage.errors import BackendTimeout, InvalidArgument
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.kubo.transport import KuboTransport
 from fusenode.storage.multiformats import encode_multihash, parse_cid
+from fusenode.storage.swarm import SwarmSettings
 from fusenode.system import removed_on_error
 
 __all__ = ["KuboNode"]
@@ -47,15 +48,18 @@ _SLOW_ADD_BYTES_PER_S: Final = 4 * 1024 * 1024
 class KuboNode(IpfsBackend):
     """An embedded Kubo node running in its own child process.
 
-    ``swarm_port``: the 127.0.0.1 TCP port the node listens on. ``None`` keeps the port of an
-    existing repo, or picks a free one when creating the repo (stored in its config, so it
-    stays the same across restarts). Port 0 is refused: the node's multiaddr must be known
-    and stable.
+    ``swarm``: where the node listens and whom it may dial (`SwarmSettings`: by default
+    127.0.0.1 only), re-applied to the repo's config at every start. ``swarm_port`` (or
+    ``swarm.port``): the TCP port; ``None`` keeps the port of an existing repo, or picks a
+    free one when creating the repo (stored in its config, so it stays the same across
+    restarts). Port 0 is refused: the node's multiaddr must be known and stable.
 
-    ``loopback_only``: re-apply `loopback_config` at every start (the default). Set it to
-    False only for a repo whose config you manage yourself (joining a wider network): its
-    config is then left untouched and ``swarm_port`` only matters when creating the repo
-    (which is always created loopback-only).
+    ``loopback_only=False`` (without ``swarm``): leave an existing repo's config as its owner
+    wrote it; ``swarm_port`` then only matters when creating the repo (created loopback-only).
+
+    ``netns``: run the node in that network namespace (``ip netns``), for tests and
+    benchmarks of nodes on several hosts; the process that creates the KuboNode stays where
+    it is.
 
     ``call_timeout``: deadline of calls that take no explicit timeout (local operations).
     ``start_timeout``: how long starting (or restarting) the child may take.
@@ -69,17 +73,24 @@ class KuboNode(IpfsBackend):
         repo_dir: Path,
         swarm_port: int | None = None,
         *,
+        swarm: SwarmSettings | None = None,
         loopback_only: bool = True,
         call_timeout: float = defaults.KUBO_CALL_TIMEOUT,
         start_timeout: float = defaults.KUBO_START_TIMEOUT,
+        netns: str | None = None,
     ) -> None:
         self._explicit_peers: dict[str, None] = {}  # ordered set
+        if swarm is None and loopback_only:
+            swarm = SwarmSettings()
+        if swarm_port is None and swarm is not None:
+            swarm_port = swarm.port
         self._process = KuboProcess(
             repo_dir,
             swarm_port,
-            loopback_only=loopback_only,
+            swarm=swarm,
             call_timeout=call_timeout,
             start_timeout=start_timeout,
+            netns=netns,
         )
         # Redial first, then re-create stream mounts: a forward to a peer needs the peer.
         self._process.on_restart(self._redial)

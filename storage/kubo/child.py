@@ -11,6 +11,7 @@ Ctrl-C reaches only the parent; SIGTERM/SIGINT sent to the child itself stop it 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -31,8 +32,9 @@ from typing import Any, Final
 from fusenode.layout import RepoLayout
 from fusenode.storage.errors import BackendError
 from fusenode.storage.kubo.config import (
+    SwarmSettings,
     configured_port,
-    loopback_config,
+    network_config,
     read_config,
     write_config,
 )
@@ -56,8 +58,14 @@ class OpError(Exception):
         self.kind = kind
 
 
-def ensure_repo(lib: Lib, repo_dir: Path, swarm_port: int | None, loopback_only: bool) -> Path:
-    """Create (atomically, see `create_repo`) or update the repo; return its Kubo folder."""
+def ensure_repo(
+    lib: Lib, repo_dir: Path, swarm_port: int | None, swarm: SwarmSettings | None
+) -> Path:
+    """Create (atomically, see `create_repo`) or update the repo; return its Kubo folder.
+
+    ``swarm``: the settings applied to the config (`network_config`); None leaves an existing
+    repo's config to its caller (a new one gets the loopback default).
+    """
     kubo_dir = RepoLayout(repo_dir).kubo
     config_path = kubo_dir / "config"
     if not config_path.exists():
@@ -72,8 +80,9 @@ def ensure_repo(lib: Lib, repo_dir: Path, swarm_port: int | None, loopback_only:
         if rc != 1:
             shutil.rmtree(scratch, ignore_errors=True)
             raise OpError(f"Kubo could not create a repo in {repo_dir} (CreateRepo code {rc})")
+        fresh = read_config(scratch / "config")
         write_config(
-            scratch / "config", loopback_config(read_config(scratch / "config"), swarm_port)
+            scratch / "config", network_config(fresh, swarm or SwarmSettings(), swarm_port)
         )
         try:
             if kubo_dir.exists():
@@ -86,22 +95,41 @@ def ensure_repo(lib: Lib, repo_dir: Path, swarm_port: int | None, loopback_only:
         return kubo_dir
     config = read_config(config_path)
     port = swarm_port if swarm_port is not None else configured_port(config)
-    if loopback_only:  # else the caller manages the config of an existing repo
+    if swarm is not None:  # else the caller manages the config of an existing repo
         if port is None:
             raise OpError(f"cannot tell the swarm port of {kubo_dir}; pass swarm_port")
-        wanted = loopback_config(json.loads(json.dumps(config)), port)
+        wanted = network_config(json.loads(json.dumps(config)), swarm, port)
         if wanted != config:
             write_config(config_path, wanted)
     return kubo_dir
 
 
+def enter_network_namespace(name: str) -> None:
+    """Move this process into the network namespace ``name`` (``ip netns add NAME``), before
+    any socket exists: the node then lives on that namespace's host (tests and benchmarks of
+    nodes on several hosts, `fusenode.node.netns`). Needs CAP_SYS_ADMIN."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, clone_newnet) != 0:
+            err = ctypes.get_errno()
+            raise OpError(f"cannot enter network namespace {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def create_repo_main(
-    conn: multiprocessing.connection.Connection, repo_dir: str, port: int, so_path: str
+    conn: multiprocessing.connection.Connection,
+    repo_dir: str,
+    port: int,
+    swarm: SwarmSettings,
+    so_path: str,
 ) -> None:
     """Child entry point of `create_repo`."""
     try:
         enter_repo_folder(Path(repo_dir))
-        ensure_repo(Lib(so_path), Path(repo_dir), port, loopback_only=True)
+        ensure_repo(Lib(so_path), Path(repo_dir), port, swarm)
         conn.send(("ok", ""))
     except (OpError, OSError, ValueError, BackendError) as exc:
         conn.send(("error", f"creating repo {repo_dir} failed: {exc}"))
@@ -354,8 +382,9 @@ def node_main(
     conn: multiprocessing.connection.Connection,
     repo_dir_s: str,
     swarm_port: int | None,
-    loopback_only: bool,
+    swarm: SwarmSettings | None,
     so_path: str,
+    netns: str | None = None,
 ) -> None:
     """Entry point of the process that hosts one node. Never returns: ends with os._exit."""
     repo_dir = Path(repo_dir_s)
@@ -363,9 +392,11 @@ def node_main(
     # node through close() (or by exiting: pipe EOF) instead of losing it under its feet.
     os.setpgrp()
     try:
+        if netns is not None:
+            enter_network_namespace(netns)
         enter_repo_folder(repo_dir)
         lib = Lib(so_path)
-        kubo_dir = ensure_repo(lib, repo_dir, swarm_port, loopback_only)
+        kubo_dir = ensure_repo(lib, repo_dir, swarm_port, swarm)
         if lib.int_call("RunNode", as_bytes(kubo_dir)) != 1:
             raise OpError(start_failure(repo_dir, kubo_dir))
         node = ChildNode(lib, repo_dir, kubo_dir)

@@ -1,4 +1,21 @@
-"""The Kubo repo's config file: the loopback-only edits every repo fusenode creates gets.
+"""The Kubo repo's config file: where the node listens and whom it may dial.
+
+`network_config` applies a `SwarmSettings` to the config at every start of the node (and at
+creation, before the repo is first used): Kubo's stock config dials public bootstrap peers,
+uses mDNS and UPnP and listens everywhere, so fusenode overrides all of it.
+
+- On a loopback host (the default, 127.0.0.1): listen on 127.0.0.1 only, and deny every
+  non-loopback address in ``Swarm.AddrFilters``, so even an address learned from a peer cannot
+  make the node dial out (design/libkubo.md; an strace showed no other traffic).
+- On another host (an interface address, or 0.0.0.0 / :: for every interface): listen there;
+  the only filters are the operator's ``deny`` ranges; loopback addresses are not announced
+  to peers (``NoAnnounce``: a peer on another machine would dial its own loopback); the
+  operator's ``announce`` multiaddrs replace the listen addresses for a node behind port
+  forwarding.
+
+Either way: no bootstrap peers (fusenode bootstraps to its own peers), no API or gateway
+listener, no relays, no hole punching, no AutoNAT service, mDNS and UPnP only if the operator
+turns them on, and no per-block DHT providing (fusenode finds holders by asking its peers).
 
 Pure JSON edits; creating a repo needs the library, so it happens in a child process
 (`fusenode.storage.kubo.child.ensure_repo`, started by `fusenode.storage.kubo.process.create_repo`).
@@ -11,7 +28,14 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from fusenode.storage.errors import BackendError, InvalidArgument
+from fusenode.storage.errors import BackendError
+from fusenode.storage.swarm import (
+    LOOPBACK_RANGES,
+    SwarmSettings,
+    address,
+    check_port,
+    deny_filter,
+)
 from fusenode.system import removed_on_error
 
 NON_LOOPBACK_FILTERS: Final = (
@@ -27,28 +51,27 @@ NON_LOOPBACK_FILTERS: Final = (
 )
 
 
-def loopback_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
-    """Edit a Kubo config dict in place so the node listens on and dials 127.0.0.1 only.
-
-    The edits of design/libkubo.md (no bootstrap peers, swarm on 127.0.0.1:swarm_port, no
-    API/gateway listeners, no mDNS, no UPnP/NAT-PMP, no relays, no AutoNAT service) plus one
-    more, ``Swarm.AddrFilters`` denying every non-loopback address, so the node cannot dial an
-    address it learns from a peer; and no per-block DHT providing (see below). Returns the
-    dict for chaining.
-    """
-    check_port(swarm_port)
+def network_config(config: dict[str, Any], swarm: SwarmSettings, port: int) -> dict[str, Any]:
+    """Edit a Kubo config dict in place for ``swarm`` listening on ``port``; see the module
+    docstring. Returns the dict for chaining."""
+    check_port(port)
+    host = address(swarm.host)
     config["Bootstrap"] = []
     addresses = config.setdefault("Addresses", {})
-    addresses["Swarm"] = [f"/ip4/127.0.0.1/tcp/{swarm_port}"]
+    addresses["Swarm"] = [f"/ip{host.version}/{host}/tcp/{port}"]
     addresses["API"] = []
     addresses["Gateway"] = []
-    config.setdefault("Discovery", {}).setdefault("MDNS", {})["Enabled"] = False
-    swarm = config.setdefault("Swarm", {})
-    swarm["DisableNatPortMap"] = True
-    swarm.setdefault("RelayClient", {})["Enabled"] = False
-    swarm.setdefault("RelayService", {})["Enabled"] = False
-    swarm["EnableHolePunching"] = False
-    swarm["AddrFilters"] = list(NON_LOOPBACK_FILTERS)
+    addresses["Announce"] = list(swarm.announce)
+    addresses["AppendAnnounce"] = []
+    addresses["NoAnnounce"] = [] if swarm.loopback else list(LOOPBACK_RANGES)
+    config.setdefault("Discovery", {}).setdefault("MDNS", {})["Enabled"] = swarm.mdns
+    settings = config.setdefault("Swarm", {})
+    settings["DisableNatPortMap"] = not swarm.nat_port_map
+    settings.setdefault("RelayClient", {})["Enabled"] = False
+    settings.setdefault("RelayService", {})["Enabled"] = False
+    settings["EnableHolePunching"] = False
+    filters = NON_LOOPBACK_FILTERS if swarm.loopback else ()
+    settings["AddrFilters"] = [*filters, *(deny_filter(c) for c in swarm.deny)]
     config.setdefault("AutoNAT", {})["ServiceMode"] = "disabled"
     # No DHT provider records for every 256 KiB block: fusenode finds holders by asking its
     # peers and bitswap asks connected peers directly, so announcing each block only costs
@@ -57,11 +80,9 @@ def loopback_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
     return config
 
 
-def check_port(port: int) -> None:
-    # Port 0 would let the kernel pick a new port at every start, so peers that remembered
-    # our multiaddr could not redial us after a restart.
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise InvalidArgument(f"swarm port must be an integer in 1..65535, not {port!r}")
+def loopback_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
+    """`network_config` for the default: 127.0.0.1 only, every other address denied."""
+    return network_config(config, SwarmSettings(), swarm_port)
 
 
 def configured_port(config: dict[str, Any]) -> int | None:

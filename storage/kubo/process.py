@@ -41,21 +41,28 @@ from fusenode.storage.backend import (
 )
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
 from fusenode.storage.kubo.child import create_repo_main, node_main
-from fusenode.storage.kubo.config import check_port
 from fusenode.storage.kubo.library import find_libkubo
-from fusenode.system import free_loopback_port
+from fusenode.storage.swarm import SwarmSettings, check_port
+from fusenode.system import free_tcp_port
 
 STOP_GRACE_S: Final = 2.0
 CRASH_RESTARTS_PER_MIN: Final = 3
 
 
-def create_repo(repo_dir: Path, swarm_port: int, *, timeout: float = 60.0) -> None:
-    """Create a loopback-only Kubo repo in ``repo_dir/kubo`` (idempotent).
+def create_repo(
+    repo_dir: Path,
+    swarm_port: int,
+    *,
+    swarm: SwarmSettings | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """Create a Kubo repo in ``repo_dir/kubo`` (idempotent), configured for ``swarm``
+    (default: loopback only) on ``swarm_port``.
 
-    A new repo is initialised in a scratch folder, configured with `loopback_config` and only
+    A new repo is initialised in a scratch folder, configured with `network_config` and only
     then renamed into place, so a crash half-way can never leave a repo with Kubo's default
     (public-network) config behind. For an existing repo the identity is kept and the
-    loopback edits are re-applied with ``swarm_port``.
+    edits are re-applied with ``swarm_port``.
 
     Runs in a short-lived "spawn" child: loading the library here would put a Go runtime
     into the caller's process. `KuboNode` does the same inside its own child, so calling
@@ -68,7 +75,7 @@ def create_repo(repo_dir: Path, swarm_port: int, *, timeout: float = 60.0) -> No
     parent_conn, child_conn = ctx.Pipe()
     proc = ctx.Process(
         target=create_repo_main,
-        args=(child_conn, str(repo_dir), swarm_port, str(find_libkubo())),
+        args=(child_conn, str(repo_dir), swarm_port, swarm or SwarmSettings(), str(find_libkubo())),
         name=f"kubo-init[{repo_dir.name}]",
         daemon=True,
     )
@@ -206,9 +213,10 @@ class KuboProcess:
     """One embedded Kubo node, hosted by a child process this object starts and restarts.
 
     ``swarm_port``: the TCP port the node listens on; ``None`` keeps the port of an existing
-    repo, or picks a free 127.0.0.1 port when creating it (stored in its config, so it stays
-    the same across restarts). ``loopback_only``: re-apply the loopback edits
-    (`fusenode.storage.kubo.config.loopback_config`) at every start.
+    repo, or picks a free port on the swarm host when creating it (stored in its config, so it
+    stays the same across restarts). ``swarm``: the settings re-applied at every start
+    (`fusenode.storage.kubo.config.network_config`); None leaves an existing repo's config to
+    the caller.
     """
 
     def __init__(
@@ -216,15 +224,17 @@ class KuboProcess:
         repo_dir: Path,
         swarm_port: int | None,
         *,
-        loopback_only: bool,
+        swarm: SwarmSettings | None,
         call_timeout: float,
         start_timeout: float,
+        netns: str | None = None,
     ) -> None:
         if swarm_port is not None:
             check_port(swarm_port)
         self.layout = RepoLayout(Path(repo_dir).resolve())
         self.call_timeout = float(call_timeout)
-        self._loopback_only = loopback_only
+        self._swarm = swarm
+        self._netns = netns
         self._start_timeout = float(start_timeout)
         self._so_path = find_libkubo()
         self._life_lock = threading.Lock()
@@ -239,7 +249,7 @@ class KuboProcess:
 
         self.layout.tmp.mkdir(parents=True, exist_ok=True)
         if swarm_port is None and not self.layout.kubo_config.exists():
-            swarm_port = free_loopback_port()
+            swarm_port = free_tcp_port(swarm.host if swarm else "127.0.0.1")
         # The port is in the config from now on; restarts pass None and keep it.
         self._child = self._spawn(swarm_port)
         self._ready.set()
@@ -280,7 +290,14 @@ class KuboProcess:
         repo_dir = self.layout.root
         proc = ctx.Process(
             target=node_main,
-            args=(child_conn, str(repo_dir), swarm_port, self._loopback_only, str(self._so_path)),
+            args=(
+                child_conn,
+                str(repo_dir),
+                swarm_port,
+                self._swarm,
+                str(self._so_path),
+                self._netns,
+            ),
             name=f"kubo[{repo_dir.name}]",
             daemon=True,
         )

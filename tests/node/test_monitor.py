@@ -11,8 +11,8 @@ import pytest
 
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.context import NodeContext
-from fusenode.node.monitor import PeerMonitor
-from fusenode.node.protocol import Health, PeerUnreachable
+from fusenode.node.monitor import AddressPolicy, PeerMonitor
+from fusenode.node.protocol import Health, PeerList, PeerUnreachable
 from fusenode.node.state import State
 from tests.support.fakes import FakeBackend, FakeHealth
 
@@ -130,3 +130,56 @@ def test_report_lists_known_and_connected_peers(state):
 def test_health_reply_parsing_keeps_only_strings():
     assert Health.parse({"peer_id": "p", "addresses": ["/a", 3, None]}) == Health("p", ("/a",))
     assert Health.parse(b"{}") == Health("", ())
+
+
+def test_address_policy_keeps_what_this_node_could_dial():
+    peer = "QmPeer"
+    offered = [
+        f"/ip4/127.0.0.1/tcp/1/p2p/{peer}",
+        f"/ip4/10.0.0.5/tcp/4001/p2p/{peer}",
+        f"/ip4/192.168.1.5/tcp/4001/p2p/{peer}",
+        "/ip4/10.0.0.5/tcp/4001/p2p/QmSomeoneElse",  # names another peer
+        f"/ip4/0.0.0.0/tcp/4001/p2p/{peer}",
+        f"/ip6/fe80::1/tcp/4001/p2p/{peer}",
+        f"/ip4/10.0.0.5/udp/4001/quic/p2p/{peer}",
+        f"/dns4/node.example/tcp/4001/p2p/{peer}",
+        "garbage",
+    ]
+    on_loopback = AddressPolicy(loopback=True)
+    assert on_loopback.usable(peer, offered) == [f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"]
+    off = AddressPolicy(loopback=False, deny=["192.168.0.0/16"])
+    assert off.usable(peer, offered) == [
+        f"/ip4/10.0.0.5/tcp/4001/p2p/{peer}",
+        f"/dns4/node.example/tcp/4001/p2p/{peer}",
+    ]
+    many = [f"/ip4/10.0.0.{i}/tcp/4001/p2p/{peer}" for i in range(1, 30)]
+    assert len(off.usable(peer, many)) == 8  # bounded
+
+
+def test_peer_exchange_learns_and_dials_the_peers_others_know(state):
+    async def scenario():
+        swarm = Swarm()
+        swarm.connected = ["boot"]
+        health = FakeHealth({"boot": ("/ip4/127.0.0.1/tcp/1/p2p/boot",), "far": ()})
+        health.lists["boot"] = [
+            Health("far", ("/ip4/127.0.0.1/tcp/2/p2p/far",)),
+            Health("self", ("/ip4/127.0.0.1/tcp/3/p2p/self",)),  # ourselves: ignored
+            Health("liar", ("/ip4/127.0.0.1/tcp/4/p2p/someone",)),  # no usable address
+        ]
+        swarm.reachable = {"/ip4/127.0.0.1/tcp/2/p2p/far"}
+        m = monitor(state, swarm, health, lambda: datetime.now(UTC))
+        live = await m.discover()
+        assert live == ["boot", "far"]
+        assert state.peer("far").multiaddrs() == ["/ip4/127.0.0.1/tcp/2/p2p/far"]
+        assert state.peer("self") is None and state.peer("liar") is None
+        assert "far" in swarm.connected
+
+    asyncio.run(scenario())
+
+
+def test_peer_lists_are_bounded_when_read():
+    items = [{"peer_id": f"p{i}", "addresses": ["/a"] * 20} for i in range(100)]
+    items.append({"peer_id": "x" * 500, "addresses": []})
+    parsed = PeerList.parse({"peers": items})
+    assert len(parsed.peers) == 64 and all(len(p.addresses) == 8 for p in parsed.peers)
+    assert PeerList.parse(b'{"peers": "no"}') == PeerList(())

@@ -29,7 +29,8 @@ PEERS = ["p1", "p2", "p3", "p4", "p5"]
 class FakePlacer:
     """Records where fragments go, after checking the bytes are what the CID says."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: FakeHealth) -> None:
+        self.client = client
         self.placed: list[tuple[str, str]] = []
 
     async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
@@ -59,7 +60,7 @@ class World:
         self.health = FakeHealth({p: () for p in PEERS})
         self.now = datetime.now(UTC)
         self.clock = [self.now]
-        self.placer = FakePlacer()
+        self.placer = FakePlacer(self.health)
         self.tmp = tmp
 
     def repairer(self) -> Repairer:
@@ -114,6 +115,8 @@ def test_nothing_to_do_while_everyone_answers(world):
         "replaced": [],
         "repaired": [],
         "failed": [],
+        "rebalanced": [],
+        "released": 0,
     }
     assert world.placer.placed == []
 
@@ -160,3 +163,30 @@ def test_a_damaged_fragment_is_skipped_and_another_used(world):
     summary = world.run()
     assert summary["failed"] == []
     assert any(m["segment"] == 0 for m in summary["repaired"])
+
+
+def test_returning_holders_release_their_surplus_copies(world):
+    world.down, world.after = ("p2",), 601
+    summary = world.run()
+    replaced = {m["fragment"] for m in summary["repaired"]}
+    assert replaced and summary["released"] == 0  # p2 is still away
+    surplus = world.state.surplus()
+    assert {peer for _, peer in surplus} == {"p2"} and len(surplus) == 3
+    # p2 answers again: its old copies are released, and nothing of it is placed any more.
+    world.down, world.after = (), 0
+    summary = world.run()
+    assert summary["released"] == 3 and world.state.surplus() == []
+    assert world.health.unpinned == [("p2", [cid for cid, _ in surplus])]
+
+
+def test_rebalance_spreads_a_doubled_segment_when_a_domain_is_free(world):
+    # Segment 0 as a weak placement left it: two fragments on p1.
+    rows = world.state.placements(world.cid)
+    seg0 = [r for r in rows if r.segment == 0]
+    doubled = next(r for r in seg0 if r.peer == "p3")
+    world.state.move_placement(world.cid, 0, doubled.fragment, "p1")
+    summary = world.run()
+    assert [(m["segment"], m["from"]) for m in summary["rebalanced"]] == [(0, "p1")]
+    after = [r.peer for r in world.state.placements(world.cid) if r.segment == 0]
+    assert len(set(after)) == 4 and after.count("p1") == 1
+    assert world.state.surplus() == [] or {p for _, p in world.state.surplus()} == {"p1"}

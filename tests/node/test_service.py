@@ -43,6 +43,10 @@ class FakeNetwork:
         self.asked_live += 1
         return list(self.peers)
 
+    async def discover(self) -> list[str]:
+        self.discovered = getattr(self, "discovered", 0) + 1
+        return list(self.peers)
+
     async def holders(self, cids: list[str]) -> dict[str, set[str]]:
         found: dict[str, set[str]] = {}
         for holder, cid in self.placed:

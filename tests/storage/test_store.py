@@ -309,3 +309,34 @@ def test_a_manifest_already_loaded_is_not_fetched_again(backend, ident, tmp_path
     get_file(put.cid, tmp_path / "o", backend, identities=[ident], manifest=manifest)
     assert put.cid not in backend.fetches
     assert (tmp_path / "o").read_bytes() == src.read_bytes()
+
+
+def test_a_silent_holder_costs_a_hedge_not_the_deadline(backend, ident, tmp_path):
+    """A fragment whose holder never answers (a partition: Kubo would wait the whole fetch
+    deadline): with hedge_after the get asks the next fragment and decodes from the fastest
+    k, so it waits seconds, not the deadline; without it, the failure waits it out."""
+    import threading
+    import time
+
+    from fusenode.storage.errors import BackendTimeout
+
+    src = write(tmp_path, 3 * SEG)
+    put = put_file(src, backend, recipients=[ident.recipient], k=2, n=4, segment_size=SEG)
+    silent = {seg.fragments[0].cid for seg in put.manifest.segments}
+    released = threading.Event()
+
+    def fetch(cid: str, deadline: float) -> bytes:
+        if cid in silent:  # answers only at its deadline, with nothing
+            released.wait(deadline)
+            raise BackendTimeout(f"timed out after {deadline} s fetching {cid}")
+        return backend.fetch_bytes(cid, deadline)
+
+    start = time.monotonic()
+    got = get_file(
+        put.cid, tmp_path / "o", backend, identities=[ident], fetch=fetch, fetch_timeout=30,
+        hedge_after=0.2,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    released.set()  # let the abandoned fetches end
+    assert (tmp_path / "o").read_bytes() == src.read_bytes() and got.manifest.version == 2
+    assert took < 5, took

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusenode import defaults
-from fusenode.node.protocol import Health, PeerUnreachable
+from fusenode.node.protocol import Health, PeerList, PeerUnreachable
 from fusenode.storage.backend import IpfsBackend, NodeIdentity, validate_cid
 from fusenode.storage.errors import BackendTimeout
 from fusenode.storage.unixfs import file_cid
@@ -91,11 +91,24 @@ def as_version_1(backend, manifest):
 
 
 class FakeHealth:
-    """A peer client's health checks: the peers in ``answers`` answer, with those addresses;
-    any other does not."""
+    """A peer client's health checks and peer lists: the peers in ``answers`` answer, with
+    those addresses; any other does not. ``lists[peer]``: the peers that one knows."""
 
     def __init__(self, answers: dict[str, tuple[str, ...]]) -> None:
         self.answers = dict(answers)
+        self.lists: dict[str, list[Health]] = {}
+        self.unpinned: list[tuple[str, list[str]]] = []
+
+    async def peers(self, peer_id: str) -> PeerList:
+        if peer_id not in self.answers:
+            raise PeerUnreachable(f"peer {peer_id} did not answer")
+        return PeerList(tuple(self.lists.get(peer_id, ())))
+
+    async def unpin(self, peer_id: str, cids: list[str]) -> set[str]:
+        if peer_id not in self.answers:
+            raise PeerUnreachable(f"peer {peer_id} did not answer")
+        self.unpinned.append((peer_id, list(cids)))
+        return set(cids)
 
     async def health(self, peer_id: str, timeout: float = defaults.HEALTH_TIMEOUT) -> Health:
         if peer_id not in self.answers:
