@@ -71,16 +71,18 @@ class LocalNetwork:
         count: int,
         config: dict[tuple[str, str], str] | None = None,
         hosts: NamespaceHosts | None = None,
+        host_of: list[int] | None = None,
     ) -> None:
-        if hosts is not None and hosts.count < count:
-            raise ValueError(f"{count} nodes need {count} hosts, not {hosts.count}")
+        self.host_of = host_of or list(range(count))
+        if hosts is not None and (len(self.host_of) != count or max(self.host_of) >= hosts.count):
+            raise ValueError(f"{count} nodes on {hosts.count} hosts: say which host each is on")
         self.base = Path(base)
         self.nodes = [LocalNode(i, self.base / f"node{i}") for i in range(count)]
         self.config = config or {}
         self.hosts = hosts
 
     def _prefix(self, i: int) -> list[str]:
-        return self.hosts.exec_prefix(i) if self.hosts is not None else []
+        return self.hosts.exec_prefix(self.host_of[i]) if self.hosts is not None else []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init(self) -> None:
@@ -89,8 +91,11 @@ class LocalNetwork:
                 if self.hosts is None:
                     Repo.init(node.repo)
                 else:
-                    address = self.hosts.address(node.index)
-                    Repo.init(node.repo, HOST_SWARM_PORT, HOST_API_PORT, address)
+                    # Several nodes on one host: each its own pair of ports.
+                    host = self.host_of[node.index]
+                    shift = self.host_of[: node.index].count(host)
+                    address = self.hosts.address(host)
+                    Repo.init(node.repo, HOST_SWARM_PORT + shift, HOST_API_PORT + shift, address)
             for (section, key), value in self.config.items():
                 set_config(node.repo, section, key, value)
 

@@ -91,6 +91,11 @@ class NamespaceHosts:
         self._made.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
 
+    def readdress(self, i: int, address: str) -> None:
+        """Give host ``i`` another address in the subnet (a machine whose address changed)."""
+        _ip("-n", self.names[i], "addr", "flush", "dev", "eth0")
+        _ip("-n", self.names[i], "addr", "add", f"{address}/24", "dev", "eth0")
+
     def cut(self, i: int) -> None:
         """Take host ``i``'s link down: its packets vanish, nobody is told."""
         _ip("-n", self.bridge, "link", "set", f"h{i}", "down")

@@ -70,8 +70,9 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., 
 
 @pytest.fixture(scope="module")
 def host_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
-    """``host_network(count, config)``: a started LocalNetwork with one daemon on each of
-    ``count`` hosts made of Linux network namespaces (one private /24, nothing added to the
+    """``host_network(count, config, host_of=None)``: a started LocalNetwork with one daemon
+    on each of ``count`` hosts (or node i on host ``host_of[i]``) made of Linux network
+    namespaces (one private /24, nothing added to the
     machine's network; ``net.hosts.cut(i)`` / ``restore(i)`` take a host's link down and up).
     Everything is torn down after the module's tests, whatever happened. Where namespaces
     cannot be made (not root), the tests skip with the reason, except under CI=true, where
@@ -86,9 +87,16 @@ def host_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         pytest.skip(f"namespace hosts: {reason}")
     made: list[tuple[LocalNetwork, NamespaceHosts]] = []
 
-    def start(count: int, config: dict[tuple[str, str], str] | None = None) -> LocalNetwork:
-        hosts = NamespaceHosts(count, prefix=f"fn{os.getpid()}x{len(made)}")
-        net = LocalNetwork(tmp_path_factory.mktemp("hosts"), count, config, hosts=hosts)
+    def start(
+        count: int,
+        config: dict[tuple[str, str], str] | None = None,
+        host_of: list[int] | None = None,
+    ) -> LocalNetwork:
+        hosts_needed = max(host_of) + 1 if host_of else count
+        hosts = NamespaceHosts(hosts_needed, prefix=f"fn{os.getpid()}x{len(made)}")
+        net = LocalNetwork(
+            tmp_path_factory.mktemp("hosts"), count, config, hosts=hosts, host_of=host_of
+        )
         made.append((net, hosts))
         hosts.create()
         net.start()

@@ -49,6 +49,12 @@ def test_rendered_config_has_ports(tmp_path):
         ("[api]\nhots = 1\n", "unknown key"),
         ("[repair]\ninterval = 0\n", "must be positive"),
         ("[storage\n", "invalid TOML"),
+        ('[api]\nhost = "0.0.0.0"\n', "must be a loopback address"),
+        ('[node]\nswarm_host = "my.host"\n', "swarm host must be an IP address"),
+        ('[network]\ndeny = ["10.0.0.0/40"]\n', "not CIDR"),
+        ('[node]\nannounce = ["10.0.0.1:4001"]\n', "not a TCP multiaddr"),
+        ('[placement]\ndomain = "rack"\n', "auto | node | ip | subnet24"),
+        ("[storage]\nhedge_after = 0\n", "must be positive"),
     ],
 )
 def test_bad_config(tmp_path, text, message):
@@ -65,3 +71,11 @@ def test_env_overrides(tmp_path):
     assert (config.storage.k, config.storage.n) == (2, 3)
     with pytest.raises(ConfigError, match="FUSENODE_K"):
         load_config(path, env={"FUSENODE_K": "x"})
+
+
+def test_init_configures_the_swarm_host(tmp_path):
+    text = render_config(4101, 5101, "10.0.0.7")
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    config = load_config(path, env={})
+    assert config.node.swarm_host == "10.0.0.7" and config.api.host == "127.0.0.1"

@@ -32,7 +32,7 @@ def test_store_for_checks_the_bytes_before_adding(tmp_path: Path) -> None:
             bridge = Bridge()
             blocks = AsyncBlocks(kubo, bridge)
             ctx = NodeContext(kubo.identity().peer_id, blocks, state, repo.files.tmp)
-            holder = Holder(ctx, pin_timeout=10)
+            holder = Holder(ctx, pin_timeout=10, recent=600)
             good = os.urandom(300_000)  # two chunks: a real UnixFS tree
             cid = file_cid(good)
             assert await holder.store_for(OWNER, cid, good) == cid

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 
 import pytest
 
 from fusenode.node import examples
-from fusenode.node.localnet import HOST_SWARM_PORT
+from fusenode.node.localnet import HOST_SWARM_PORT, set_config
 from fusenode.node.netns import SUBNET
 from tests.support.cli import assert_ok
 
@@ -162,3 +163,46 @@ def test_optimize_on_one_host_fetch_on_another(net, tmp_path):
     info = json.loads(assert_ok(net.cli(3, "info", fused, "--json")).stdout)
     assert info["parent"] == cid and info["metadata"]["provenance"]["source"] == cid
     assert out.stat().st_size > 0
+
+
+def test_a_node_whose_address_changed_is_learned_again(net):
+    """Host 3 gets a new address and its daemon restarts there, told nothing: the others
+    record the new address from its answers (and could dial it after their own restart)."""
+    new = f"{SUBNET}.103"
+    net.kill(3, signal.SIGTERM)
+    net.hosts.readdress(3, new)
+    set_config(net.nodes[3].repo, "node", "swarm_host", f'"{new}"')
+    net.start_node(3, bootstrap=False)
+    moved = net.nodes[3].peer_id
+
+    def learned() -> bool:
+        db = sqlite3.connect(net.nodes[0].repo / "state.db", timeout=10)
+        try:
+            row = db.execute("SELECT addresses FROM peers WHERE peer_id = ?", [moved]).fetchone()
+        finally:
+            db.close()
+        return bool(row and row[0] and f"/ip4/{new}/" in row[0])
+
+    assert wait_for(learned, 30)
+    assert wait_for(lambda: moved in connected(net, 0), 30)
+
+
+@pytest.fixture(scope="module")
+def crowded(host_network):
+    """Seven nodes on six hosts: nodes 0 and 6 share host 0 (one machine, one domain)."""
+    return host_network(7, CONFIG, host_of=[0, 1, 2, 3, 4, 5, 0])
+
+
+def test_two_nodes_on_one_machine_never_hold_one_segment_twice(crowded, tmp_path):
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(1_500_000))  # 6 segments
+    everyone = {n.peer_id for n in crowded.nodes}
+    assert wait_for(lambda: connected(crowded, 1) >= everyone - {crowded.nodes[1].peer_id}, 30)
+    cid = last_line(crowded.cli(1, "put", str(src), "-k", "4", "-n", "6"))
+    same_machine = {crowded.nodes[0].peer_id, crowded.nodes[6].peer_id}
+    used = set()
+    for seg in status(crowded, 1, cid)["segments"]:
+        peers = {f["peer"] for f in seg["fragments"]}
+        assert len(peers) == 6 and not same_machine <= peers, peers
+        used |= peers
+    assert same_machine <= used  # both are used, just never for the same segment

@@ -173,6 +173,7 @@ def test_returning_holders_release_their_surplus_copies(world):
     surplus = world.state.surplus()
     assert {peer for _, peer in surplus} == {"p2"} and len(surplus) == 3
     # p2 answers again: its old copies are released, and nothing of it is placed any more.
+    world.health.answers["p2"] = ()
     world.down, world.after = (), 0
     summary = world.run()
     assert summary["released"] == 3 and world.state.surplus() == []

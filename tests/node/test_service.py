@@ -177,3 +177,20 @@ def test_without_a_network_everything_stays_here(repo: Repo) -> None:
         assert (await service.info(reply["cid"], None))["readable"] is False  # not the node's
 
     run(repo, lambda backend, ctx: Offline(ctx), scenario)
+
+
+def test_a_put_looks_for_more_peers_before_it_gives_up(repo: Repo) -> None:
+    """A node that just joined may know one peer: the put asks the network (peer exchange)
+    for the rest before refusing."""
+    src = model(repo)
+
+    class Joining(FakeNetwork):
+        async def live_peers(self) -> list[str]:
+            return ["p1"]  # only the bootstrap peer so far
+
+    async def scenario(service, network, state):
+        reply = await service.put(str(src), 2, 4, [], False)
+        assert reply["placement"] == "distinct" and network.discovered == 1
+        assert len({r.peer for r in state.placements(reply["cid"])}) == 4
+
+    run(repo, lambda backend, ctx: Joining(backend, ["p1", "p2", "p3"]), scenario)

@@ -24,7 +24,14 @@ import pytest
 
 from fusenode.storage.backend import NodeIdentity, validate_cid, validate_peer_multiaddr
 from fusenode.storage.errors import BackendError, BackendTimeout, InvalidArgument
-from fusenode.storage.kubo import KuboNode, create_repo, find_libkubo, loopback_config
+from fusenode.storage.kubo import (
+    KuboNode,
+    SwarmSettings,
+    create_repo,
+    find_libkubo,
+    loopback_config,
+    network_config,
+)
 from fusenode.storage.kubo.library import PROTOTYPES
 
 CIDV0 = "QmWKoWmuRfPJXSvLHoPdJn8iFsvyum4HsUeB1LUHdVRVKW"
@@ -118,6 +125,42 @@ def test_loopback_config_edits() -> None:
     assert config["Addresses"]["Swarm"] == ["/ip4/127.0.0.1/tcp/4123"]
     with pytest.raises(InvalidArgument):
         loopback_config({}, 0)
+
+
+def test_network_config_off_loopback() -> None:
+    swarm = SwarmSettings(
+        host="10.1.2.3", announce=("/ip4/203.0.113.7/tcp/4001",), deny=("192.168.0.0/16",)
+    )
+    config = network_config({"Bootstrap": ["/dnsaddr/bootstrap.libp2p.io/p2p/Qm"]}, swarm, 4001)
+    assert config["Bootstrap"] == [] and config["Addresses"]["API"] == []
+    assert config["Addresses"]["Swarm"] == ["/ip4/10.1.2.3/tcp/4001"]
+    assert config["Addresses"]["Announce"] == ["/ip4/203.0.113.7/tcp/4001"]
+    assert "/ip4/127.0.0.0/ipcidr/8" in config["Addresses"]["NoAnnounce"]
+    # Only the operator's ranges are filtered; no loopback-only filters off loopback.
+    assert config["Swarm"]["AddrFilters"] == ["/ip4/192.168.0.0/ipcidr/16"]
+    assert config["Discovery"]["MDNS"]["Enabled"] is False
+    assert config["Swarm"]["DisableNatPortMap"] is True
+    everywhere = network_config({}, SwarmSettings(host="::", mdns=True, nat_port_map=True), 9)
+    assert everywhere["Addresses"]["Swarm"] == ["/ip6/::/tcp/9"]
+    assert (
+        everywhere["Discovery"]["MDNS"]["Enabled"] and not everywhere["Swarm"]["DisableNatPortMap"]
+    )
+    # The default stays loopback only, every other address denied.
+    assert loopback_config({}, 9)["Swarm"]["AddrFilters"][-1] == "/ip6/::/ipcidr/0"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"host": "example.com"},
+        {"host": "10.0.0.1", "deny": ("10.0.0.0/99",)},
+        {"announce": ("http://x",)},
+        {"port": 0},
+    ],
+)
+def test_swarm_settings_refuse_what_kubo_could_not_use(kwargs) -> None:
+    with pytest.raises(InvalidArgument):
+        SwarmSettings(**kwargs)
 
 
 def test_library_found_without_importing_its_loader() -> None:
