@@ -11,10 +11,15 @@ __all__ = ["free_loopback_port", "free_tcp_port", "removed_on_error"]
 
 
 def free_tcp_port(host: str) -> int:
-    """A TCP port free on ``host`` right now (another process could still take it first)."""
+    """A TCP port free on ``host`` right now (another process could still take it first).
+    An address this machine does not have yet (a repo made for another network namespace)
+    gets a port free on every interface here."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        try:
+            sock.bind((host, 0))
+        except OSError:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         return int(sock.getsockname()[1])
 
 
