@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from fusenode.passes.errors import ModelFileError
@@ -111,12 +113,31 @@ class Loader:
         keep.append(t.SerializeToString())
         return b"".join(keep)
 
+    def _no_symlinks(self, location: str, rel: Path) -> Path:
+        """The external data file ``rel`` under the model's folder, refused (as onnx refuses
+        it) when it or a folder on the way is a symbolic link, or it is not a regular file:
+        a model received from the network must not make the reader open files elsewhere."""
+        path = self.base
+        for part in rel.parts:
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as e:
+                raise ModelFileError(f"cannot open external data {location}: {e.strerror}") from e
+            if stat.S_ISLNK(mode):
+                raise ModelFileError(
+                    f"external data {location} is a symbolic link ({path.name}): refused"
+                )
+        if not stat.S_ISREG(mode):
+            raise ModelFileError(f"external data {location} is not a regular file")
+        return path.resolve()
+
     def _external_extent(self, entries: dict[str, str]) -> Extent:
         location = entries.get("location", "")
         rel = Path(location)
         if not location or rel.is_absolute() or ".." in rel.parts:
             raise ModelFileError(f"external data location {location!r} is not a relative path")
-        path = (self.base / rel).resolve()
+        path = self._no_symlinks(location, rel)
         source = self.store.source_for(path)
         size = self.store.source_size(source)
         try:
