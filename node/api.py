@@ -8,18 +8,18 @@ use case of the same name (`fusenode.node.service.NodeService`) and its result i
 Security decisions:
 
 - Listens on 127.0.0.1 only (the daemon binds it; nothing here opens a socket).
-- Writes need ``Authorization: Bearer <token>``: the daemon writes the token to
-  ``REPO/api.token`` (mode 0600), so only the repo's owner can store, fetch into a path of the
-  daemon's choosing, or start a repair. Every non-GET route is guarded by
-  :func:`_guard_middleware`, so a POST route added later is protected without opting in.
-- Reads need no token: the peer ID, addresses and age recipient are public by design (they
-  are what other nodes and senders are given), peers are visible to anyone on the swarm, and
-  ``status`` requires knowing the CID and reveals only where fragments are pinned, which
-  every peer holding one already knows. This keeps ``fusenode id`` and health checks working
-  for any local user and for tools that cannot read the token.
-- A browser page cannot use the reads either: requests whose ``Host`` is not a loopback name
-  are refused with 421 (this defeats DNS rebinding, the one way a web page could reach a
-  loopback port and read the answer), and no CORS header is ever sent.
+- Every route but ``health`` and ``openapi.json`` needs ``Authorization: Bearer <token>``:
+  the daemon writes the token to ``REPO/api.token`` (mode 0600), so only the repo's owner can
+  use the node. Reads too: ``status`` makes the node fetch the manifest a CID names from the
+  network (a side effect anyone could otherwise trigger), and job errors name models. Every
+  route is guarded by :func:`_guard_middleware` unless the operation table marks it open, so
+  a route added later is protected without opting in.
+- A browser page cannot use the API: a request a browser marks cross-site (``Sec-Fetch-Site``
+  other than ``same-origin`` or ``none``) or that carries an ``Origin`` other than a loopback
+  one is refused with 403 before anything else (a page can send simple requests to a loopback
+  port without reading the answer; this stops them having effects), requests whose ``Host``
+  is not a loopback name are refused with 421 (this defeats DNS rebinding, the one way a web
+  page could read an answer), and no CORS header is ever sent.
 
 Errors are JSON everywhere, shaped ``{"error": {"type": "<ExceptionClass>", "message": "..."}}``,
 produced by one middleware (:func:`_error_middleware`). A domain error's status is its class's
@@ -131,7 +131,8 @@ async def _error_middleware(
 # -- guards: Host and token -------------------------------------------------------------------
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Routes anyone on this machine may call without the token.
+OPEN_PATHS = frozenset(API_PREFIX + op.path for op in OPERATIONS if not op.auth)
 
 
 def _host_name(host: str) -> str:
@@ -141,17 +142,30 @@ def _host_name(host: str) -> str:
     return host.rpartition(":")[0] if ":" in host else host
 
 
+def _loopback_origin(origin: str) -> bool:
+    """``http://127.0.0.1:PORT`` and the like: a page served from this machine's loopback."""
+    scheme, _, rest = origin.partition("://")
+    return scheme in ("http", "https") and _host_name(rest).lower() in _LOOPBACK_HOSTS
+
+
 @web.middleware
 async def _guard_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Refuse non-loopback Host headers; require the bearer token on every non-GET route."""
+    """Refuse cross-site browser requests and non-loopback Host headers; require the bearer
+    token on every route the operation table does not mark open."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        raise web.HTTPForbidden(text=f"cross-site request refused (Sec-Fetch-Site: {site:.40})")
+    origin = request.headers.get("Origin")
+    if origin is not None and not _loopback_origin(origin):
+        raise web.HTTPForbidden(text=f"request from origin {origin!r:.80} refused")
     host = request.headers.get("Host")
     if host is not None and _host_name(host).lower() not in _LOOPBACK_HOSTS:
         raise web.HTTPMisdirectedRequest(
             text=f"Host {host!r} refused: this API answers loopback clients only"
         )
-    if request.method in _SAFE_METHODS or request.match_info.http_exception is not None:
+    if request.path in OPEN_PATHS or request.match_info.http_exception is not None:
         return await handler(request)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     challenge = {"WWW-Authenticate": 'Bearer realm="fusenode"'}
@@ -252,7 +266,7 @@ _SPECIAL = {"health": _health, "openapi": _openapi}
 def create_app(service: UseCases, *, token: str, max_body_bytes: int) -> web.Application:
     """The API application around ``service``; the caller binds it to 127.0.0.1.
 
-    ``token`` guards every write (see the module docstring); ``max_body_bytes`` caps request
+    ``token`` guards every route but health and openapi.json (see the module docstring); ``max_body_bytes`` caps request
     bodies (they only ever carry paths and options, never file contents).
     """
     if not token or token != token.strip():

@@ -5,7 +5,7 @@ instead of aiohttp: no event loop, nothing heavy to import.
 
 Files the daemon writes in its repo once it serves (and removes when it stops)::
 
-    REPO/api.token   the bearer token for write requests: one line of ASCII, mode 0600,
+    REPO/api.token   the bearer token for every request but health: one line of ASCII, 0600,
                      written before api.json
     REPO/api.json    {"url": "http://127.0.0.1:PORT", "pid": 1234, "peer_id": "12D3Koo..."},
                      written last (atomically) to mark the daemon ready
@@ -131,7 +131,7 @@ class DaemonClient:
         if body is not None:
             data = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        if method != "GET" and self.token is not None:
+        if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(
             self.base_url + API_PREFIX + route, data=data, headers=headers, method=method
@@ -192,8 +192,8 @@ def find_daemon(repo_path: Path, timeout: float = defaults.DAEMON_TIMEOUT) -> Da
     ``None`` when REPO/api.json is missing, its pid is not alive, or the URL does not answer
     ``GET /api/v1/health`` within 2 s (a stale file from a crash). A present but malformed
     api.json raises DaemonError (the daemon writes it atomically, so it is damage, not a
-    race). A missing or unreadable api.token gives a client without a token: reads work and
-    writes fail with the daemon's 401 message. ``timeout`` is the returned client's.
+    race). A missing or unreadable api.token gives a client without a token: its requests fail
+    with the daemon's 401 message (which says where the token is). ``timeout`` is the returned client's.
     """
     files = RepoLayout(Path(repo_path))
     api_file = files.api_json

@@ -71,8 +71,9 @@ class Operation:
 
     @property
     def auth(self) -> bool:
-        """Writes need the bearer token; reads do not (fusenode.node.api says why)."""
-        return self.method != "GET"
+        """Everything but health and this document needs the bearer token (fusenode.node.api
+        says why)."""
+        return self.name not in ("health", "openapi")
 
     @property
     def arguments(self) -> list[str]:
@@ -207,6 +208,22 @@ FRAGMENT_STATUS = Object(
         "cid": Field(_TEXT),
         "peer": Field(Nullable(_TEXT), description="its holder (null: no known holder)"),
         "answered": Field(Boolean(), description="the holder answered for it just now"),
+        "audit": Field(
+            Nullable(
+                Object(
+                    {
+                        "time": Field(_TEXT),
+                        "result": Field(String(enum=("passed", "failed", "unanswered"))),
+                        "detail": Field(Nullable(_TEXT), None),
+                    },
+                    name="Audit",
+                    closed=False,
+                )
+            ),
+            description="the last audit of this copy by this node (null: not audited yet, "
+            "or held here)",
+        ),
+        "lost": Field(_TEXT, "", "why this copy no longer counts: repair rebuilds it"),
     },
     name="FragmentStatus",
     closed=False,
@@ -385,8 +402,8 @@ def has_operation(name: str) -> bool:
 #: Error statuses any operation may answer (each is a JSON Error); see fusenode.errors.
 ERRORS: dict[int, str] = {
     400: "the request breaks this document's schema",
-    401: "missing or wrong bearer token (writes only)",
-    403: "no identity given opens the model",
+    401: "missing or wrong bearer token (every route but health and openapi.json)",
+    403: "no identity given opens the model, or a cross-site browser request",
     404: "no such manifest, job or route",
     405: "method not allowed on this route (Allow header)",
     409: "the request is well-formed but cannot be carried out (k >= n, a recipient that "
@@ -487,9 +504,10 @@ def openapi() -> dict[str, Any]:
             "description": (
                 "Local HTTP API of a fusenode daemon, for clients on the same machine (the "
                 "`fusenode` CLI). Served on 127.0.0.1 only; requests whose Host header is not "
-                "a loopback name are refused (421). POST routes need `Authorization: Bearer "
-                "<token>`, the token being in REPO/api.token (mode 0600); GET routes need "
-                "none. Every error is a JSON `Error`. Request bodies are JSON objects "
+                "a loopback name are refused (421), and so are cross-site browser requests "
+                "(Origin, Sec-Fetch-Site: 403). Every route but health and openapi.json needs "
+                "`Authorization: Bearer <token>`, the token being in REPO/api.token (mode "
+                "0600). Every error is a JSON `Error`. Request bodies are JSON objects "
                 "(Content-Type: application/json, UTF-8), unknown keys are refused, and the "
                 "size is capped by [api] max_body_bytes in config.toml."
             ),

@@ -121,6 +121,14 @@ def service() -> FakeService:
 
 @pytest_asyncio.fixture
 async def client(aiohttp_client: Any, service: FakeService) -> Any:
+    """A client that sends the token with every request, as the CLI does."""
+    app = create_app(service, token=TOKEN, max_body_bytes=MAX_BODY)
+    return await aiohttp_client(app, headers=AUTH)
+
+
+@pytest_asyncio.fixture
+async def bare(aiohttp_client: Any, service: FakeService) -> Any:
+    """A client without the token: any local process that cannot read REPO/api.token."""
     return await aiohttp_client(create_app(service, token=TOKEN, max_body_bytes=MAX_BODY))
 
 
@@ -217,10 +225,10 @@ async def test_openapi_is_served(client: Any) -> None:
     ],
 )
 async def test_posts_need_the_token(
-    client: Any, service: FakeService, route: str, body: Any, authorization: str | None
+    bare: Any, service: FakeService, route: str, body: Any, authorization: str | None
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    r = await client.post(P + route, json=body, headers=headers)
+    r = await bare.post(P + route, json=body, headers=headers)
     error = await error_of(r, 401)
     assert error["type"] == "HTTPUnauthorized"
     assert "api.token" in error["message"]
@@ -229,15 +237,62 @@ async def test_posts_need_the_token(
 
 
 @pytest.mark.asyncio
-async def test_bearer_scheme_is_case_insensitive(client: Any) -> None:
-    r = await client.post(f"{P}/repair", headers={"Authorization": f"bearer {TOKEN}"})
+async def test_bearer_scheme_is_case_insensitive(bare: Any) -> None:
+    r = await bare.post(f"{P}/repair", headers={"Authorization": f"bearer {TOKEN}"})
     assert r.status == 200
 
 
 @pytest.mark.asyncio
-async def test_reads_need_no_token(client: Any) -> None:
-    r = await client.get(f"{P}/id", headers={"Authorization": "Bearer wrong"})
-    assert r.status == 200
+async def test_every_route_but_health_and_openapi_needs_the_token(
+    bare: Any, service: FakeService
+) -> None:
+    """Reads too: status makes the node fetch a manifest from the network, jobs name models."""
+    for op in OPERATIONS:
+        path = P + op.path.replace("{cid}", CID).replace("{job_id}", "1")
+        body = {"json": {}} if op.method == "POST" else {}
+        r = await bare.request(op.method, path, **body)
+        if op.name in ("health", "openapi"):
+            assert r.status == 200, op.name
+        else:
+            assert r.status == 401, op.name
+            assert "api.token" in (await error_of(r, 401))["message"]
+    assert service.calls == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1.evil.example:80"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "http://127.0.0.1:9", "Sec-Fetch-Site": "cross-site"},
+    ],
+)
+async def test_cross_site_browser_requests_are_refused(
+    client: Any, service: FakeService, headers: dict[str, str]
+) -> None:
+    """A web page may make the browser send simple requests to a loopback port (it cannot
+    read the answers): refused before any effect, token or not."""
+    for method, path in [("GET", f"{P}/status/{CID}"), ("POST", f"{P}/repair")]:
+        r = await client.request(method, path, headers=headers)
+        error = await error_of(r, 403)
+        assert "refused" in error["message"]
+    assert service.calls == []
+
+
+@pytest.mark.asyncio
+async def test_same_origin_and_non_browser_requests_pass(client: Any) -> None:
+    for headers in (
+        {},
+        {"Origin": "http://127.0.0.1:8080"},
+        {"Origin": "http://localhost:1"},
+        {"Sec-Fetch-Site": "same-origin"},
+        {"Sec-Fetch-Site": "none"},  # typed into the address bar
+    ):
+        assert (await client.get(f"{P}/id", headers=headers)).status == 200
 
 
 @pytest.mark.asyncio
@@ -524,9 +579,10 @@ def test_openapi_documents_exactly_the_app_routes(service: FakeService) -> None:
     for path, item in doc["paths"].items():
         for method, op in item.items():
             secured = op.get("security") == [{"bearerAuth": []}]
-            assert secured == (method == "post"), (method, path)
+            open_route = path in (f"{P}/health", f"{P}/openapi.json")
+            assert secured == (not open_route), (method, path)
             assert statuses[op["operationId"]] in op["responses"]
-            if method == "post":
+            if not open_route:
                 assert op["responses"]["401"] == {"$ref": "#/components/responses/401"}
             else:
                 assert "401" not in op["responses"]
@@ -668,9 +724,10 @@ def test_client_raises_the_daemons_error_as_its_own_class(
 @pytest.mark.parametrize("token", [None, "wrong"])
 def test_client_without_the_right_token(daemon: ServerThread, token: str | None) -> None:
     c = DaemonClient(daemon.url, token, timeout=5)
-    assert c.identity()["recipient"] == "age1xyz"  # reads need no token
-    with pytest.raises(DaemonError, match=r"api\.token"):
-        c.repair()
+    assert c.health() == {"ok": True}  # health needs no token
+    for call in (c.identity, c.repair):
+        with pytest.raises(DaemonError, match=r"api\.token"):
+            call()
 
 
 def test_client_connection_refused() -> None:

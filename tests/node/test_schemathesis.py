@@ -2,7 +2,7 @@
 
 Every check schemathesis has (``--checks all``): no server error, every status and content
 type documented, responses matching their schemas, schema-invalid requests refused with a
-4xx, schema-valid ones never refused as malformed, the token enforced on every write,
+4xx, schema-valid ones never refused as malformed, the token enforced where it is needed,
 unsupported methods answered 405 with an Allow header. Run as a user would run it: the
 ``st`` command line against the daemon's served document, with no help from this suite (no
 custom formats, no relaxed expectations), so an independent run sees what this one sees.
