@@ -29,7 +29,7 @@ MAX_SEGMENT_SIZE: Final = GiB
 # -- time limits (seconds) ---------------------------------------------------------------------
 #: One fragment or manifest fetch from the network.
 FETCH_TIMEOUT: Final = 60.0
-#: A holder fetching and pinning (or storing) one fragment for a placing node.
+#: A holder storing one fragment streamed by a placing node, and answering.
 PIN_TIMEOUT: Final = 120.0
 #: A peer's answer to a health check.
 HEALTH_TIMEOUT: Final = 3.0
@@ -46,6 +46,12 @@ CONNECT_TIMEOUT: Final = 20.0
 #: its fragments are rebuilt elsewhere (a restart must not trigger a repair).
 REPAIR_INTERVAL: Final = 60.0
 UNREACHABLE_AFTER: Final = 600.0
+#: How often the placing node audits each holder (proof of storage: random blocks of the
+#: fragments it holds, fetched from it alone), how long one audit answer may take, and how
+#: many of a holder's fragments one pass audits (least recently audited first).
+AUDIT_INTERVAL: Final = 600.0
+AUDIT_TIMEOUT: Final = 10.0
+AUDIT_FRAGMENTS: Final = 64
 #: How often a daemon redials the known peers that dropped off, and retries bootstrap peers.
 KEEP_CONNECTED_EVERY: Final = 5.0
 BOOTSTRAP_RETRY: Final = 5.0
@@ -56,10 +62,31 @@ KUBO_START_TIMEOUT: Final = 60.0
 DAEMON_TIMEOUT: Final = 60.0
 DAEMON_HEALTH_TIMEOUT: Final = 2.0
 
+# -- what a node holds for others ----------------------------------------------------------------
+#: ``[storage] capacity`` / ``peer_quota`` "auto": the node offers what it holds for others
+#: plus its free disk less a reserve (the larger of these two), and one peer may use at most
+#: half of that, so no single key fills a node.
+DISK_RESERVE: Final = GiB
+DISK_RESERVE_FRACTION: Final = 0.05
+AUTO_QUOTA_FRACTION: Final = 0.5
+#: Each hold is accounted at least this many bytes (a block file and its metadata cost disk
+#: whatever the payload), so a flood of tiny stores still meets the quota.
+MIN_HOLD_BYTES: Final = 4096
+
+# -- the optimizer -------------------------------------------------------------------------------
+#: Largest model an optimizer node accepts, and the limits of its fuse + verify child process
+#: (seconds of wall time; address space, 0 = "auto": 6x the model plus 2 GiB, at most 3/4 of
+#: the machine's memory).
+MAX_MODEL_BYTES: Final = 4 * GiB
+OPTIMIZE_TIMEOUT: Final = 1800.0
+OPTIMIZE_MEMORY: Final = 0
+
 # -- sizes of messages ------------------------------------------------------------------------
 #: Local API request bodies carry paths and options, never file contents.
 API_MAX_BODY: Final = MiB
 #: Peer API JSON bodies (CID lists).
 PEER_MAX_BODY: Final = MiB
-#: Largest fragment streamed to a holder in one request; bigger ones go through bitswap.
-MAX_STREAMED_FRAGMENT: Final = 256 * MiB
+#: Largest fragment streamed to a holder in one request: a whole segment of the largest size
+#: and its header (k = 1 cannot happen, but the bound does not need to know that). The holder
+#: writes it to disk as it arrives, so this bounds bytes, not memory.
+MAX_STREAMED_FRAGMENT: Final = MAX_SEGMENT_SIZE + 4096

@@ -18,6 +18,8 @@ beside what raises them (borg's style); the whole family, with exit code / HTTP 
     │   ├── BackendError               1 / 500   the IPFS node failed
     │   │   └── BackendTimeout         7 / 504   an IPFS call missed its deadline
     │   │       └── ManifestNotFound   4 / 404   no reachable node has the manifest
+    │   ├── NotEnoughSpace             1 / 507   the disk has not room for what a manifest
+    │   │                                        declares (checked before any fetch)
     │   └── NotEnoughFragments         7 / 503   fewer than k good fragments reachable
     ├── PassError                      1 / 400   fusenode.passes.errors
     │   ├── ModelFileError             1 / 400   input missing, not ONNX, invalid
@@ -34,8 +36,11 @@ beside what raises them (borg's style); the whole family, with exit code / HTTP 
         ├── PeerError                  7 / 502   fusenode.node.protocol: a peer call failed
         │   ├── PeerUnreachable        7 / 503   no answer (down, disconnected, no daemon)
         │   └── PeerRefused            1 / 502   the peer answered with an error
+        │       └── PeerOverCapacity   1 / 502   it will not hold more for us (its 507)
         ├── BadPeerRequest             1 / 400   a peer's request is malformed
+        ├── OverCapacity               1 / 507   this node will not hold more for that peer
         ├── PeerAuthError              1 / 401   a peer request's signature is not valid
+        ├── FuseJobError               1 / 409   the fuse child failed or hit a limit
         └── JobError                   1 / 409   an optimization job cannot complete
 
 Why 409 and not 400 for a value that cannot be used: the local API answers 400 only for a

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import ParamSpec, TypeVar
 from fusenode.storage.backend import IpfsBackend, NodeIdentity
 from fusenode.storage.transport import Libp2pTransport, P2PForward, P2PListener, PubSubMessage
 
-__all__ = ["AsyncBlocks", "AsyncTransport", "Bridge"]
+__all__ = ["AsyncBlocks", "AsyncTransport", "Bridge", "every"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -87,6 +88,9 @@ class AsyncBlocks:
     async def fetch_bytes(self, cid: str, timeout: float) -> bytes:
         return await self.bridge.run(self.sync.fetch_bytes, cid, timeout)
 
+    async def read_block(self, cid: str) -> bytes | None:
+        return await self.bridge.run(self.sync.read_block, cid)
+
     async def connect(self, multiaddr: str, timeout: float) -> None:
         await self.bridge.run(self.sync.connect, multiaddr, timeout)
 
@@ -118,3 +122,27 @@ class AsyncTransport:
 
     async def pubsub_unsubscribe(self, sub_id: int) -> None:
         await self.bridge.run(self.sync.pubsub_unsubscribe, sub_id)
+
+
+async def every(
+    interval: float,
+    stop: asyncio.Event,
+    task: Callable[[], Awaitable[dict]],
+    worth_logging: Callable[[dict], bool],
+    name: str,
+) -> None:
+    """Run ``task`` every ``interval`` seconds until ``stop``; log its summary when
+    ``worth_logging`` says so, and its failure without stopping (repair and audit passes)."""
+    log = logging.getLogger(f"fusenode.node.{name}")
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+            return
+        except TimeoutError:
+            pass
+        try:
+            summary = await task()
+            if worth_logging(summary):
+                log.info("%s pass: %s", name, summary)
+        except Exception:
+            log.exception("%s pass failed", name)

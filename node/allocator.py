@@ -103,6 +103,9 @@ class SegmentAllocation:
         self.n = n
         self.total: Counter[str] = Counter()
         self._segments: list[list[str]] = []
+        self._full: set[str] = set()
+        #: True once a refusal made two fragments of a segment share a domain.
+        self.weakened = False
         self._lock = threading.Lock()
 
     def holder(self, segment: int, index: int) -> str:
@@ -111,18 +114,44 @@ class SegmentAllocation:
                 self._segments.append(self._next(len(self._segments)))
             return self._segments[segment][index]
 
+    def refused(self, segment: int, index: int, node: str) -> str:
+        """``node`` refused fragment ``index`` of ``segment`` (full, or over our quota): it
+        gets no more fragments in this put. Where that fragment goes instead: the usual rule
+        over the other candidates, the segment's other fragments counted, so a node without
+        any of the segment when there is one. `PlacementError` when every node refused."""
+        with self._lock:
+            self._full.add(node)
+            holders = self._segments[segment]
+            if holders[index] != node:  # another thread already moved it
+                return holders[index]
+            others = [h for i, h in enumerate(holders) if i != index]
+            open_ = [c for c in self.candidates if c not in self._full]
+            if not open_:
+                raise PlacementError("every node refused to hold more: the network is full")
+            segment_load = Counter(self.allocator.domain_of(h) for h in others)
+            choice = self.allocator.choose(open_, segment_load, self.total, rank=lambda c: c)
+            if segment_load[self.allocator.domain_of(choice)]:
+                self.weakened = True
+            holders[index] = choice
+            self.total[node] -= 1
+            self.total[choice] += 1
+            return choice
+
     def _next(self, segment: int) -> list[str]:
         count = len(self.candidates)
         position = {c: i for i, c in enumerate(self.candidates)}
+        open_ = [c for c in self.candidates if c not in self._full] or list(self.candidates)
         segment_load: Counter[str] = Counter()
         holders = []
         for _ in range(self.n):
             node = self.allocator.choose(
-                self.candidates,
+                open_,
                 segment_load,
                 self.total,
                 rank=lambda c: (position[c] - segment) % count,
             )
+            if segment_load[self.allocator.domain_of(node)]:
+                self.weakened = self.weakened or bool(self._full)
             holders.append(node)
             segment_load[self.allocator.domain_of(node)] += 1
             self.total[node] += 1

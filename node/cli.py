@@ -249,8 +249,11 @@ def _print_status(st: dict[str, Any]) -> None:
         )
         print(f"  segment {seg['index']}: {ok}/{len(seg['fragments'])} fragments answered{spread}")
         for f in seg["fragments"]:
-            mark = "ok " if f["answered"] else "-- "
-            print(f"    {mark}fragment {f['index']}  {f['peer'] or 'no known holder'}")
+            mark = "ok " if f["answered"] and not f.get("lost") else "-- "
+            audit = f.get("audit")
+            seen = f"  audit {audit['result']} {audit['time'][:19]}Z" if audit else ""
+            lost = "  LOST: being rebuilt elsewhere" if f.get("lost") else ""
+            print(f"    {mark}fragment {f['index']}  {f['peer'] or 'no known holder'}{seen}{lost}")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

@@ -48,6 +48,8 @@ class StorageSection:
     segment_size: int = defaults.SEGMENT_SIZE
     fetch_timeout: float = defaults.FETCH_TIMEOUT
     hedge_after: float = defaults.HEDGE_AFTER
+    capacity: int | None = None  # None: "auto" (fusenode.node.holder)
+    peer_quota: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,19 @@ class PlacementSection:
 class RepairSection:
     interval: float = defaults.REPAIR_INTERVAL
     unreachable_after: float = defaults.UNREACHABLE_AFTER
+    audit_interval: float = defaults.AUDIT_INTERVAL
 
 
 @dataclass(frozen=True)
 class OptimizerSection:
     enabled: bool = False
     auto_optimize: bool = True
+    announcers: tuple[str, ...] = ()
     device: str = "auto"
     announce: bool = True
+    max_model_bytes: int | None = defaults.MAX_MODEL_BYTES
+    max_seconds: float = defaults.OPTIMIZE_TIMEOUT
+    max_memory: int | None = None  # None: "auto"
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,61 @@ _ENV = {
 }
 
 
+#: Keys that take a byte count: an integer, or a string with a unit ("200 GiB", "1.5 TB");
+#: "auto" (None) where the key has an automatic value.
+_SIZES = {
+    ("storage", "capacity"): True,
+    ("storage", "peer_quota"): True,
+    ("optimizer", "max_model_bytes"): False,
+    ("optimizer", "max_memory"): True,
+}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: Any, where: str, auto: bool) -> int | None:
+    """A byte count from the config: 123, "64 MiB", "1.5TB"; "auto" -> None when allowed."""
+    if isinstance(value, bool):
+        raise ConfigError(f"config: {where} must be a byte count, not {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().lower() == "auto" and auto:
+        return None
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        try:
+            if unit not in _UNITS or not digits:
+                raise ValueError
+            number = int(float(digits) * _UNITS[unit])
+        except ValueError:
+            allowed = 'an integer, "auto" or' if auto else "an integer or"
+            raise ConfigError(
+                f"config: {where} {value!r} is not a byte count ({allowed} a size such as "
+                '"200 GiB")'
+            ) from None
+    else:
+        raise ConfigError(f"config: {where} must be a byte count, not {value!r}")
+    if number < 0:
+        raise ConfigError(f"config: {where} cannot be negative")
+    return number
+
+
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     where = f"[{section}] {key}"
+    if (section, key) in _SIZES:
+        return parse_size(value, where, _SIZES[(section, key)])
     if isinstance(default, bool) or isinstance(value, bool):
         if not isinstance(value, bool) or not isinstance(default, bool):
             raise ConfigError(f"config: {where} must be a {type(default).__name__}")
@@ -173,6 +233,8 @@ def validate(config: Config) -> None:
         ("[placement] pin_timeout", config.placement.pin_timeout),
         ("[repair] interval", config.repair.interval),
         ("[repair] unreachable_after", config.repair.unreachable_after),
+        ("[repair] audit_interval", config.repair.audit_interval),
+        ("[optimizer] max_seconds", config.optimizer.max_seconds),
     ):
         if value <= 0:
             raise ConfigError(f"config: {what} must be positive")

@@ -6,7 +6,7 @@ process, until SIGINT or SIGTERM.
 process) -> serve the peer API on a private loopback port and expose it over libp2p -> serve
 the local API -> write REPO/api.token (0600, kept across restarts) and REPO/api.json (how
 clients find us) -> print peer ID, swarm multiaddr and API URL -> join bootstrap peers
-(retried until they answer) -> repair, keep-connected and optimizer loops. Shutdown reverses
+(retried until they answer) -> repair, audit, keep-connected and optimizer loops. Shutdown reverses
 it and removes api.json, so a stale file never points at a dead daemon for long (clients
 also check the pid).
 """
@@ -29,10 +29,11 @@ from aiohttp import web
 from fusenode import defaults
 from fusenode.node.aio import AsyncBlocks, AsyncTransport, Bridge
 from fusenode.node.allocator import Allocator
+from fusenode.node.auditor import Auditor
 from fusenode.node.config import swarm_settings
 from fusenode.node.context import NodeContext
 from fusenode.node.domains import domain_function
-from fusenode.node.holder import Holder
+from fusenode.node.holder import Holder, Limits
 from fusenode.node.monitor import AddressPolicy, PeerMonitor
 from fusenode.node.network import PeerNetwork
 from fusenode.node.optimizer import Announcer, Optimizer
@@ -55,6 +56,7 @@ class Components:
     holder: Holder
     monitor: PeerMonitor
     repairer: Repairer
+    auditor: Auditor
     optimizer: Optimizer
     client: PeerClient
 
@@ -69,7 +71,8 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     transport = AsyncTransport(kubo.transport, bridge)
     identity = kubo.identity()
     ctx = NodeContext(identity.peer_id, blocks, state, repo.files.tmp)
-    client = PeerClient(transport, load_private_key(repo.files.kubo))
+    key = load_private_key(repo.files.kubo)
+    client = PeerClient(transport, key)
     addresses = AddressPolicy(swarm.loopback, config.network.deny)
     unreachable_after = config.repair.unreachable_after
     monitor = PeerMonitor(ctx, client, unreachable_after=unreachable_after, addresses=addresses)
@@ -85,8 +88,14 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
         ctx, monitor, allocator, placer, service.manifest, fetch_timeout=fetch_timeout
     )
     service.optimizer = Optimizer(service, transport)
-    holder = Holder(ctx, config.placement.pin_timeout, recent=unreachable_after)
-    return Components(service, holder, monitor, service.repairer, service.optimizer, client)
+    limits = Limits(config.storage.capacity, config.storage.peer_quota)
+    holder = Holder(ctx, key, recent=unreachable_after, limits=limits)
+    service.holder = holder
+    auditor = Auditor(ctx, client, on_failure=service.repairer.run)
+    service.auditor = auditor
+    return Components(
+        service, holder, monitor, service.repairer, auditor, service.optimizer, client
+    )
 
 
 def _dialable(addresses: list[str], loopback: bool) -> list[str]:
@@ -190,6 +199,8 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         joining = [*config.network.bootstrap, *bootstrap]
         tasks.append(asyncio.create_task(_bootstrap(parts.monitor, joining, stop)))
         tasks.append(asyncio.create_task(parts.repairer.run_forever(stop, config.repair.interval)))
+        audit_every = config.repair.audit_interval
+        tasks.append(asyncio.create_task(parts.auditor.run_forever(stop, audit_every)))
         tasks.append(asyncio.create_task(parts.monitor.keep_connected(stop)))
         tasks.append(asyncio.create_task(parts.optimizer.run_forever(stop)))
         tasks.append(asyncio.create_task(parts.optimizer.listen(stop)))

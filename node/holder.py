@@ -1,32 +1,70 @@
-"""What a node does for its peers: hold fragments and manifests they place on it.
+"""What a node does for its peers: hold the fragments and manifests they stream to it, within
+its capacity and their quotas, and show the blocks it holds to whoever audits them.
 
-A hold is a row (CID, owner) in the state database; a CID stays pinned in the embedded Kubo
-while any owner holds it (`fusenode.node.state.State.release`). The peer API
+A hold is a row (CID, owner, bytes) in the state database; a CID stays pinned in the embedded
+Kubo while any owner holds it (`fusenode.node.state.State.release`). The peer API
 (`fusenode.node.peer_server`) calls this; nothing here knows HTTP.
+
+Capacity and quotas (``[storage] capacity``, ``[storage] peer_quota``): bytes held for
+others, accounted per owner in the state database, each hold at least
+`defaults.MIN_HOLD_BYTES`. "auto" capacity is what is held for others plus the free disk
+less a reserve; "auto" quota is half the capacity. A store is admitted (or refused with
+`OverCapacity`, 507) from its Content-Length before a byte of it is read, and the bytes of
+stores in flight are reserved, so concurrent requests cannot overshoot together. This node's
+own holds (its models, owner = itself) count against neither.
+
+Nothing a peer sends here makes this node fetch anything from the network: a store carries its
+bytes, and the rest are lookups in the state database or the local blockstore.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+from fusenode import defaults
 from fusenode.node.context import NodeContext
-from fusenode.node.protocol import BadPeerRequest, Health, PeerList
-from fusenode.storage.unixfs import file_cid
+from fusenode.node.peerkeys import PeerKey
+from fusenode.node.protocol import BadPeerRequest, Health, OverCapacity, PeerList, Receipt
+from fusenode.storage.unixfs import FileHasher
 
-__all__ = ["Holder"]
+__all__ = ["Holder", "Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``[storage] capacity`` and ``peer_quota`` in bytes; None for "auto"."""
+
+    capacity: int | None = None
+    peer_quota: int | None = None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 class Holder:
-    def __init__(self, ctx: NodeContext, pin_timeout: float, recent: float) -> None:
+    def __init__(
+        self, ctx: NodeContext, key: PeerKey, *, recent: float, limits: Limits = Limits()
+    ) -> None:
         self.peer_id = ctx.peer_id
+        self.key = key
         self.addresses = tuple(ctx.blocks.identity().addresses)
         self.blocks, self.state, self.tmp = ctx.blocks, ctx.state, ctx.tmp
-        self.pin_timeout = pin_timeout
         self.recent = recent
+        self.limits = limits
+        self._reserved: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
-    def health(self, requester: str) -> Health:
-        self.state.peer_answered(requester)
+    def health(self) -> Health:
+        # No side effect: who asks is not recorded. Liveness is what this node's own checks
+        # see (`fusenode.node.monitor`), never what peers claim by calling us.
         return Health(self.peer_id, self.addresses)
 
     def known_peers(self, requester: str) -> PeerList:
@@ -44,43 +82,109 @@ class Holder:
     def held(self, cids: list[str]) -> set[str]:
         return self.state.held(cids)
 
-    async def pin_for(self, owner: str, cids: list[str]) -> list[str]:
-        """Fetch (over bitswap) and pin ``cids`` for ``owner``."""
-        for cid in cids:
-            await self.blocks.pin(cid, self.pin_timeout)
-        self.state.hold(cids, owner)
-        return cids
+    async def block(self, cid: str) -> bytes | None:
+        return await self.blocks.read_block(cid)
 
-    async def store_for(self, owner: str, expected: str, data: bytes) -> str:
-        """Add a fragment streamed by ``owner`` if it hashes to ``expected``.
+    # -- capacity ----------------------------------------------------------------------------
 
-        Checked before it is added (`fusenode.storage.unixfs`), so bytes that are not what
-        the owner claims never reach the blockstore (which has no GC to take them out again);
-        Kubo's own answer is compared too, in case the two hashings ever disagree.
+    def offered(self) -> tuple[int, int]:
+        """(capacity, per-peer quota) in bytes as of now."""
+        capacity = self.limits.capacity
+        if capacity is None:
+            usage = shutil.disk_usage(self.tmp)
+            reserve = max(defaults.DISK_RESERVE, int(usage.total * defaults.DISK_RESERVE_FRACTION))
+            held = self.state.held_bytes(besides=self.peer_id)
+            capacity = held + max(0, usage.free - reserve)
+        quota = self.limits.peer_quota
+        if quota is None:
+            quota = int(capacity * defaults.AUTO_QUOTA_FRACTION)
+        return capacity, min(quota, capacity)
+
+    def usage(self) -> dict[str, object]:
+        """What this node holds for others, for `fusenode status --json` and the API."""
+        capacity, quota = self.offered()
+        per_owner = self.state.held_by_owner(self.peer_id)
+        return {
+            "capacity": capacity,
+            "peer_quota": quota,
+            "held_for_peers": sum(b for _, b in per_owner.values()),
+            "peers": {o: {"holds": h, "bytes": b} for o, (h, b) in per_owner.items()},
+        }
+
+    def admit(self, owner: str, size: int) -> None:
+        """Reserve ``size`` bytes for a store by ``owner``, or raise `OverCapacity` saying
+        which limit it would break. `store_for` releases the reservation."""
+        charge = max(size, defaults.MIN_HOLD_BYTES)
+        with self._lock:
+            capacity, quota = self.offered()
+            total = self.state.held_bytes(besides=self.peer_id) + sum(self._reserved.values())
+            mine = self.state.held_bytes(owner) + self._reserved[owner]
+            if total + charge > capacity:
+                raise OverCapacity(
+                    f"this node is full: it holds {_mib(total)} for peers and offers "
+                    f"{_mib(capacity)} ([storage] capacity); {_mib(charge)} more do not fit"
+                )
+            if mine + charge > quota:
+                raise OverCapacity(
+                    f"peer {owner} has used {_mib(mine)} of its {_mib(quota)} quota here "
+                    f"([storage] peer_quota); {_mib(charge)} more do not fit"
+                )
+            free = shutil.disk_usage(self.tmp).free
+            if charge * 2 > free:  # the scratch copy and Kubo's own, both on this disk
+                raise OverCapacity(f"this node's disk has {_mib(free)} free")
+            self._reserved[owner] += charge
+
+    def _unreserve(self, owner: str, size: int) -> None:
+        with self._lock:
+            self._reserved[owner] -= max(size, defaults.MIN_HOLD_BYTES)
+            if self._reserved[owner] <= 0:
+                del self._reserved[owner]
+
+    # -- holding -----------------------------------------------------------------------------
+
+    async def store_for(
+        self, owner: str, expected: str, size: int, chunks: AsyncIterator[bytes]
+    ) -> Receipt:
+        """Add a fragment streamed by ``owner`` if it hashes to ``expected``; its receipt.
+        `admit` must have reserved ``size`` bytes for it first.
+
+        The bytes go to a scratch file as they arrive (memory stays at one piece whatever the
+        size) and are hashed on the way (`fusenode.storage.unixfs.FileHasher`); only bytes
+        that are what the owner claims reach the blockstore (which has no GC to take them out
+        again). Kubo's own answer is compared too, in case the two hashings ever disagree.
         """
-        if not expected.startswith("Qm"):  # Kubo's add gives CIDv0: another form would not
-            raise BadPeerRequest(
-                f"expected a CIDv0 (Qm...), the form Kubo's add gives, not {expected}"
-            )
-        actual = await self.blocks.bridge.run(file_cid, data)
-        if actual != expected:
-            raise BadPeerRequest(f"fragment hashes to {actual}, not {expected}")
-        with tempfile.NamedTemporaryFile(dir=self.tmp, prefix=".store-") as f:
-            f.write(data)
-            f.flush()
-            cid = await self.blocks.add(Path(f.name))
-        if cid != expected:
-            if cid not in self.state.held([cid]):
-                await self.blocks.unpin(cid)
-            raise BadPeerRequest(f"fragment hashes to {cid}, not {expected}")
-        self.state.hold([cid], owner)
-        return cid
+        try:
+            if not expected.startswith("Qm"):  # Kubo's add gives CIDv0: another would not match
+                raise BadPeerRequest(
+                    f"expected a CIDv0 (Qm...), the form Kubo's add gives, not {expected}"
+                )
+            hasher = FileHasher()
+            with tempfile.NamedTemporaryFile(dir=self.tmp, prefix=".store-") as f:
+                async for chunk in chunks:
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                actual = hasher.cid()
+                if actual != expected:
+                    raise BadPeerRequest(f"fragment hashes to {actual}, not {expected}")
+                cid = await self.blocks.add(Path(f.name))
+            if cid != expected:
+                if cid not in self.state.held([cid]):
+                    await self.blocks.unpin(cid)
+                raise BadPeerRequest(f"fragment hashes to {cid}, not {expected}")
+            self.state.hold([cid], owner, max(size, defaults.MIN_HOLD_BYTES))
+        finally:
+            self._unreserve(owner, size)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return Receipt(cid, size, stamp)
 
     async def unpin_for(self, owner: str, cids: list[str]) -> list[str]:
         """Drop ``owner``'s holds; unpin what nobody holds any more."""
         released = []
         for cid in cids:
+            if not self.state.holds(cid, owner):
+                continue
             if self.state.release(cid, owner):
                 await self.blocks.unpin(cid)
-                released.append(cid)
+            released.append(cid)
         return released

@@ -17,9 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Protocol
 
+from fusenode.node.blockread import read_file
 from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
-from fusenode.node.placement import Placer
+from fusenode.node.placement import Placed, Placer
 from fusenode.node.protocol import PeerError
 
 __all__ = ["Announcer", "Network", "Offline", "PeerNetwork"]
@@ -43,9 +44,16 @@ class Network(Protocol):
         """For each CID, the live nodes (this one included) that say they hold it."""
         ...
 
-    async def place(self, holder: str, path: Path, cid: str | None = None) -> str: ...
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed: ...
 
-    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None: ...
+    async def read_small_file(self, cid: str, max_size: int) -> bytes | None:
+        """A manifest's bytes read block by block, bounded (`fusenode.node.blockread`);
+        None where that is not possible (no daemon: Kubo's own fetch is used)."""
+        ...
+
+    async def distribute(self, peers: list[str], cid: str) -> None:
+        """Copy the manifest ``cid`` (held here) to ``peers``, best effort."""
+        ...
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None: ...
 
@@ -86,11 +94,20 @@ class PeerNetwork:
         await asyncio.gather(*(ask(p) for p in await self.live_peers()))
         return found
 
-    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed:
         return await self.placer.place(holder, path, cid)
 
-    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None:
-        await self.placer.pin_everywhere([p for p in peers if p != self.peer_id], cids)
+    async def read_small_file(self, cid: str, max_size: int) -> bytes | None:
+        return await read_file(
+            cid,
+            max_size=max_size,
+            local=self.placer.blocks.read_block,
+            remote=self.client.block,
+            peers=await self.live_peers(),
+        )
+
+    async def distribute(self, peers: list[str], cid: str) -> None:
+        await self.placer.distribute(peers, cid)
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
         await self.announcer.announce(cid, kind, encrypted)
@@ -114,12 +131,15 @@ class Offline:
     async def holders(self, cids: list[str]) -> dict[str, set[str]]:
         return {cid: {self.peer_id} for cid in self.state.held(cids)}
 
-    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+    async def read_small_file(self, cid: str, max_size: int) -> bytes | None:
+        return None
+
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed:
         added = await self.blocks.add(path)
         self.state.hold([added], self.peer_id)
-        return added
+        return Placed(added)
 
-    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None:
+    async def distribute(self, peers: list[str], cid: str) -> None:
         return None
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None:

@@ -10,9 +10,17 @@ runs at a time.
 Announcements (PubSub topic :data:`ANNOUNCE_TOPIC`): after storing a manifest a node publishes
 ``{"v": 1, "cid": ..., "kind": "stored" | "optimized" | "shared", "encrypted": bool}``; the
 sender is the libp2p peer that signed the message. A node with ``[optimizer] enabled`` and
-``auto_optimize`` picks up announced ONNX models it can decrypt (or public ones) that are not
-themselves derived models (no ``parent``), and queues a job for each. PubSub is best effort:
-a dropped announcement just means no automatic job; ``fusenode optimize`` always works.
+``auto_optimize`` picks up ONNX models announced by the peers it lists in ``[optimizer]
+announcers`` (and ``[network] accept_from`` accepts) that it can decrypt (or public ones), that
+are not themselves derived models (no ``parent``), and queues a job for each; with no
+announcers (the default) it acts on nothing it hears. An announced model whose job failed is
+not queued again by later announcements (only ``fusenode optimize`` retries it), so a peer
+cannot keep a node busy with a model that fails. PubSub is best effort: a dropped
+announcement just means no automatic job; ``fusenode optimize`` always works.
+
+Limits: a model above ``[optimizer] max_model_bytes`` is refused before it is fetched; fuse
+and verification run in a child process stopped at ``max_seconds`` and ``max_memory``
+(`fusenode.node.fusejob`).
 
 Provenance of an optimized model: the manifest's public ``parent`` is the source CID; the
 sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
@@ -35,6 +43,7 @@ from typing import TYPE_CHECKING
 from fusenode import __version__
 from fusenode.node.aio import AsyncTransport
 from fusenode.node.errors import NodeError
+from fusenode.node.fusejob import FuseJobError, auto_memory_limit, run_fuse_job
 from fusenode.passes import fuse_bn
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import NoIdentityMatch, StorageError
@@ -79,13 +88,21 @@ class Optimizer:
 
     # -- jobs ------------------------------------------------------------------------------
     async def submit(self, cid: str, recipients: list[str], origin: str = "user") -> dict:
+        """The job for ``cid``: queued, or found. A failed job is queued again only when a
+        user asks (``origin`` "user"), never by an announcement."""
         from fusenode.storage import age
 
         validate_cid(cid)
         for r in recipients:
             age.X25519Recipient.from_string(r)  # HeaderError -> 400 before anything is queued
         job, changed = self.state.submit_job(
-            "optimize", cid, fuse_bn.NAME, fuse_bn.VERSION, recipients, origin
+            "optimize",
+            cid,
+            fuse_bn.NAME,
+            fuse_bn.VERSION,
+            recipients,
+            origin,
+            retry_failed=origin == "user",
         )
         if changed:
             self._wake.set()
@@ -119,10 +136,8 @@ class Optimizer:
             log.info("job %d done: %s -> %s", job["id"], job["source"], result)
 
     async def _optimize(self, job: dict) -> tuple[str, dict]:
-        from fusenode.passes.errors import PassError, VerificationError
-        from fusenode.passes.fuse import fuse_file
-
         service = self.service
+        limits = self.config.optimizer
         source = job["source"]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -133,6 +148,12 @@ class Optimizer:
             raise JobError(
                 f"this node holds no key for {source}: it is not one of the model's recipients"
             ) from None
+        size = manifest.plaintext_size()
+        if limits.max_model_bytes is not None and size > limits.max_model_bytes:
+            raise JobError(
+                f"{source} is {size} bytes, over the {limits.max_model_bytes} this node "
+                "optimizes ([optimizer] max_model_bytes)"
+            )
         recipients = list(job["recipients"]) or list(getattr(metadata, "recipients", None) or [])
         if manifest.encrypted and not recipients:
             raise JobError(f"{source} does not record its recipients: name them with --recipient")
@@ -144,16 +165,16 @@ class Optimizer:
             timings["fetch"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             try:
-                report = await service.blocks.bridge.run(
-                    fuse_file,
+                report = await run_fuse_job(
                     source_file,
                     fused_file,
-                    device=self.config.optimizer.device,
-                    verify=True,
+                    device=limits.device,
+                    max_seconds=limits.max_seconds,
+                    max_memory=limits.max_memory or auto_memory_limit(size),
                 )
-            except VerificationError as e:
-                raise JobError(f"the fused model failed verification: {e}") from e
-            except PassError as e:
+            except FuseJobError as e:
+                if e.kind == "VerificationError":
+                    raise JobError(f"the fused model failed verification: {e}") from e
                 raise JobError(f"{source} ({metadata.name}): {e}") from e
             timings["fuse_and_verify"] = time.perf_counter() - t1
             provenance = {
@@ -216,14 +237,20 @@ class Optimizer:
         Only an auto-optimizing node subscribes: reading PubSub means polling the embedded
         node, which would cost every plain storage node CPU for nothing.
         """
-        if not (self.config.optimizer.enabled and self.config.optimizer.auto_optimize):
+        optimizer, accept = self.config.optimizer, self.config.network.accept_from
+        if not (optimizer.enabled and optimizer.auto_optimize and optimizer.announcers):
             return
+        heard = set(optimizer.announcers)
+        if "*" not in accept:
+            heard &= set(accept)
         transport = self.transport
         sub = await transport.pubsub_subscribe(ANNOUNCE_TOPIC)
         try:
             while not stop.is_set():
                 msg = await transport.pubsub_next_message(sub, 1.0)
                 if msg is None or msg.sender == self.service.peer_id:
+                    continue
+                if msg.sender not in heard:  # anyone may publish; only announcers are heard
                     continue
                 try:
                     data = json.loads(msg.data)

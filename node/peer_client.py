@@ -1,23 +1,91 @@
 """The typed client of the peer protocol (`fusenode.node.protocol`): signed requests to other
-daemons through libp2p stream forwards, one forward per peer."""
+daemons through libp2p stream forwards, one forward per peer, and only signed replies
+believed.
+
+Each reply is read up to its route's bound (`protocol.MAX_REPLY`, `protocol.MAX_BLOCK_REPLY`)
+and must carry the signature of the peer that was called over this request's nonce, its
+status and its body (`fusenode.node.peerauth.verify_reply`); anything else, whoever sent it
+(a local process on the forward's port while the tunnel was down, say), is treated as no
+answer at all.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
+from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout, TCPConnector
 from yarl import URL
 
 from fusenode import defaults
 from fusenode.node import protocol
 from fusenode.node.aio import AsyncTransport
-from fusenode.node.peerauth import PeerKey, sign_request
-from fusenode.node.protocol import CidList, Health, PeerList, PeerRefused, PeerUnreachable
+from fusenode.node.peerauth import (
+    HEADER_KEY,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    PeerAuthError,
+    PeerKey,
+    sign_request,
+    verify_reply,
+)
+from fusenode.node.protocol import (
+    CidList,
+    Health,
+    PeerList,
+    PeerOverCapacity,
+    PeerRefused,
+    PeerUnreachable,
+    Receipt,
+)
 from fusenode.system import free_loopback_port
 
-__all__ = ["PeerClient"]
+__all__ = ["PeerClient", "SignedReceipt"]
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    """A holder's signed receipt as kept by the placing node: the reply body, the request
+    nonce it answers, and the holder's key and signature (anyone can check it with
+    `fusenode.node.peerauth.verify_reply`, status 200)."""
+
+    receipt: Receipt
+    body: bytes
+    nonce: str
+    key: str
+    signature: str
+
+    def record(self) -> str:
+        return json.dumps(
+            {
+                "body": base64.b64encode(self.body).decode(),
+                "nonce": self.nonce,
+                "key": self.key,
+                "signature": self.signature,
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    data: bytes = b""
+    content_type: str = ""
+    timeout: float = defaults.PEER_CALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+    nonce: str
+    headers: dict[str, str]
 
 
 class PeerClient:
@@ -43,23 +111,57 @@ class PeerClient:
         """The fusenode peers ``peer_id`` has seen answer lately (peer exchange)."""
         return PeerList.parse(await self.call(peer_id, "GET", protocol.PEERS))
 
-    async def pin(self, peer_id: str, cids: list[str], timeout: float, attempts: int = 1) -> None:
-        body = CidList(tuple(cids)).body()
-        await self.call(peer_id, "POST", protocol.PIN, body, timeout=timeout, attempts=attempts)
-
     async def has(self, peer_id: str, cids: list[str]) -> set[str]:
-        reply = await self.call(peer_id, "POST", protocol.HAS, CidList(tuple(cids)).body())
-        return set(CidList.parse(reply, "held").cids)
+        return await self._cid_lists(peer_id, protocol.HAS, cids, "held")
 
     async def unpin(self, peer_id: str, cids: list[str]) -> set[str]:
-        reply = await self.call(peer_id, "POST", protocol.UNPIN, CidList(tuple(cids)).body())
-        return set(CidList.parse(reply, "released").cids)
+        return await self._cid_lists(peer_id, protocol.UNPIN, cids, "released")
+
+    async def _cid_lists(self, peer_id: str, path: str, cids: list[str], key: str) -> set[str]:
+        """POST ``cids`` in requests of at most `protocol.MAX_CIDS`; the union of the replies'
+        ``key`` lists."""
+        out: set[str] = set()
+        for i in range(0, len(cids), protocol.MAX_CIDS):
+            chunk = CidList(tuple(cids[i : i + protocol.MAX_CIDS])).body()
+            reply = await self.call(peer_id, "POST", path, chunk)
+            out |= set(CidList.parse(reply, key).cids)
+        return out
 
     async def store(
         self, peer_id: str, cid: str, data: bytes, timeout: float, attempts: int = 1
-    ) -> None:
+    ) -> SignedReceipt:
+        """Stream a fragment (or manifest) to ``peer_id``; its signed receipt. Raises
+        `PeerOverCapacity` when the peer will not hold that much more for us."""
         path = f"{protocol.STORE}?cid={cid}"
-        await self.call(peer_id, "POST", path, raw=data, timeout=timeout, attempts=attempts)
+        request = _Request("POST", path, data, "application/octet-stream", timeout)
+        reply = await self._retrying(peer_id, request, attempts)
+        payload = self._checked(peer_id, path, reply)
+        receipt = Receipt.parse(payload)
+        if receipt.cid != cid or receipt.size != len(data):
+            raise PeerRefused(
+                f"peer {peer_id} acknowledged {receipt.cid} ({receipt.size} bytes), "
+                f"not {cid} ({len(data)} bytes)"
+            )
+        return SignedReceipt(
+            receipt,
+            reply.body,
+            reply.nonce,
+            reply.headers.get(HEADER_KEY, ""),
+            reply.headers.get(HEADER_SIGNATURE, ""),
+        )
+
+    async def block(
+        self, peer_id: str, cid: str, timeout: float = defaults.AUDIT_TIMEOUT
+    ) -> bytes | None:
+        """The raw bytes of block ``cid`` from ``peer_id``'s own blockstore; None when it
+        answers that it has not got it. The caller checks the bytes against the CID."""
+        path = f"{protocol.BLOCK}?cid={cid}"
+        reply = await self._retrying(peer_id, _Request("GET", path, timeout=timeout), 1)
+        if reply.status == 404:
+            return None
+        if reply.status != 200:
+            self._checked(peer_id, path, reply)
+        return reply.body
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -81,66 +183,96 @@ class PeerClient:
         body: dict[str, Any] | None = None,
         timeout: float = defaults.PEER_CALL_TIMEOUT,
         *,
-        raw: bytes | None = None,
         attempts: int = 1,
     ) -> dict[str, Any]:
-        """One signed request; ``attempts`` > 1 retries it when no answer came back (every
-        peer endpoint is idempotent, and a reply can be lost when a tunnel stream closes)."""
+        """One signed JSON request and its checked JSON answer; ``attempts`` > 1 retries it
+        when no answer came back (every peer endpoint is idempotent, and a reply can be lost
+        when a tunnel stream closes)."""
+        data = json.dumps(body).encode() if body is not None else b""
+        content_type = "application/json" if body is not None else ""
+        request = _Request(method, path, data, content_type, timeout)
+        return self._checked(peer_id, path, await self._retrying(peer_id, request, attempts))
+
+    async def _retrying(self, peer_id: str, request: _Request, attempts: int) -> _Reply:
         for attempt in range(attempts):
             try:
-                return await self._call_once(peer_id, method, path, body, timeout, raw)
+                return await self._call_once(peer_id, request)
             except PeerUnreachable:
                 if attempt + 1 >= attempts:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _call_once(
-        self,
-        peer_id: str,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        timeout: float,
-        raw: bytes | None,
-    ) -> dict[str, Any]:
+    @staticmethod
+    def _checked(peer_id: str, path: str, reply: _Reply) -> dict[str, Any]:
+        """The JSON object of a reply; an error status raised as `PeerRefused`."""
+        text = reply.body.decode("utf-8", "replace")
+        try:
+            payload = json.loads(text) if text else {}
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            if reply.status < 400:
+                raise PeerRefused(f"peer {peer_id} answered {path} with something not JSON")
+            payload = {}
+        if reply.status >= 400:
+            error = payload.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            message = message[:500] if isinstance(message, str) else text[:200]
+            kind = PeerOverCapacity if reply.status == 507 else PeerRefused
+            raise kind(f"peer {peer_id} refused {path}: {message} (HTTP {reply.status})")
+        return payload
+
+    async def _call_once(self, peer_id: str, request: _Request) -> _Reply:
+        method, path, data = request.method, request.path, request.data
         if self._session is None:
             # No keep-alive: a pooled connection through a tunnel dies silently when the far
             # node restarts; a fresh stream per request costs ~2 ms on loopback.
             self._session = ClientSession(connector=TCPConnector(force_close=True))
-        if raw is not None:
-            data, content_type = raw, "application/octet-stream"
-        else:
-            data = json.dumps(body).encode() if body is not None else b""
-            content_type = "application/json"
         headers = sign_request(self.key, method, path, data, audience=peer_id)
-        headers["Content-Type"] = content_type
+        nonce = headers[HEADER_NONCE]
+        if request.content_type:
+            headers["Content-Type"] = request.content_type
+        limit = protocol.MAX_BLOCK_REPLY if path.startswith(protocol.BLOCK) else protocol.MAX_REPLY
         try:
             port = await self._port(peer_id)
             async with self._session.request(
                 method,
                 URL(f"http://127.0.0.1:{port}{path}", encoded=True),  # as signed: no re-quoting
-                data=data,
+                # BytesIO: aiohttp streams it (with its Content-Length) without a warning.
+                data=io.BytesIO(data) if method != "GET" else None,
                 headers=headers,
-                timeout=ClientTimeout(total=timeout),
+                timeout=ClientTimeout(total=request.timeout),
             ) as resp:
-                text = await resp.text()
+                body = await _read_bounded(resp, limit)
                 status = resp.status
+                reply_headers = dict(resp.headers)
         except (ClientError, TimeoutError, OSError) as e:
             raise PeerUnreachable(f"peer {peer_id} did not answer: {e or type(e).__name__}") from e
+        except PeerUnreachable:
+            raise
         except Exception as e:  # a Kubo error creating the forward
             raise PeerUnreachable(f"peer {peer_id} unreachable: {e}") from e
         try:
-            payload = json.loads(text) if text else {}
-        except ValueError:
-            payload = {"error": {"message": text[:200]}}
-        if not isinstance(payload, dict):
-            payload = {"error": {"message": text[:200]}}
-        if status >= 400:
-            error = payload.get("error")
-            message = error.get("message") if isinstance(error, dict) else None
-            message = message if isinstance(message, str) else text[:200]
-            if status >= 500 and "p2p" in message.lower():
-                raise PeerUnreachable(f"peer {peer_id} did not answer: {message}")
-            raise PeerRefused(f"peer {peer_id} refused {path}: {message} (HTTP {status})")
-        return payload
+            verify_reply(reply_headers, peer_id, nonce, status, body)
+        except PeerAuthError as e:
+            # Not the peer's answer (a tunnel error page, or someone else on the port): as if
+            # nothing had come back.
+            raise PeerUnreachable(f"no authentic answer from peer {peer_id}: {e}") from None
+        return _Reply(status, body, nonce, reply_headers)
+
+
+async def _read_bounded(resp: ClientResponse, limit: int) -> bytes:
+    """At most ``limit`` bytes of a reply body; more is an answer not worth reading."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise PeerUnreachable(f"reply of {resp.content_length} bytes, over the {limit} allowed")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.read(64 * 1024)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > limit:
+            raise PeerUnreachable(f"reply over the {limit} bytes allowed")
+        parts.append(chunk)

@@ -1,18 +1,42 @@
 """The server side of the peer protocol (`fusenode.node.protocol`): an aiohttp app that checks
-who is asking, parses the message, and hands it to the node's `PeerHandler`."""
+who is asking before it reads anything else, reads no more than the route allows, hands the
+message to the node's `PeerHandler`, and signs every answer.
+
+Order of checks for each request, each refusal answered at once (and the connection closed,
+so an unread body is never taken in):
+
+1. the signed headers (`fusenode.node.peerauth.verify_request_headers`): key, peer ID, date
+   within the clock window, signature over method, target, nonce, body hash and this node's
+   peer ID, nonce never seen (401);
+2. the peer accepted by ``[network] accept_from`` (403);
+3. Content-Length present for a body (411: a chunked body could not be bounded up front) and
+   within the route's limit, `protocol.BODY_LIMITS` (413);
+4. for /store, the holder's capacity and the peer's quota for that many bytes (507);
+5. the body, read in pieces up to Content-Length, checked against the signed hash.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
 
 from fusenode.errors import Error
 from fusenode.node import protocol
-from fusenode.node.peerauth import PeerAuthError, verify_request
-from fusenode.node.protocol import BadPeerRequest, CidList, Health, PeerList, Stored
+from fusenode.node.peerauth import (
+    HEADER_NONCE,
+    NonceCache,
+    PeerAuthError,
+    PeerKey,
+    SignedRequest,
+    sign_reply,
+    verify_request_headers,
+)
+from fusenode.node.protocol import BadPeerRequest, CidList, Health, PeerList, Receipt
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
 
@@ -20,74 +44,149 @@ __all__ = ["PeerHandler", "create_peer_app"]
 
 log = logging.getLogger(__name__)
 
-# aiohttp >= 3.12 wants typed request keys; older ones take a plain string.
-REQUESTER = web.RequestKey("requester", str) if hasattr(web, "RequestKey") else "requester"
+_READ = 256 * 1024
+
+
+def _key(name: str, kind: type) -> object:
+    # aiohttp >= 3.12 wants typed request keys; older ones take a plain string.
+    return web.RequestKey(name, kind) if hasattr(web, "RequestKey") else name
+
+
+REQUESTER = _key("requester", str)
+SIGNED = _key("signed", SignedRequest)
+LENGTH = _key("length", int)
 
 
 class PeerHandler(Protocol):
     """What this node does for peers (`fusenode.node.holder.Holder`)."""
 
     peer_id: str
+    key: PeerKey
 
-    def health(self, requester: str) -> Health: ...
+    def health(self) -> Health: ...
 
     def known_peers(self, requester: str) -> PeerList: ...
-
-    async def pin_for(self, owner: str, cids: list[str]) -> list[str]: ...
 
     def held(self, cids: list[str]) -> set[str]: ...
 
     async def unpin_for(self, owner: str, cids: list[str]) -> list[str]: ...
 
-    async def store_for(self, owner: str, expected: str, data: bytes) -> str: ...
+    def admit(self, owner: str, size: int) -> None:
+        """Raise `protocol.OverCapacity` unless ``owner`` may store ``size`` more bytes."""
+        ...
+
+    async def store_for(
+        self, owner: str, expected: str, size: int, chunks: AsyncIterator[bytes]
+    ) -> Receipt: ...
+
+    async def block(self, cid: str) -> bytes | None: ...
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
 
-def create_peer_app(node: PeerHandler, accept_from: tuple[str, ...]) -> web.Application:
+async def _body_chunks(request: web.Request, length: int, digest: str) -> AsyncIterator[bytes]:
+    """The request's body in pieces, exactly ``length`` bytes; raises `BadPeerRequest` when it
+    ends early or does not hash to the signed ``digest`` (after the last piece)."""
+    h = hashlib.sha256()
+    left = length
+    while left > 0:
+        chunk = await request.content.read(min(_READ, left))
+        if not chunk:
+            raise BadPeerRequest(f"the body ended {left} bytes short of its Content-Length")
+        h.update(chunk)
+        left -= len(chunk)
+        if left > 0:
+            yield chunk
+        else:  # the last piece is handed over only once the whole body is known to be signed
+            if not hmac.compare_digest(h.hexdigest(), digest):
+                raise BadPeerRequest("the body is not the one signed")
+            yield chunk
+    if length == 0 and not hmac.compare_digest(h.hexdigest(), digest):
+        raise BadPeerRequest("the body is not the one signed")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    signed: SignedRequest = request[SIGNED]  # type: ignore[index]
+    parts = [c async for c in _body_chunks(request, request[LENGTH], signed.body_sha256)]  # type: ignore[index]
+    return b"".join(parts)
+
+
+def create_peer_app(
+    node: PeerHandler, accept_from: tuple[str, ...], nonces: NonceCache | None = None
+) -> web.Application:
     """The peer API of ``node``; ``accept_from`` is ``[network] accept_from``."""
+    nonces = nonces or NonceCache()
+
+    def signed_reply(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+        if isinstance(resp, web.Response):
+            nonce = request.headers.get(HEADER_NONCE, "")[:64]
+            resp.headers.update(sign_reply(node.key, nonce, resp.status, resp.body or b""))  # type: ignore[arg-type]
+        return resp
+
+    def refuse(request: web.Request, status: int, kind: str, message: str) -> web.StreamResponse:
+        resp = _error(status, kind, message)
+        resp.force_close()  # whatever body is left unread is never taken in
+        return signed_reply(request, resp)
 
     @web.middleware
-    async def authenticate(
+    async def guard(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        body = await request.read()
         try:
             # audience: a request signed for another node cannot be replayed to this one.
-            peer = verify_request(
-                request.headers, request.method, request.raw_path, body, audience=node.peer_id
+            signed = verify_request_headers(
+                request.headers,
+                request.method,
+                request.raw_path,
+                audience=node.peer_id,
+                nonces=nonces,
             )
         except PeerAuthError as e:
-            return _error(401, "PeerAuthError", str(e))
+            return refuse(request, 401, "PeerAuthError", str(e))
+        peer = signed.peer_id
         if "*" not in accept_from and peer not in accept_from:
-            return _error(403, "Forbidden", f"peer {peer} is not accepted")
+            return refuse(request, 403, "Forbidden", f"peer {peer} is not accepted")
+        missing = request.match_info.http_exception  # no such route, or not that method
+        if missing is not None:
+            return refuse(request, missing.status, type(missing).__name__, missing.reason)
+        limit = protocol.BODY_LIMITS.get((request.method, request.path), 0)
+        length = request.content_length
+        if length is None and request.body_exists:
+            return refuse(request, 411, "LengthRequired", "a request body needs Content-Length")
+        if (length or 0) > limit:
+            return refuse(
+                request, 413, "TooLarge", f"body of {length} bytes; this route takes {limit}"
+            )
         request[REQUESTER] = peer  # type: ignore[index]
+        request[SIGNED] = signed  # type: ignore[index]
+        request[LENGTH] = length or 0  # type: ignore[index]
         try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
+            resp = await handler(request)
+        except web.HTTPException as e:
+            return refuse(request, e.status, type(e).__name__, e.reason)
         except Error as e:
-            return _error(e.http_status, type(e).__name__, str(e))
+            return refuse(request, e.http_status, type(e).__name__, str(e))
         except Exception:  # the daemon keeps serving, and tells a peer nothing of its insides
             log.exception("peer request %s %s failed", request.method, request.path)
-            return _error(500, "InternalError", "internal error in the peer's daemon")
+            return refuse(request, 500, "InternalError", "internal error in the peer's daemon")
+        return signed_reply(request, resp)
 
     async def cids_of(request: web.Request) -> list[str]:
-        if (request.content_length or 0) > protocol.MAX_BODY:
-            raise BadPeerRequest(f"body over {protocol.MAX_BODY} bytes")
-        return list(CidList.parse(await request.read()).cids)
+        return list(CidList.parse(await _read_body(request)).cids)
+
+    def query_cid(request: web.Request) -> str:
+        try:
+            return validate_cid(request.query.get("cid", ""))
+        except InvalidArgument as e:
+            raise BadPeerRequest(str(e)) from None
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response(node.health(request[REQUESTER]).body())  # type: ignore[index]
+        return web.json_response(node.health().body())
 
     async def peers(request: web.Request) -> web.Response:
         return web.json_response(node.known_peers(request[REQUESTER]).body())  # type: ignore[index]
-
-    async def pin(request: web.Request) -> web.Response:
-        pinned = await node.pin_for(request[REQUESTER], await cids_of(request))  # type: ignore[index]
-        return web.json_response(CidList(tuple(pinned)).body("pinned"))
 
     async def has(request: web.Request) -> web.Response:
         held = node.held(await cids_of(request))
@@ -98,19 +197,28 @@ def create_peer_app(node: PeerHandler, accept_from: tuple[str, ...]) -> web.Appl
         return web.json_response(CidList(tuple(released)).body("released"))
 
     async def store(request: web.Request) -> web.Response:
-        try:
-            expected = validate_cid(request.query.get("cid", ""))
-        except InvalidArgument as e:
-            raise BadPeerRequest(str(e)) from None
-        data = await request.read()  # already read (and its hash signed) by the middleware
-        cid = await node.store_for(request[REQUESTER], expected, data)  # type: ignore[index]
-        return web.json_response(Stored(cid).body())
+        expected = query_cid(request)
+        owner: str = request[REQUESTER]  # type: ignore[index]
+        size: int = request[LENGTH]  # type: ignore[index]
+        node.admit(owner, size)  # before a byte is read
+        signed: SignedRequest = request[SIGNED]  # type: ignore[index]
+        chunks = _body_chunks(request, size, signed.body_sha256)
+        receipt = await node.store_for(owner, expected, size, chunks)
+        return web.json_response(receipt.body())
 
-    app = web.Application(middlewares=[authenticate], client_max_size=protocol.MAX_FRAGMENT + 4096)
+    async def block(request: web.Request) -> web.Response:
+        cid = query_cid(request)
+        data = await node.block(cid)
+        if data is None:
+            return _error(404, "NotFound", f"block {cid} is not in this node's blockstore")
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    # client_max_size: nothing here calls request.read(); bodies are read in bounded pieces.
+    app = web.Application(middlewares=[guard], client_max_size=protocol.MAX_BODY)
     app.router.add_get(protocol.HEALTH, health)
     app.router.add_get(protocol.PEERS, peers)
-    app.router.add_post(protocol.PIN, pin)
     app.router.add_post(protocol.HAS, has)
     app.router.add_post(protocol.UNPIN, unpin)
     app.router.add_post(protocol.STORE, store)
+    app.router.add_get(protocol.BLOCK, block)
     return app

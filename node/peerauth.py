@@ -1,258 +1,112 @@
-"""Who sent this request: daemon-to-daemon HTTP signed with the node's libp2p identity key.
+"""Who sent this request, and who answered it: peer-protocol messages signed with the nodes'
+libp2p identity keys (`fusenode.node.peerkeys`).
 
-Daemons talk HTTP through libp2p stream tunnels (`storage.kubo.KuboNode.p2p_forward`). The
-requester knows who answers (it dialled that peer ID and libp2p authenticated it), but the
-answering daemon only sees a TCP connection from its own Kubo: it cannot tell which peer
-opened the stream. So every request carries a signature made with the requester's libp2p
-private key (the one in its Kubo repo's config) and the public key itself; the peer ID is
-derived from that key with libp2p's own rule, so a valid signature proves the peer ID.
+Daemons talk HTTP through libp2p stream tunnels. The requester knows whom it dialled (libp2p
+authenticated that peer ID), but the answering daemon only sees a TCP connection from its own
+Kubo, and the requester only sees a local TCP port that any local process could have taken
+while the tunnel was down. So both directions are signed:
 
-Headers (`sign_request` makes them, `verify_request` checks them)::
+Request headers (`sign_request` makes them, `verify_request_headers` checks them before a
+byte of the body is read)::
 
     X-Fusenode-Peer       the requester's peer ID (Qm... for RSA, 12D3KooW... for Ed25519)
     X-Fusenode-Key        base64 of its libp2p PublicKey protobuf
     X-Fusenode-Date       RFC 3339 UTC, whole seconds: 2025-01-31T12:00:00Z
-    X-Fusenode-Signature  base64 signature over the string below
+    X-Fusenode-Nonce      16 random bytes, base64url: a request is accepted once
+    X-Fusenode-Body       hex SHA-256 of the body it sends
+    X-Fusenode-Signature  base64 signature over:
 
-Signed string (bytes)::
+    fusenode-peer-v2 \\n METHOD \\n PATH?QUERY \\n DATE \\n NONCE \\n BODY-SHA256 \\n AUDIENCE
 
-    fusenode-peer-v1 \\n METHOD \\n PATH?QUERY \\n DATE \\n hex(sha256(body)) [\\n AUDIENCE]
+AUDIENCE is the peer ID the request is for: a request cannot be replayed to another node, and
+the receiver remembers each (peer, nonce) for as long as the date is acceptable
+(`NonceCache`), so it cannot be replayed to the same node either. Because the body's hash is
+among the signed headers, the receiver checks who is asking, when, for what, before reading
+the body, then reads at most the route's limit and checks the hash as it goes
+(`fusenode.node.peer_server`).
+
+Reply headers (`sign_reply`, `verify_reply`): X-Fusenode-Peer, -Key and -Signature over::
+
+    fusenode-reply-v2 \\n REQUEST-NONCE \\n STATUS \\n hex(sha256(reply body))
+
+The requester checks the replier is the peer it called and the reply answers its own request:
+a process on the tunnel's port cannot forge an answer, and a holder's signed receipt for a
+fragment is kept as proof (`fusenode.node.placement`).
 
 PATH?QUERY is the request target exactly as sent on the wire (percent-encoding untouched:
 aiohttp's ``request.raw_path`` on the server; on the client, pass the URL pre-encoded, e.g.
-``yarl.URL(..., encoded=True)``, so the library does not re-quote what was signed). RSA keys
-sign with PKCS#1 v1.5 and SHA-256 (as libp2p does), Ed25519 keys plainly.
-
-AUDIENCE (optional on both sides, must match) is the peer ID the request is meant for.
-Without it a signed request can be replayed, within the allowed clock skew, by whoever
-received it to ANY other daemon; with it, only to the same daemon. There is no nonce: a
-request can be replayed to its own recipient within the skew window, so non-idempotent
-endpoints need their own replay check.
+``yarl.URL(..., encoded=True)``). RSA keys sign with PKCS#1 v1.5 and SHA-256 (as libp2p does),
+Ed25519 keys plainly.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
-import json
-import os
+import secrets
+import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-
-from fusenode.node.errors import NodeError
-from fusenode.storage.multiformats import (
-    IDENTITY,
-    MAX_UINT64_VARINT_BYTES,
-    SHA2_256,
-    b58encode,
-    encode_multihash,
-    encode_varint,
-    read_varint,
+from fusenode.node.peerkeys import (
+    KEY_ED25519,
+    KEY_RSA,
+    PeerAuthError,
+    PeerKey,
+    load_private_key,
+    peer_id_from_public_key,
+    private_key_from_protobuf,
+    public_key,
 )
 
 __all__ = [
+    "HEADER_BODY",
     "HEADER_DATE",
     "HEADER_KEY",
+    "HEADER_NONCE",
     "HEADER_PEER",
     "HEADER_SIGNATURE",
     "KEY_ED25519",
     "KEY_RSA",
+    "MAX_SKEW",
+    "NonceCache",
     "PeerAuthError",
     "PeerKey",
+    "SignedRequest",
+    "body_digest",
     "load_private_key",
     "peer_id_from_public_key",
     "private_key_from_protobuf",
+    "sign_reply",
     "sign_request",
+    "verify_reply",
     "verify_request",
+    "verify_request_headers",
 ]
 
-HEADER_PEER: Final = "X-Fusenode-Peer"
-HEADER_KEY: Final = "X-Fusenode-Key"
-HEADER_DATE: Final = "X-Fusenode-Date"
-HEADER_SIGNATURE: Final = "X-Fusenode-Signature"
-_HEADERS: Final = (HEADER_PEER, HEADER_KEY, HEADER_DATE, HEADER_SIGNATURE)
-_DOMAIN: Final = b"fusenode-peer-v1"
+#: A request's headers, in the order the module docstring lists them; each is required once.
+_REQUEST_HEADERS: Final = tuple(
+    f"X-Fusenode-{name}" for name in ("Peer", "Key", "Date", "Nonce", "Body", "Signature")
+)
+HEADER_PEER, HEADER_KEY, HEADER_DATE, HEADER_NONCE, HEADER_BODY, HEADER_SIGNATURE = _REQUEST_HEADERS
+_REPLY_HEADERS: Final = (HEADER_PEER, HEADER_KEY, HEADER_SIGNATURE)
+_DOMAIN: Final = b"fusenode-peer-v2"
+_REPLY_DOMAIN: Final = b"fusenode-reply-v2"
 _DATE_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
-
-# libp2p's KeyType enum (crypto/pb/crypto.proto).
-KEY_RSA: Final = 0
-KEY_ED25519: Final = 1
-_KEY_NAMES: Final = {0: "RSA", 1: "Ed25519", 2: "Secp256k1", 3: "ECDSA"}
-# go-libp2p refuses RSA keys under 2048 bits and over 8192 bits; so do we (the upper bound
-# also keeps a hostile peer from making us verify with a huge key).
-_RSA_MIN_BITS: Final = 2048
-_RSA_MAX_BITS: Final = 8192
+#: How far a request's date may be from the receiver's clock, either way (seconds).
+MAX_SKEW: Final = 300.0
 _MAX_KEY_HEADER: Final = 4096  # base64 chars: an 8192-bit RSA key is ~1.4 KB of DER
 _MAX_SIG_HEADER: Final = 2048
+_NONCE_CHARS: Final = 22  # 16 bytes, base64url without padding
 
 
-class PeerAuthError(NodeError, http_status=401):
-    """A peer's identity key could not be loaded, or a request's signature did not verify."""
-
-
-# --------------------------------------------------------------------- libp2p key encoding
-
-
-def _key_proto(key_type: int, data: bytes) -> bytes:
-    """Serialize a libp2p PublicKey/PrivateKey message as go-libp2p does: field 1 (Type, a
-    proto2 ``required`` enum, so written even when 0) then field 2 (Data)."""
-    return b"\x08" + encode_varint(key_type) + b"\x12" + encode_varint(len(data)) + data
-
-
-def _parse_key_proto(buf: bytes) -> tuple[int, bytes]:
-    """(type, data) of a libp2p key message; only the canonical encoding is accepted, so
-    the peer ID a verifier derives is the one the signer's libp2p derives."""
-    try:
-        if buf[:1] != b"\x08":
-            raise ValueError("field 1 (key type) must come first")
-        key_type, pos = read_varint(buf, 1, max_bytes=MAX_UINT64_VARINT_BYTES)
-        if buf[pos : pos + 1] != b"\x12":
-            raise ValueError("field 2 (key data) must follow the key type")
-        length, pos = read_varint(buf, pos + 1, max_bytes=MAX_UINT64_VARINT_BYTES)
-        data = buf[pos : pos + length]
-        if len(data) != length or pos + length != len(buf):
-            raise ValueError("length of the key data does not match the message")
-    except (ValueError, IndexError) as exc:
-        raise PeerAuthError(f"not a libp2p key protobuf: {exc}") from None
-    if _key_proto(key_type, data) != buf:
-        raise PeerAuthError("not a libp2p key protobuf: non-canonical encoding")
-    return key_type, data
-
-
-def peer_id_from_public_key(pub_proto_bytes: bytes) -> str:
-    """The libp2p peer ID of a serialized PublicKey protobuf.
-
-    libp2p's rule: keys whose serialization is at most 42 bytes (Ed25519) are inlined with
-    the identity multihash (0x00, length), longer ones (RSA) are hashed with sha2-256 (0x12,
-    0x20, digest); the multihash is written in base58btc. Only the type and length of the
-    data are checked here, not that it is a valid key.
-    """
-    key_type, data = _parse_key_proto(bytes(pub_proto_bytes))
-    if key_type not in _KEY_NAMES:
-        raise PeerAuthError(f"unknown libp2p key type {key_type}")
-    if key_type == KEY_ED25519 and len(data) != 32:
-        raise PeerAuthError(f"an Ed25519 public key is 32 bytes, not {len(data)}")
-    serialized = _key_proto(key_type, data)
-    if len(serialized) <= 42:
-        multihash = encode_multihash(IDENTITY, serialized)
-    else:
-        multihash = encode_multihash(SHA2_256, hashlib.sha256(serialized).digest())
-    return b58encode(multihash)
-
-
-# --------------------------------------------------------------------------- private keys
-
-
-@dataclass(frozen=True, slots=True)
-class PeerKey:
-    """A node's libp2p identity: what `sign_request` needs, loaded once and reused."""
-
-    peer_id: str
-    key_type: int
-    public_key_proto: bytes  # serialized libp2p PublicKey (what X-Fusenode-Key carries)
-    private_key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = field(repr=False)
-
-    def sign(self, message: bytes) -> bytes:
-        """Sign as libp2p does: RSA PKCS#1 v1.5 with SHA-256, or plain Ed25519."""
-        if isinstance(self.private_key, rsa.RSAPrivateKey):
-            return self.private_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
-        return self.private_key.sign(message)
-
-
-def private_key_from_protobuf(data: bytes) -> PeerKey:
-    """Load a serialized libp2p PrivateKey (the decoded Identity.PrivKey of a Kubo config).
-
-    RSA: Data is a PKCS#1 DER private key (what Kubo generates: peer IDs "Qm..."). Ed25519:
-    Data is the 32-byte seed then the 32-byte public key (64 bytes; old keys repeat the
-    public key once more, 96 bytes). Secp256k1 and ECDSA are refused.
-    """
-    key_type, raw = _parse_key_proto(bytes(data))
-    private_key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    if key_type == KEY_RSA:
-        try:
-            loaded = serialization.load_der_private_key(raw, password=None)
-        except (ValueError, TypeError) as exc:
-            raise PeerAuthError(f"the RSA identity key does not load: {exc}") from None
-        if not isinstance(loaded, rsa.RSAPrivateKey):
-            raise PeerAuthError("the identity key says RSA but holds another kind of key")
-        if not _RSA_MIN_BITS <= loaded.key_size <= _RSA_MAX_BITS:
-            raise PeerAuthError(f"RSA identity key of {loaded.key_size} bits is not allowed")
-        private_key = loaded
-        public_data = loaded.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    elif key_type == KEY_ED25519:
-        if len(raw) not in (64, 96):
-            raise PeerAuthError(f"an Ed25519 identity key is 64 bytes, not {len(raw)}")
-        private_key = ed25519.Ed25519PrivateKey.from_private_bytes(raw[:32])
-        public_data = private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        if raw[32:64] != public_data or (len(raw) == 96 and raw[64:] != public_data):
-            raise PeerAuthError("the Ed25519 identity key's public half does not match its seed")
-    else:
-        name = _KEY_NAMES.get(key_type, f"type {key_type}")
-        raise PeerAuthError(
-            f"{name} identity keys are not supported (only RSA and Ed25519): "
-            "create the node with a Kubo that generates one of those"
-        )
-    public_proto = _key_proto(key_type, public_data)
-    return PeerKey(peer_id_from_public_key(public_proto), key_type, public_proto, private_key)
-
-
-def _config_path(kubo_repo_dir: Path) -> Path:
-    """Accept Kubo's repo folder (holding ``config``) or fusenode's repo (holding kubo/)."""
-    kubo_repo_dir = Path(kubo_repo_dir)
-    for candidate in (kubo_repo_dir / "config", kubo_repo_dir / "kubo" / "config"):
-        if candidate.is_file():
-            return candidate
-    raise PeerAuthError(f"no Kubo config in {kubo_repo_dir} (nor in {kubo_repo_dir / 'kubo'})")
-
-
-@functools.lru_cache(maxsize=8)
-def _load_cached(path: str, _stamp: tuple[int, int]) -> PeerKey:
-    try:
-        with open(path, encoding="utf-8") as f:
-            identity = json.load(f)["Identity"]
-        encoded, claimed = identity["PrivKey"], identity["PeerID"]
-        raw = base64.b64decode(encoded, validate=True)
-    except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise PeerAuthError(f"cannot read Identity.PrivKey/PeerID from {path}: {exc}") from None
-    key = private_key_from_protobuf(raw)
-    if key.peer_id != claimed:
-        raise PeerAuthError(
-            f"{path}: Identity.PeerID {claimed} does not match its private key ({key.peer_id})"
-        )
-    return key
-
-
-def load_private_key(kubo_repo_dir: Path) -> PeerKey:
-    """The node's identity key from ``Identity.PrivKey`` of its Kubo config.
-
-    ``kubo_repo_dir`` is Kubo's repo folder (``REPO/kubo``) or the fusenode repo above it.
-    The derived peer ID must equal ``Identity.PeerID``, so a damaged or hand-edited config
-    is caught here rather than by every peer refusing our signatures. Cached per file
-    version: calling this for every request costs a stat, not a key parse.
-    """
-    path = _config_path(kubo_repo_dir)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise PeerAuthError(f"cannot read {path}: {exc}") from None
-    return _load_cached(str(path.resolve()), (st.st_mtime_ns, st.st_size))
-
-
-# ------------------------------------------------------------------------ request signing
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def _format_date(when: datetime) -> str:
@@ -261,20 +115,14 @@ def _format_date(when: datetime) -> str:
     return when.astimezone(UTC).strftime(_DATE_FORMAT)
 
 
-def _message(method: str, path: str, date: str, body: bytes, audience: str | None) -> bytes:
-    for name, value in (("method", method), ("path", path)):
+def _request_message(
+    method: str, path: str, date: str, nonce: str, digest: str, audience: str
+) -> bytes:
+    for name, value in (("method", method), ("path", path), ("audience", audience)):
         if not value or any(c in value for c in "\r\n"):
             raise PeerAuthError(f"request {name} {value!r:.80} cannot be signed")
-    lines = [
-        _DOMAIN,
-        method.upper().encode(),
-        path.encode("utf-8"),
-        date.encode(),
-        hashlib.sha256(body).hexdigest().encode(),
-    ]
-    if audience is not None:
-        lines.append(audience.encode())
-    return b"\n".join(lines)
+    fields = (method.upper(), path, date, nonce, digest, audience)
+    return b"\n".join([_DOMAIN, *(f.encode("utf-8") for f in fields)])
 
 
 def sign_request(
@@ -284,59 +132,29 @@ def sign_request(
     body: bytes,
     now: datetime | None = None,
     *,
-    audience: str | None = None,
+    audience: str,
 ) -> dict[str, str]:
-    """The four X-Fusenode-* headers proving that ``key``'s peer sends this request.
-
-    ``path`` is the request target with its query, exactly as it goes on the wire;
-    ``audience`` the recipient's peer ID if the verifier checks it (see the module doc).
-    Costs one private-key operation: ~1 ms for RSA-2048, ~50 µs for Ed25519.
-    """
+    """The X-Fusenode-* headers proving that ``key``'s peer sends this request to
+    ``audience``, once. ``path`` is the request target with its query, as on the wire.
+    Costs one private-key operation: ~1 ms for RSA-2048, ~50 µs for Ed25519."""
     date = _format_date(now or datetime.now(UTC))
-    signature = key.sign(_message(method, path, date, bytes(body), audience))
+    nonce = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+    digest = body_digest(bytes(body))
+    signature = key.sign(_request_message(method, path, date, nonce, digest, audience))
     return {
         HEADER_PEER: key.peer_id,
         HEADER_KEY: base64.b64encode(key.public_key_proto).decode(),
         HEADER_DATE: date,
+        HEADER_NONCE: nonce,
+        HEADER_BODY: digest,
         HEADER_SIGNATURE: base64.b64encode(signature).decode(),
     }
 
 
-@dataclass(frozen=True, slots=True)
-class _PublicKey:
-    peer_id: str
-    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-
-
-@functools.lru_cache(maxsize=1024)
-def _public_key(proto: bytes) -> _PublicKey:
-    """Parse and check a peer's PublicKey protobuf (cached: peers sign many requests)."""
-    key_type, data = _parse_key_proto(proto)
-    public: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-    if key_type == KEY_RSA:
-        try:
-            loaded = serialization.load_der_public_key(data)
-        except (ValueError, TypeError):
-            raise PeerAuthError("X-Fusenode-Key holds a malformed RSA key") from None
-        if not isinstance(loaded, rsa.RSAPublicKey):
-            raise PeerAuthError("X-Fusenode-Key says RSA but holds another kind of key")
-        if not _RSA_MIN_BITS <= loaded.key_size <= _RSA_MAX_BITS:
-            raise PeerAuthError(f"RSA key of {loaded.key_size} bits is not allowed")
-        public = loaded
-    elif key_type == KEY_ED25519:
-        if len(data) != 32:
-            raise PeerAuthError("X-Fusenode-Key holds a malformed Ed25519 key")
-        public = ed25519.Ed25519PublicKey.from_public_bytes(data)
-    else:
-        name = _KEY_NAMES.get(key_type, f"type {key_type}")
-        raise PeerAuthError(f"{name} keys are not supported (only RSA and Ed25519)")
-    return _PublicKey(peer_id_from_public_key(proto), public)
-
-
-def _headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Our four headers, looked up case-insensitively; each exactly once."""
+def _headers(headers: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """Our headers, looked up case-insensitively; each exactly once."""
     found: dict[str, str] = {}
-    wanted = {h.lower(): h for h in _HEADERS}
+    wanted = {h.lower(): h for h in names}
     for name, value in headers.items():
         canonical = wanted.get(name.lower())
         if canonical is None:
@@ -344,7 +162,7 @@ def _headers(headers: Mapping[str, str]) -> dict[str, str]:
         if canonical in found:
             raise PeerAuthError(f"header {canonical} given more than once")
         found[canonical] = value
-    for name in _HEADERS:
+    for name in names:
         if not found.get(name):
             raise PeerAuthError(f"missing header {name}")
     return found
@@ -359,24 +177,73 @@ def _b64(value: str, name: str, limit: int) -> bytes:
         raise PeerAuthError(f"header {name} is not valid base64") from None
 
 
-def verify_request(
+def _signer(found: dict[str, str]) -> tuple[str, bytes, object]:
+    """(peer ID, signature, public key) from the headers; the ID must be the key's."""
+    key = public_key(_b64(found[HEADER_KEY], HEADER_KEY, _MAX_KEY_HEADER))
+    claimed = found[HEADER_PEER]
+    if not hmac.compare_digest(key.peer_id.encode(), claimed.encode()):
+        raise PeerAuthError(
+            f"peer ID {claimed!r:.60} does not match the key sent (its ID is {key.peer_id})"
+        )
+    return key.peer_id, _b64(found[HEADER_SIGNATURE], HEADER_SIGNATURE, _MAX_SIG_HEADER), key
+
+
+class NonceCache:
+    """The (peer, nonce) pairs accepted within the skew window: each is accepted once.
+
+    Bounded: past ``capacity`` pairs not yet expired, new requests are refused (401 at the
+    edge) until some expire, rather than growing without limit.
+    """
+
+    def __init__(self, window: float = 2 * MAX_SKEW, capacity: int = 200_000) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def accept(self, peer: str, nonce: str) -> bool:
+        """Remember the pair; False when it was seen before (a replay)."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) >= self.capacity:
+                self._seen = {k: t for k, t in self._seen.items() if t > now}
+                if len(self._seen) >= self.capacity:
+                    raise PeerAuthError("too many requests in the replay window; try again")
+            if (peer, nonce) in self._seen and self._seen[(peer, nonce)] > now:
+                return False
+            self._seen[(peer, nonce)] = now + self.window
+            return True
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """What `verify_request_headers` established: who signed, the nonce, the body's hash."""
+
+    peer_id: str
+    nonce: str
+    body_sha256: str
+
+
+def verify_request_headers(
     headers: Mapping[str, str],
     method: str,
     path: str,
-    body: bytes,
-    now: datetime | None = None,
-    max_skew: float = 300,
     *,
-    audience: str | None = None,
-) -> str:
-    """Return the peer ID that signed this request, or raise `PeerAuthError` saying why.
+    audience: str,
+    nonces: NonceCache | None = None,
+    now: datetime | None = None,
+    max_skew: float = MAX_SKEW,
+) -> SignedRequest:
+    """Check a request from its headers alone, before its body is read; raise
+    `PeerAuthError` saying why it is refused.
 
-    Checks, in order: all four headers present once; the date parses and is within
-    ``max_skew`` seconds of ``now`` (either way); the key is a supported libp2p key whose
-    peer ID is the one claimed; the signature covers this method, path, date, body (and
-    ``audience``, our own peer ID, if given: the signer must have named us).
+    In order: every header present once; the date within ``max_skew`` seconds of ``now``;
+    the nonce and body hash well-formed; the key a supported libp2p key whose peer ID is the
+    one claimed; the signature over this method, target, date, nonce, body hash and our own
+    peer ID; the nonce not seen before (``nonces``). The caller then checks the body it reads
+    against ``body_sha256``.
     """
-    found = _headers(headers)
+    found = _headers(headers, _REQUEST_HEADERS)
     date = found[HEADER_DATE]
     try:
         when = datetime.strptime(date, _DATE_FORMAT).replace(tzinfo=UTC)
@@ -391,22 +258,58 @@ def verify_request(
             f"request date {date} is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
             f"our clock (at most {max_skew:.0f} s allowed): check both clocks"
         )
-    public = _public_key(_b64(found[HEADER_KEY], HEADER_KEY, _MAX_KEY_HEADER))
-    claimed = found[HEADER_PEER]
-    if not hmac.compare_digest(public.peer_id.encode(), claimed.encode()):
+    nonce, digest = found[HEADER_NONCE], found[HEADER_BODY]
+    if len(nonce) != _NONCE_CHARS or not nonce.replace("-", "").replace("_", "").isalnum():
+        raise PeerAuthError(f"header {HEADER_NONCE} is not 16 bytes of base64url")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise PeerAuthError(f"header {HEADER_BODY} is not a hex SHA-256")
+    peer_id, signature, key = _signer(found)
+    message = _request_message(method, path, date, nonce, digest, audience)
+    if not key.verify(signature, message):  # type: ignore[attr-defined]
         raise PeerAuthError(
-            f"peer ID {claimed!r:.60} does not match the key sent (its ID is {public.peer_id})"
-        )
-    signature = _b64(found[HEADER_SIGNATURE], HEADER_SIGNATURE, _MAX_SIG_HEADER)
-    message = _message(method, path, date, bytes(body), audience)
-    try:
-        if isinstance(public.key, rsa.RSAPublicKey):
-            public.key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            public.key.verify(signature, message)
-    except InvalidSignature:
-        raise PeerAuthError(
-            f"bad signature from {claimed}: the request was altered, or signed for another "
+            f"bad signature from {peer_id}: the request was altered, or signed for another "
             "method, path, body, date or recipient"
-        ) from None
-    return public.peer_id
+        )
+    if nonces is not None and not nonces.accept(peer_id, nonce):
+        raise PeerAuthError(f"request {nonce} from {peer_id} was already received: a replay")
+    return SignedRequest(peer_id, nonce, digest)
+
+
+def verify_request(
+    headers: Mapping[str, str], method: str, path: str, body: bytes, **checks: Any
+) -> str:
+    """`verify_request_headers` (``checks``: its keyword arguments, ``audience`` required)
+    and the body's hash at once; the signer's peer ID."""
+    signed = verify_request_headers(headers, method, path, **checks)
+    if not hmac.compare_digest(signed.body_sha256, body_digest(bytes(body))):
+        raise PeerAuthError("the body is not the one signed")
+    return signed.peer_id
+
+
+def _reply_message(nonce: str, status: int, body: bytes) -> bytes:
+    return b"\n".join(
+        [_REPLY_DOMAIN, nonce.encode(), str(status).encode(), body_digest(body).encode()]
+    )
+
+
+def sign_reply(key: PeerKey, nonce: str, status: int, body: bytes) -> dict[str, str]:
+    """Headers proving that ``key``'s peer answers request ``nonce`` with this status and
+    body."""
+    signature = key.sign(_reply_message(nonce, status, bytes(body)))
+    return {
+        HEADER_PEER: key.peer_id,
+        HEADER_KEY: base64.b64encode(key.public_key_proto).decode(),
+        HEADER_SIGNATURE: base64.b64encode(signature).decode(),
+    }
+
+
+def verify_reply(
+    headers: Mapping[str, str], peer_id: str, nonce: str, status: int, body: bytes
+) -> None:
+    """Raise `PeerAuthError` unless ``peer_id`` signed this reply to request ``nonce``."""
+    found = _headers(headers, _REPLY_HEADERS)
+    signer, signature, key = _signer(found)
+    if signer != peer_id:
+        raise PeerAuthError(f"the reply is signed by {signer}, not by {peer_id}, whom we asked")
+    if not key.verify(signature, _reply_message(nonce, status, bytes(body))):  # type: ignore[attr-defined]
+        raise PeerAuthError(f"bad reply signature from {peer_id}: the answer was altered")

@@ -1,23 +1,32 @@
 """Putting a fragment on the node the allocator chose, and getting its receipt.
 
 This node: add it to the embedded Kubo and record the hold. A peer: stream the bytes
-(``/peer/v1/store``; the holder checks them against the CID computed here before adding them)
-or, for a fragment over the stream limit, add it here and ask the peer to pin it over
-bitswap. A fragment counts as placed only once its holder answered: the receipt.
+(``/peer/v1/store``; the holder checks them against the CID computed here before adding them).
+A fragment counts as placed only once its holder answered with a receipt signed by its
+libp2p key over (CID, size, time) for this very request (`fusenode.node.peer_client`): the
+placing node keeps it with the placement. A holder that refuses for lack of room raises
+`PeerOverCapacity`, and the put places that fragment elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from fusenode.node import protocol
 from fusenode.node.context import NodeContext
 from fusenode.node.peer_client import PeerClient
 from fusenode.storage.unixfs import file_cid
 
-__all__ = ["Placer"]
+__all__ = ["Placed", "Placer"]
+
+
+@dataclass(frozen=True)
+class Placed:
+    cid: str
+    #: The holder's signed receipt (`SignedReceipt.record`); None when this node holds it.
+    receipt: str | None = None
 
 
 class Placer:
@@ -26,27 +35,27 @@ class Placer:
         self.client = client
         self.timeout = timeout
 
-    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
-        """Store the fragment in ``path`` on ``holder`` and return its CID once the holder
-        confirmed it. ``cid``: what the bytes must hash to (a repair knows it)."""
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed:
+        """Store the fragment in ``path`` on ``holder``; its CID once the holder confirmed
+        it. ``cid``: what the bytes must hash to (a repair knows it)."""
         if holder == self.peer_id:
-            cid = await self.blocks.add(path)
-            self.state.hold([cid], self.peer_id)
-            return cid
-        if path.stat().st_size > protocol.MAX_FRAGMENT:
-            cid = await self.blocks.add(path)
-            await self.client.pin(holder, [cid], self.timeout, attempts=3)
-            if cid not in self.state.held([cid]):  # not ours to keep: the holder has it now
-                await self.blocks.unpin(cid)
-            return cid
+            added = await self.blocks.add(path)
+            self.state.hold([added], self.peer_id)
+            return Placed(added)
         data = await self.blocks.bridge.run(path.read_bytes)
         if cid is None:  # the CID is ours to compute: never taken from the holder's word
             cid = await self.blocks.bridge.run(file_cid, data)
-        await self.client.store(holder, cid, data, self.timeout, attempts=3)
-        return cid
+        signed = await self.client.store(holder, cid, data, self.timeout, attempts=3)
+        return Placed(cid, signed.record())
 
-    async def pin_everywhere(self, peers: Iterable[str], cids: list[str]) -> None:
-        """Ask each of ``peers`` to pin ``cids`` (manifests), best effort."""
+    async def distribute(self, peers: Iterable[str], cid: str) -> None:
+        """Give each of ``peers`` a copy of the manifest ``cid`` (held here), best effort:
+        any node can then find it, whoever placed it."""
+        others = [p for p in peers if p != self.peer_id]
+        if not others:
+            return
+        data = await self.blocks.fetch_bytes(cid, self.timeout)
         await asyncio.gather(
-            *(self.client.pin(p, cids, self.timeout) for p in peers), return_exceptions=True
+            *(self.client.store(p, cid, data, self.timeout) for p in others),
+            return_exceptions=True,
         )

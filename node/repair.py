@@ -2,11 +2,14 @@
 
 A pass (every ``[repair] interval`` seconds, or `fusenode repair`): health-check every peer that
 holds a fragment this node placed; those *away* (`PeerMonitor.away`: silent for
-``[repair] unreachable_after`` seconds) lose their fragments. For each segment that lost some,
+``[repair] unreachable_after`` seconds) lose their fragments, and so does every fragment an
+audit found missing or corrupt on its holder (`fusenode.node.auditor` marks the placement
+lost). For each segment that lost some,
 fetch k good fragments from the live holders (each checked against its CID), re-encode the
 segment (erasure coding is deterministic, so a rebuilt fragment has the bytes, and the CID,
 the manifest lists), and place each lost one where the allocator says (the same policy as
-put: a node without a fragment of the segment first). The placement table records the move.
+put: a node without a fragment of the segment first), never on a holder that lost one of the
+segment's fragments nor on one whose audit score fell below `auditor.DISTRUST_BELOW`. The placement table records the move.
 One failed segment does not stop the pass; the summary lists it.
 
 When an away holder comes back (a partition healed), its old copies are *surplus*: the
@@ -32,12 +35,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from fusenode.node.aio import every
 from fusenode.node.allocator import Allocator
+from fusenode.node.auditor import distrusted
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError
 from fusenode.node.monitor import PeerMonitor
-from fusenode.node.placement import Placer
-from fusenode.node.protocol import PeerError
+from fusenode.node.placement import Placed, Placer
+from fusenode.node.protocol import PeerError, PeerOverCapacity
 from fusenode.node.state import Placement
 from fusenode.storage.erasure import ErasureCoder
 from fusenode.storage.errors import StorageError
@@ -86,23 +91,25 @@ class Repairer:
         surplus_holders = {peer for _, peer in self.state.surplus()}
         answers = await self.monitor.check(sorted(set(holders) | surplus_holders))
         away = set(self.monitor.away({p: answers[p] for p in holders}))
+        failed_audit = {p.peer for p in placements if p.lost}
         summary: dict[str, Any] = {
             "checked": len(holders),
             "unreachable": sorted(p for p in holders if not answers[p]),
-            "replaced": sorted(away),
+            "replaced": sorted(away | failed_audit),
             "repaired": [],
             "failed": [],
             "rebalanced": [],
             "released": 0,
         }
-        live = await self.monitor.live_peers()
-        if away:
-            await self._repair_away(placements, away, live, summary)
+        bad = distrusted(self.state)
+        live = [p for p in await self.monitor.live_peers() if p not in bad]
+        if away or failed_audit:
+            await self._repair_lost(placements, away, live, summary)
         summary["rebalanced"] = await self._rebalance(live)
         summary["released"] = await self._release(answers)
         return summary
 
-    async def _repair_away(
+    async def _repair_lost(
         self, placements: list[Placement], away: set[str], live: list[str], summary: dict
     ) -> None:
         by_segment: dict[tuple[str, int], list[Placement]] = defaultdict(list)
@@ -110,7 +117,7 @@ class Repairer:
             by_segment[(p.manifest, p.segment)].append(p)
         total = Counter(p.peer for p in placements)  # fragments per node, all models
         for (manifest_cid, segment), rows in sorted(by_segment.items()):
-            lost = [r for r in rows if r.peer in away]
+            lost = [r for r in rows if r.peer in away or r.lost]
             if not lost:
                 continue
             try:
@@ -193,10 +200,10 @@ class Repairer:
         with tempfile.NamedTemporaryFile(dir=self.tmp, prefix=".rebalance-") as f:
             f.write(data)
             f.flush()
-            cid = await self.placer.place(target, Path(f.name), cid=ref.cid)
-        if cid != ref.cid:
-            raise NodeError(f"fragment {row.fragment} was stored as {cid}, not {ref.cid}")
-        self.state.move_placement(manifest_cid, row.segment, row.fragment, target)
+            placed = await self.placer.place(target, Path(f.name), cid=ref.cid)
+        if placed.cid != ref.cid:
+            raise NodeError(f"fragment {row.fragment} was stored as {placed.cid}, not {ref.cid}")
+        self.state.move_placement(manifest_cid, row.segment, row.fragment, target, placed.receipt)
         await self._surplus(manifest_cid, ref.cid, row.peer)
 
     async def _surplus(self, manifest_cid: str, cid: str, peer: str) -> None:
@@ -244,19 +251,23 @@ class Repairer:
             raise NodeError(f"only {len(good)} of {coder.k} fragments reachable: cannot rebuild")
         fragments = await self.blocks.bridge.run(coder.rebuild, good, seg.size)
         holders = [r.peer for r in kept]
-        candidates = [self.peer_id, *live]
+        lost_on = {r.peer for r in lost}  # a holder that lost a fragment gets none back
+        candidates = [c for c in (self.peer_id, *live) if c not in lost_on]
         moves = []
         for row in lost:
             ref = seg.fragments[row.fragment]
-            target = self.allocator.replacement(candidates, holders, total)
             with tempfile.NamedTemporaryFile(dir=self.tmp, prefix=".repair-") as f:
                 f.write(fragments[row.fragment])
                 f.flush()
                 # A peer checks the bytes hash to the manifest's CID; this node checks its add.
-                cid = await self.placer.place(target, Path(f.name), cid=ref.cid)
-            if cid != ref.cid:
-                raise NodeError(f"rebuilt fragment {row.fragment} hashes to {cid}, not {ref.cid}")
-            self.state.move_placement(manifest_cid, segment, row.fragment, target)
+                target, placed = await self._place_somewhere(
+                    Path(f.name), ref.cid, candidates, holders, total
+                )
+            if placed.cid != ref.cid:
+                raise NodeError(
+                    f"rebuilt fragment {row.fragment} hashes to {placed.cid}, not {ref.cid}"
+                )
+            self.state.move_placement(manifest_cid, segment, row.fragment, target, placed.receipt)
             await self._surplus(manifest_cid, ref.cid, row.peer)
             holders.append(target)
             total[target] += 1
@@ -272,20 +283,24 @@ class Repairer:
             )
         return moves
 
+    async def _place_somewhere(
+        self, path: Path, cid: str, candidates: list[str], holders: list[str], total: Counter
+    ) -> tuple[str, Placed]:
+        """Place a rebuilt fragment where the allocator says; a node that refuses for lack
+        of room is passed over (for the rest of this pass too)."""
+        while True:
+            target = self.allocator.replacement(candidates, holders, total)
+            try:
+                return target, await self.placer.place(target, path, cid=cid)
+            except PeerOverCapacity as e:
+                log.info("repair: %s", e)
+                candidates.remove(target)
+
     async def run_forever(self, stop: asyncio.Event, interval: float) -> None:
         """A pass every ``interval`` seconds until ``stop``."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-                return
-            except TimeoutError:
-                pass
-            try:
-                summary = await self.run()
-                if summary["repaired"] or summary["failed"]:
-                    log.info("repair pass: %s", summary)
-            except Exception:
-                log.exception("repair pass failed")
+        await every(
+            interval, stop, self.run, lambda s: bool(s["repaired"] or s["failed"]), "repair"
+        )
 
 
 def _move_record(row: Placement, target: str) -> dict[str, Any]:

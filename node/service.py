@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,15 +32,17 @@ from fusenode.node.allocator import Allocator, PutPlan, SegmentAllocation
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError, PlacementError
 from fusenode.node.network import Network
-from fusenode.node.protocol import PeerError
+from fusenode.node.protocol import PeerError, PeerOverCapacity
 from fusenode.node.repo import Repo, read_identities
 from fusenode.storage import age
+from fusenode.storage.backend import validate_cid
 from fusenode.storage.erasure import validate_parameters
 from fusenode.storage.errors import InvalidArgument, NoIdentityMatch
-from fusenode.storage.manifest import Manifest
+from fusenode.storage.manifest import MAX_MANIFEST_SIZE, Manifest
 from fusenode.storage.share import share_cid
 from fusenode.storage.store import (
     check_input,
+    check_space,
     get_file,
     load_manifest,
     open_metadata,
@@ -47,8 +50,12 @@ from fusenode.storage.store import (
 )
 
 if TYPE_CHECKING:
+    from fusenode.node.auditor import Auditor
+    from fusenode.node.holder import Holder
     from fusenode.node.optimizer import Optimizer
     from fusenode.node.repair import Repairer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["NodeService", "ProgressFactory", "describe"]
 
@@ -78,6 +85,8 @@ class NodeService:
         # The daemon's own components, wired by the daemon (None in a command without one).
         self.optimizer: Optimizer | None = None
         self.repairer: Repairer | None = None
+        self.auditor: Auditor | None = None
+        self.holder: Holder | None = None
 
     # -- the decisions made once -------------------------------------------------------------
     def identities(self, identity_path: str | None) -> list[age.X25519Identity]:
@@ -99,9 +108,16 @@ class NodeService:
         return parsed
 
     async def manifest(self, cid: str) -> Manifest:
-        """A manifest fetched from the network and checked against its CID."""
-        timeout = self.config.storage.fetch_timeout
-        return await self.blocks.bridge.run(load_manifest, cid, self.blocks.sync, timeout=timeout)
+        """A manifest fetched from the network and checked against its CID: with a daemon,
+        block by block and bounded (`fusenode.node.blockread`); without, through Kubo."""
+        validate_cid(cid)
+        data = await self.network.read_small_file(cid, MAX_MANIFEST_SIZE)
+        if data is None:
+            timeout = self.config.storage.fetch_timeout
+            return await self.blocks.bridge.run(
+                load_manifest, cid, self.blocks.sync, timeout=timeout
+            )
+        return await self.blocks.bridge.run(Manifest.from_bytes, data)
 
     # -- identity and peers ------------------------------------------------------------------
     async def identity(self) -> dict[str, Any]:
@@ -153,17 +169,29 @@ class NodeService:
         lock = threading.Lock()
         bridge = self.blocks.bridge
 
+        receipts: dict[tuple[int, int], str] = {}
+
         def sink(segment: int, index: int, frag_path: Path) -> str:  # on a worker thread
             holder = allocation.holder(segment, index)
-            try:
-                cid = bridge.wait_for(self.network.place(holder, frag_path))
-            except PeerError as e:
-                raise NodeError(
-                    f"fragment {index} of segment {segment}: {e}; nothing was published"
-                ) from e
+            while True:
+                try:
+                    placed = bridge.wait_for(self.network.place(holder, frag_path))
+                    break
+                except PeerOverCapacity as e:  # full, or our quota there is spent: elsewhere
+                    log.info("fragment %d of segment %d: %s", index, segment, e)
+                    try:
+                        holder = allocation.refused(segment, index, holder)
+                    except PlacementError as full:
+                        raise NodeError(f"{full} ({e}); nothing was published") from e
+                except PeerError as e:
+                    raise NodeError(
+                        f"fragment {index} of segment {segment}: {e}; nothing was published"
+                    ) from e
             with lock:
-                placements.append((segment, index, cid, holder))
-            return cid
+                placements.append((segment, index, placed.cid, holder))
+                if placed.receipt is not None:
+                    receipts[(segment, index)] = placed.receipt
+            return placed.cid
 
         with (progress or _no_progress)(size, "put") as update:
             result = await bridge.run(
@@ -182,12 +210,13 @@ class NodeService:
                 provenance=provenance,
                 parent=parent,
             )
-        # The manifest is on this node; pin it on every holder too, so any node finds it.
+        # The manifest is on this node; every holder gets a copy too, so any node finds it.
         holders = sorted({holder for *_, holder in placements})
-        await self.network.pin_everywhere(holders, [result.cid])
+        await self.network.distribute(holders, result.cid)
         self.state.hold([result.cid], self.peer_id)
+        mode = "weak" if allocation.weakened and plan.mode == "distinct" else plan.mode
         self.state.record_model(
-            result.cid, k, n, len(result.manifest.segments), plan.mode, placements
+            result.cid, k, n, len(result.manifest.segments), mode, placements, receipts
         )
         for holder in holders:
             if holder != self.peer_id:
@@ -199,7 +228,7 @@ class NodeService:
             "segments": len(result.manifest.segments),
             "k": k,
             "n": n,
-            "placement": plan.mode,
+            "placement": mode,
             "holders": dict(sorted(Counter(h for *_, h in placements).items())),
         }
 
@@ -237,6 +266,7 @@ class NodeService:
         identities = self.identities(identity_path)
         timeout = self.config.storage.fetch_timeout
         manifest = await self.manifest(cid)
+        await self.blocks.bridge.run(check_space, manifest, output, self.repo.files.kubo)
         found = await self.network.holders(list(manifest.fragment_cids()))
         networked = self.network.networked
         local = self.peer_id
@@ -283,17 +313,30 @@ class NodeService:
         """Which node holds each fragment of a model, and whether it answered."""
         manifest = await self.manifest(cid)
         found = await self.network.holders(list(manifest.fragment_cids()))
-        placed = {(p.segment, p.fragment): p.peer for p in self.state.placements(cid)}
+        placed = {(p.segment, p.fragment): p for p in self.state.placements(cid)}
+        audits = self.state.audits(manifest.fragment_cids())
         segments = []
         healthy = True
         for seg in manifest.segments:
             frags = []
             for f in seg.fragments:
                 who = found.get(f.cid, set())
-                peer = placed.get((seg.index, f.index)) or (sorted(who)[0] if who else None)
+                row = placed.get((seg.index, f.index))
+                peer = row.peer if row else (sorted(who)[0] if who else None)
                 answered = peer is not None and peer in who
-                healthy &= answered
-                frags.append({"index": f.index, "cid": f.cid, "peer": peer, "answered": answered})
+                lost = row.lost if row else None
+                healthy &= answered and not lost
+                entry: dict[str, Any] = {
+                    "index": f.index,
+                    "cid": f.cid,
+                    "peer": peer,
+                    "answered": answered,
+                    # The last audit of this copy (None: not audited yet, or held here).
+                    "audit": audits.get((f.cid, peer)) if peer else None,
+                }
+                if lost:
+                    entry["lost"] = lost  # repair rebuilds it elsewhere
+                frags.append(entry)
             holders = [f["peer"] for f in frags if f["answered"]]
             segments.append(
                 {
@@ -319,18 +362,16 @@ class NodeService:
             raise InvalidArgument("share needs at least one --recipient")
         parsed = [age.X25519Recipient.from_string(r) for r in recipients]
         identities = self.identities(identity_path)
+        manifest = await self.manifest(cid)
         new_cid, _manifest = await self.blocks.bridge.run(
-            share_cid,
-            cid,
-            self.blocks.sync,
-            identities,
-            parsed,
-            self.config.storage.fetch_timeout,
+            functools.partial(
+                share_cid, cid, self.blocks.sync, identities, parsed, manifest=manifest
+            )
         )
         if new_cid == cid:  # every key already had access: nothing new was written
             return {"cid": cid, "source": cid, "added": 0}
         self.state.hold([new_cid], self.peer_id)
-        await self.network.pin_everywhere(await self.network.live_peers(), [new_cid])
+        await self.network.distribute(await self.network.live_peers(), new_cid)
         await self.network.announce(new_cid, "shared", True)
         return {"cid": new_cid, "source": cid, "added": len(parsed)}
 
@@ -358,8 +399,12 @@ class NodeService:
         return job
 
     async def repair(self) -> dict[str, Any]:
+        """An audit pass (its failures mark fragments lost), then a repair pass."""
         repairer: Repairer = self._daemon_part(self.repairer, "repair")
-        return await repairer.run()
+        audit = await self.auditor.run(repair=False) if self.auditor is not None else None
+        summary = await repairer.run()
+        summary["audit"] = audit
+        return summary
 
 
 def describe(cid: str, manifest: Manifest, identities: list[age.X25519Identity]) -> dict[str, Any]:

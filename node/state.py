@@ -6,11 +6,14 @@ Tables:
 - ``placements``: for each owned model, which peer holds fragment *i* of segment *s*, and
   when that peer last confirmed it pinned it. Placement is kept here, not in the manifest,
   because repair changes it (docs/format.md).
-- ``held``: pins this node keeps for others (or itself): fragment or manifest CIDs and the
-  owner who asked. A CID stays pinned while any row references it.
+- ``held``: pins this node keeps for others (or itself): fragment or manifest CIDs, the
+  owner who asked, and the bytes accounted to that owner (its quota, the node's capacity).
+  A CID stays pinned while any row references it.
 - ``peers``: fusenode peers seen (or learned from other peers), when they last answered,
   their last error and addresses: repair decides from ``last_seen`` whether a peer has been
   away longer than the threshold; the daemon redials them after a restart.
+- ``audits``: the last audit of each fragment this node placed on a peer (time, result) and
+  ``scores``: each holder's audit reputation (`fusenode.node.auditor`).
 - ``surplus``: copies of fragments this node placed that repair replaced elsewhere; each is
   released (``/peer/v1/unpin``) once its holder answers again.
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
@@ -46,6 +49,8 @@ CREATE TABLE IF NOT EXISTS placements (
     cid TEXT NOT NULL,
     peer TEXT NOT NULL,
     confirmed TEXT NOT NULL,
+    receipt TEXT,                      -- the holder's signed receipt (JSON), if a peer
+    lost TEXT,                         -- why this copy no longer counts (a failed audit)
     PRIMARY KEY (manifest, segment, fragment)
 );
 CREATE INDEX IF NOT EXISTS placements_peer ON placements (peer);
@@ -53,8 +58,10 @@ CREATE TABLE IF NOT EXISTS held (
     cid TEXT NOT NULL,
     owner TEXT NOT NULL,
     pinned TEXT NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,   -- bytes accounted to the owner
     PRIMARY KEY (cid, owner)
 );
+CREATE INDEX IF NOT EXISTS held_owner ON held (owner);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,                -- optimize
@@ -79,6 +86,23 @@ CREATE TABLE IF NOT EXISTS peers (
     last_seen TEXT,
     last_error TEXT,
     addresses TEXT                     -- JSON list of multiaddrs, to redial after restarts
+);
+CREATE TABLE IF NOT EXISTS audits (
+    cid TEXT NOT NULL,                 -- a fragment this node placed
+    peer TEXT NOT NULL,                -- its holder when audited
+    time TEXT NOT NULL,
+    result TEXT NOT NULL,              -- passed | failed | unanswered
+    detail TEXT,
+    unanswered INTEGER NOT NULL DEFAULT 0,  -- audits in a row without an answer
+    PRIMARY KEY (cid, peer)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    peer TEXT PRIMARY KEY,
+    alpha REAL NOT NULL,               -- Storj's beta reputation: forgetting-weighted passes
+    beta REAL NOT NULL,                -- and failures
+    passed INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    updated TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS surplus (
     cid TEXT NOT NULL,                 -- a fragment this node placed, repaired elsewhere
@@ -111,6 +135,8 @@ class Placement:
     cid: str
     peer: str
     confirmed: str
+    receipt: str | None = None
+    lost: str | None = None
 
 
 JOB_COLUMNS = (
@@ -162,9 +188,22 @@ class State:
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+
+    def _migrate(self) -> None:
+        """Bring a version 1 database forward: the columns version 2 added (the new tables
+        come from the schema's CREATE IF NOT EXISTS)."""
+        for table, column, decl in (
+            ("held", "size", "INTEGER NOT NULL DEFAULT 0"),
+            ("placements", "receipt", "TEXT"),
+            ("placements", "lost", "TEXT"),
+        ):
+            columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -193,8 +232,11 @@ class State:
         segments: int,
         placement: str,
         placements: Iterable[tuple[int, int, str, str]],
+        receipts: dict[tuple[int, int], str] | None = None,
     ) -> None:
-        """Record a model and where its fragments are, in one transaction."""
+        """Record a model and where its fragments are (with the holders' signed receipts,
+        keyed by (segment, fragment)), in one transaction."""
+        receipts = receipts or {}
         stamp = now_iso()
         with self._lock:
             self._db.execute("BEGIN")
@@ -204,8 +246,11 @@ class State:
                     (cid, k, n, segments, placement, stamp),
                 )
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, ?)",
-                    [(cid, s, i, frag, peer, stamp) for s, i, frag, peer in placements],
+                    "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                    [
+                        (cid, s, i, frag, peer, stamp, receipts.get((s, i)))
+                        for s, i, frag, peer in placements
+                    ],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -226,17 +271,56 @@ class State:
             )
         return [Placement(*r) for r in rows]
 
-    def move_placement(self, manifest: str, segment: int, fragment: int, peer: str) -> None:
+    def move_placement(
+        self, manifest: str, segment: int, fragment: int, peer: str, receipt: str | None = None
+    ) -> None:
         self._run(
-            "UPDATE placements SET peer = ?, confirmed = ? "
+            "UPDATE placements SET peer = ?, confirmed = ?, receipt = ?, lost = NULL "
             "WHERE manifest = ? AND segment = ? AND fragment = ?",
-            [peer, now_iso(), manifest, segment, fragment],
+            [peer, now_iso(), receipt, manifest, segment, fragment],
         )
 
+    def mark_lost(self, cid: str, peer: str, why: str) -> int:
+        """Every placement of fragment ``cid`` on ``peer`` no longer counts (repair rebuilds
+        it elsewhere); how many rows."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE placements SET lost = ? WHERE cid = ? AND peer = ? AND lost IS NULL",
+                (why[:500], cid, peer),
+            )
+            return cur.rowcount
+
     # -- pins held for owners --------------------------------------------------------------
-    def hold(self, cids: Iterable[str], owner: str) -> None:
+    def hold(self, cids: Iterable[str], owner: str, size: int = 0) -> None:
+        """Record that ``owner`` holds ``cids`` here, each accounted ``size`` bytes."""
         stamp = now_iso()
-        self._many("INSERT OR IGNORE INTO held VALUES (?, ?, ?)", ((c, owner, stamp) for c in cids))
+        self._many(
+            "INSERT INTO held VALUES (?, ?, ?, ?) ON CONFLICT(cid, owner) DO UPDATE "
+            "SET size = MAX(held.size, excluded.size)",
+            ((c, owner, stamp, size) for c in cids),
+        )
+
+    def holds(self, cid: str, owner: str) -> bool:
+        return bool(self._run("SELECT 1 FROM held WHERE cid = ? AND owner = ?", [cid, owner]))
+
+    def held_bytes(self, owner: str | None = None, *, besides: str | None = None) -> int:
+        """Bytes accounted to ``owner``, or to every owner but ``besides``."""
+        if owner is not None:
+            rows = self._run("SELECT COALESCE(SUM(size), 0) FROM held WHERE owner = ?", [owner])
+        else:
+            rows = self._run(
+                "SELECT COALESCE(SUM(size), 0) FROM held WHERE owner != ?", [besides or ""]
+            )
+        return int(rows[0][0])
+
+    def held_by_owner(self, besides: str) -> dict[str, tuple[int, int]]:
+        """(holds, bytes) per owner, for every owner but ``besides`` (this node)."""
+        rows = self._run(
+            "SELECT owner, COUNT(*), COALESCE(SUM(size), 0) FROM held WHERE owner != ? "
+            "GROUP BY owner ORDER BY owner",
+            [besides],
+        )
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     def held(self, cids: Iterable[str] | None = None) -> set[str]:
         if cids is None:
@@ -265,9 +349,12 @@ class State:
         pass_version: str,
         recipients: list[str],
         origin: str,
+        *,
+        retry_failed: bool = True,
     ) -> tuple[dict, bool]:
-        """The job for this request: an existing one (returned as is, unless it failed: then
-        it is queued again) or a new one. Returns (job, created_or_requeued)."""
+        """The job for this request: an existing one (returned as is, unless it failed and
+        ``retry_failed``: then it is queued again) or a new one. Returns (job,
+        created_or_requeued)."""
         key = json.dumps(sorted(set(recipients)))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -285,7 +372,7 @@ class State:
                         (kind, source, pass_name, pass_version, key, origin, now_iso()),
                     )
                     changed = True
-                elif row[JOB_COLUMNS.index("state")] == "failed":
+                elif retry_failed and row[JOB_COLUMNS.index("state")] == "failed":
                     self._db.execute(
                         "UPDATE jobs SET state = 'queued', started = NULL, finished = NULL "
                         "WHERE id = ?",
@@ -389,6 +476,59 @@ class State:
             "SELECT * FROM peers WHERE last_seen >= ? ORDER BY last_seen DESC", [since]
         )
         return [PeerRecord(*r) for r in rows]
+
+    # -- audits ------------------------------------------------------------------------------
+    def record_audit(self, cid: str, peer: str, result: str, detail: str = "") -> int:
+        """Record the audit of fragment ``cid`` on ``peer``; how many audits in a row it has
+        gone unanswered (0 unless ``result`` is "unanswered")."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT unanswered FROM audits WHERE cid = ? AND peer = ?", (cid, peer)
+            ).fetchone()
+            streak = (row[0] if row else 0) + 1 if result == "unanswered" else 0
+            self._db.execute(
+                "INSERT OR REPLACE INTO audits VALUES (?, ?, ?, ?, ?, ?)",
+                (cid, peer, now_iso(), result, detail[:500], streak),
+            )
+            return streak
+
+    def audits(self, cids: Iterable[str] | None = None) -> dict[tuple[str, str], dict]:
+        """The last audit of each (fragment, holder): {"time", "result", "detail"}."""
+        rows = self._run("SELECT cid, peer, time, result, detail FROM audits")
+        wanted = None if cids is None else set(cids)
+        return {
+            (r[0], r[1]): {"time": r[2], "result": r[3], "detail": r[4] or None}
+            for r in rows
+            if wanted is None or r[0] in wanted
+        }
+
+    def update_score(self, peer: str, passed: bool, forget: float) -> float:
+        """Fold one audit into ``peer``'s reputation (alpha, beta with forgetting factor
+        ``forget``, starting from alpha=1, beta=0); its new score alpha / (alpha + beta)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT alpha, beta, passed, failed FROM scores WHERE peer = ?", (peer,)
+            ).fetchone()
+            alpha, beta, ok, bad = row if row else (1.0, 0.0, 0, 0)
+            alpha = forget * alpha + (1.0 if passed else 0.0)
+            beta = forget * beta + (0.0 if passed else 1.0)
+            self._db.execute(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                (peer, alpha, beta, ok + passed, bad + (not passed), now_iso()),
+            )
+            return alpha / (alpha + beta)
+
+    def scores(self) -> dict[str, dict]:
+        rows = self._run("SELECT peer, alpha, beta, passed, failed, updated FROM scores")
+        return {
+            r[0]: {
+                "score": round(r[1] / (r[1] + r[2]), 4),
+                "passed": r[3],
+                "failed": r[4],
+                "updated": r[5],
+            }
+            for r in rows
+        }
 
     # -- copies repair made surplus ----------------------------------------------------------
     def add_surplus(self, manifest: str, cid: str, peer: str) -> None:

@@ -103,6 +103,13 @@ class IpfsBackend(abc.ABC):
         """Whether ``cid`` is pinned (directly, recursively or as part of another pin)."""
         return validate_cid(cid) in self.pins()
 
+    def read_block(self, cid: str) -> bytes | None:
+        """The raw bytes of block ``cid`` if this node's own blockstore has it, else None;
+        never asks the network. What audits are answered with (a holder proves it still has
+        a fragment's blocks on its disk), so a backend that cannot tell cannot hold for peers.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read single blocks")
+
     @abc.abstractmethod
     def fetch(self, cid: str, dest: Path, timeout: float) -> None:
         """Write the file ``cid`` to ``dest`` atomically.

@@ -52,5 +52,9 @@ class ManifestNotFound(BackendTimeout, exit_code=4, http_status=404):
     """No reachable node has the manifest a CID names."""
 
 
+class NotEnoughSpace(StorageError, http_status=507):
+    """The disk has not room for what a manifest declares (checked before any fetch)."""
+
+
 class NotEnoughFragments(StorageError, exit_code=7, http_status=503):
     """Fewer than k good fragments of a segment could be retrieved."""

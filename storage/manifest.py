@@ -666,10 +666,18 @@ class Manifest:
                 f"segments: {len(self.segments)} listed, but payload_size {self.payload_size} "
                 f"at segment_size {size} needs {count}"
             )
+        seen: dict[str, str] = {}
         for i, segment in enumerate(self.segments):
             with _at(f"segments[{i}]"):
                 if not isinstance(segment, SegmentRef):
                     raise ManifestError("must be a SegmentRef")
+                for j, fragment in enumerate(segment.fragments):
+                    where = seen.setdefault(fragment.cid, f"segments[{i}].fragments[{j}]")
+                    if where != f"segments[{i}].fragments[{j}]":
+                        raise ManifestError(
+                            f"fragments[{j}].cid {fragment.cid} is listed twice (also at "
+                            f"{where}): a manifest names each fragment once"
+                        )
                 if segment.index != i:
                     raise ManifestError(f"index {segment.index} differs from its position {i}")
                 expected = size if i < count - 1 else self.payload_size - (count - 1) * size

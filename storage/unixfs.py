@@ -37,15 +37,36 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from fusenode.storage.multiformats import DAG_PB, RAW, SHA2_256, b58encode, encode_varint, parse_cid
+from fusenode.storage.multiformats import (
+    DAG_PB,
+    RAW,
+    SHA2_256,
+    b58encode,
+    encode_varint,
+    parse_cid,
+    read_varint,
+)
 
-__all__ = ["CHUNK_SIZE", "MAX_LINKS", "file_cid", "matches_cid"]
+__all__ = [
+    "CHUNK_SIZE",
+    "MAX_BLOCK_SIZE",
+    "MAX_LINKS",
+    "DagNode",
+    "FileHasher",
+    "block_cid",
+    "file_cid",
+    "matches_cid",
+    "parse_dag_node",
+]
 
 CHUNK_SIZE = 256 * 1024
 MAX_LINKS = 174
 _UNIXFS_FILE = 2
 _CIDV0_PREFIX = bytes([SHA2_256, 32])
 _EMPTY_FILE = b"\x0a\x04\x08\x02\x18\x00"  # PBNode{Data: Data{Type: File, filesize: 0}}
+#: The largest block Kubo's add makes is a 256 KiB leaf plus a few bytes, and a parent of 174
+#: links is ~8 KB; bitswap refuses blocks over 2 MiB, and so do we.
+MAX_BLOCK_SIZE = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +147,124 @@ def matches_cid(cid: str, data: bytes | bytearray | memoryview) -> bool:
     if parsed.codec == DAG_PB:
         return _root_digest(data) == parsed.multihash.digest
     return False
+
+
+class FileHasher:
+    """`file_cid` computed over data that arrives in pieces (a fragment streamed by a peer):
+    one chunk buffered at most, whatever the file's size."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._leaves: list[_Node] = []
+        self.size = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        if self._buf:
+            take = min(len(view), CHUNK_SIZE - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) == CHUNK_SIZE and view:
+                self._leaves.append(_leaf(memoryview(self._buf)))
+                self._buf = bytearray()
+        while len(view) > CHUNK_SIZE:
+            self._leaves.append(_leaf(view[:CHUNK_SIZE]))
+            view = view[CHUNK_SIZE:]
+        if view:
+            if self._buf:  # the buffer was filled exactly: keep it as the (so far) last chunk
+                self._leaves.append(_leaf(memoryview(self._buf)))
+                self._buf = bytearray()
+            self._buf += view
+
+    def cid(self) -> str:
+        """The CIDv0 of everything given so far."""
+        level = list(self._leaves)
+        if self._buf:
+            level.append(_leaf(memoryview(self._buf)))
+        if not level:
+            return b58encode(_CIDV0_PREFIX + hashlib.sha256(_EMPTY_FILE).digest())
+        while len(level) > 1:
+            level = [_parent(level[i : i + MAX_LINKS]) for i in range(0, len(level), MAX_LINKS)]
+        return b58encode(_CIDV0_PREFIX + level[0].digest)
+
+
+def block_cid(block: bytes | bytearray | memoryview) -> str:
+    """The CIDv0 of one dag-pb block: the base58 of its sha2-256 multihash."""
+    return b58encode(_CIDV0_PREFIX + hashlib.sha256(block).digest())
+
+
+@dataclass(frozen=True)
+class DagNode:
+    """One dag-pb block of a UnixFS file: its links (child CIDs, in order, with the file bytes
+    under each) and, for a leaf, the file bytes it carries."""
+
+    links: tuple[str, ...]
+    blocksizes: tuple[int, ...]
+    data: bytes
+    filesize: int
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, bytes | int]]:
+    """A protobuf message's (field number, wire type, value): varints and byte strings only."""
+    out: list[tuple[int, int, bytes | int]] = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = read_varint(buf, pos, max_bytes=10)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = read_varint(buf, pos, max_bytes=10)
+            out.append((number, wire, value))
+        elif wire == 2:
+            length, pos = read_varint(buf, pos, max_bytes=10)
+            if pos + length > len(buf):
+                raise ValueError("truncated field")
+            out.append((number, wire, bytes(buf[pos : pos + length])))
+            pos += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return out
+
+
+def parse_dag_node(block: bytes) -> DagNode:
+    """Decode a dag-pb block holding a UnixFS file node (what Kubo's add writes); raises
+    ValueError for anything else. Links must be CIDv0s: the only kind add makes."""
+    if len(block) > MAX_BLOCK_SIZE:
+        raise ValueError(f"block of {len(block)} bytes, over the {MAX_BLOCK_SIZE} allowed")
+    links: list[str] = []
+    unixfs: bytes | None = None
+    for number, wire, value in _fields(block):
+        if number == 2 and wire == 2:
+            assert isinstance(value, bytes)
+            hashes = [v for n, w, v in _fields(value) if n == 1 and w == 2]
+            if len(hashes) != 1 or not isinstance(hashes[0], bytes):
+                raise ValueError("a link without exactly one hash")
+            if len(hashes[0]) != 34 or hashes[0][:2] != _CIDV0_PREFIX:
+                raise ValueError("a link that is not a sha2-256 CIDv0")
+            links.append(b58encode(hashes[0]))
+        elif number == 1 and wire == 2:
+            assert isinstance(value, bytes)
+            unixfs = value
+        else:
+            raise ValueError(f"unexpected dag-pb field {number}")
+    if unixfs is None:
+        raise ValueError("a dag-pb node without UnixFS data")
+    kind, data, filesize, sizes = None, b"", None, []
+    for number, wire, value in _fields(unixfs):
+        if number == 1 and wire == 0:
+            kind = value
+        elif number == 2 and wire == 2:
+            data = value  # type: ignore[assignment]
+        elif number == 3 and wire == 0:
+            filesize = value
+        elif number == 4 and wire == 0:
+            sizes.append(value)
+    if kind != _UNIXFS_FILE or not isinstance(filesize, int):
+        raise ValueError("not a UnixFS file node")
+    if len(sizes) != len(links) or (not links and len(data) != filesize):
+        raise ValueError("UnixFS sizes do not match the node's links or data")
+    if links and data:
+        raise ValueError("a UnixFS node with both links and data")
+    if links and sum(sizes) != filesize:
+        raise ValueError("UnixFS block sizes do not add up to the file size")
+    return DagNode(tuple(links), tuple(int(x) for x in sizes), bytes(data), filesize)

@@ -31,11 +31,12 @@ from fusenode.storage.backend import (
     validate_cid,
     validate_peer_multiaddr,
 )
-from fusenode.storage.errors import BackendTimeout, InvalidArgument
+from fusenode.storage.errors import BackendTimeout, IntegrityError, InvalidArgument
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.kubo.transport import KuboTransport
 from fusenode.storage.multiformats import encode_multihash, parse_cid
 from fusenode.storage.swarm import SwarmSettings
+from fusenode.storage.unixfs import MAX_BLOCK_SIZE
 from fusenode.system import removed_on_error
 
 __all__ = ["KuboNode"]
@@ -129,16 +130,33 @@ class KuboNode(IpfsBackend):
             with contextlib.suppress(Exception):
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
 
-    def has_block(self, cid: str) -> bool:
-        """Whether the root block of ``cid`` is in this node's blockstore, read from disk.
-
-        Kubo's flatfs store keeps block ``K`` (the base32 of its multihash, upper case, no
-        padding) in ``kubo/blocks/<K[-3:-1]>/K.data`` (shard function next-to-last/2, written
-        in ``blocks/SHARDING`` at repo creation). A file check: no call into Kubo.
-        """
+    def _block_path(self, cid: str) -> Path:
+        """Where Kubo's flatfs store keeps the block ``cid`` names: block ``K`` (the base32
+        of its multihash, upper case, no padding) is ``kubo/blocks/<K[-3:-1]>/K.data`` (shard
+        function next-to-last/2, written in ``blocks/SHARDING`` at repo creation)."""
         mh = parse_cid(validate_cid(cid)).multihash
         key = base64.b32encode(encode_multihash(mh.code, mh.digest)).decode().rstrip("=")
-        return (self._process.layout.kubo / "blocks" / key[-3:-1] / f"{key}.data").exists()
+        return self._process.layout.kubo / "blocks" / key[-3:-1] / f"{key}.data"
+
+    def has_block(self, cid: str) -> bool:
+        """Whether the root block of ``cid`` is in this node's blockstore, read from disk: a
+        file check, no call into Kubo."""
+        return self._block_path(cid).exists()
+
+    def read_block(self, cid: str) -> bytes | None:
+        """The block's bytes from this node's disk (flatfs), or None; the network is never
+        asked. Kubo writes each block file whole and renames it into place, so a read never
+        sees half a block. Not re-hashed here: the caller checks the bytes against the CID
+        (an audit's challenger does; a holder's disk may be corrupt)."""
+        path = self._block_path(cid)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_BLOCK_SIZE + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if len(data) > MAX_BLOCK_SIZE:
+            raise IntegrityError(f"block {cid} on disk is over {MAX_BLOCK_SIZE} bytes")
+        return data
 
     def _nobody_has(self, cid: str) -> str:
         """Why a fetch or pin of ``cid`` would wait for its whole deadline in vain ("" when

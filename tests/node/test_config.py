@@ -55,6 +55,13 @@ def test_rendered_config_has_ports(tmp_path):
         ('[node]\nannounce = ["10.0.0.1:4001"]\n', "not a TCP multiaddr"),
         ('[placement]\ndomain = "rack"\n', "auto | node | ip | subnet24"),
         ("[storage]\nhedge_after = 0\n", "must be positive"),
+        ('[storage]\ncapacity = "lots"\n', "not a byte count"),
+        ('[storage]\ncapacity = "10 parsecs"\n', "not a byte count"),
+        ("[storage]\npeer_quota = -1\n", "cannot be negative"),
+        ("[storage]\ncapacity = true\n", "must be a byte count"),
+        ('[optimizer]\nmax_model_bytes = "auto"\n', "an integer or a size"),
+        ("[repair]\naudit_interval = 0\n", "must be positive"),
+        ("[optimizer]\nannouncers = 3\n", "list of strings"),
     ],
 )
 def test_bad_config(tmp_path, text, message):
@@ -79,3 +86,22 @@ def test_init_configures_the_swarm_host(tmp_path):
     path.write_text(text)
     config = load_config(path, env={})
     assert config.node.swarm_host == "10.0.0.7" and config.api.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1048576", 1048576),
+        ('"auto"', None),
+        ('"64 MiB"', 64 << 20),
+        ('"1.5GB"', 1_500_000_000),
+        ('"2 TiB"', 2 << 40),
+        ('"512kb"', 512_000),
+        ("0", 0),
+    ],
+)
+def test_sizes_take_units(tmp_path, value, expected):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[storage]\ncapacity = {value}\npeer_quota = {value}\n")
+    config = load_config(path, env={})
+    assert config.storage.capacity == config.storage.peer_quota == expected

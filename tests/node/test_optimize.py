@@ -1,7 +1,8 @@
 """Optimize, share and announce on a real 4-node network (separate daemons, 127.0.0.1 only).
 
 node1 is the optimizer the user names explicitly; node3 is configured as an optimizer that
-picks up announced models by itself. The scenario tests run in order on one network.
+picks up the models node0 announces by itself (and nobody else's); node2 optimizes nothing
+over 20 kB. The scenario tests run in order on one network.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 import pytest
 
 from fusenode.node import examples
+from fusenode.node.localnet import set_config
 from fusenode.storage import age
 from tests.support.cli import assert_ok
 from tests.support.onnx_models import assert_close, count_ops, run
@@ -37,8 +39,13 @@ def last_line(proc) -> str:
 
 @pytest.fixture(scope="module")
 def net(network):
-    auto_optimizer = {("optimizer", "enabled"): "true"}
-    net = network(4, CONFIG, per_node={3: auto_optimizer})
+    small = {("optimizer", "max_model_bytes"): "20000"}
+    net = network(4, CONFIG, per_node={2: small})
+    # node3 hears node0's announcements only: its ID is known once the network is up.
+    set_config(net.nodes[3].repo, "optimizer", "enabled", "true")
+    set_config(net.nodes[3].repo, "optimizer", "announcers", json.dumps([net.nodes[0].peer_id]))
+    net.kill(3, signal.SIGTERM)
+    net.start_node(3)
     time.sleep(1.0)
     return net
 
@@ -207,6 +214,25 @@ def test_announced_models_are_picked_up(net, keys, model):
             break
         time.sleep(0.5)
     assert mine and mine[0]["origin"] == "announce" and mine[0]["state"] == "done", mine
+
+
+def test_announcements_from_peers_not_listed_are_ignored(net, keys, model):
+    """Anyone may publish on the topic; node3 acts only on node0's announcements."""
+    node3 = json.loads(ok(net.cli(3, "id", "--json")).stdout)["recipient"]
+    cid = last_line(net.cli(2, "put", str(model), "-k", "2", "-n", "4", "--recipient", node3))
+    time.sleep(5)  # announcements arrive within ~1 s; node0's above was queued in that time
+    jobs = json.loads(ok(net.cli(3, "jobs", "--json")).stdout)
+    assert [j for j in jobs if j["source"] == cid] == []
+
+
+def test_models_over_the_size_limit_are_refused_before_fetching(net, keys, tmp_path):
+    big = examples.resnet50_like(tmp_path / "big.onnx", width=0.25, image_size=32)
+    assert big.stat().st_size > 20000
+    node2 = json.loads(ok(net.cli(2, "id", "--json")).stdout)["recipient"]
+    cid = last_line(net.cli(0, "put", str(big), "-k", "2", "-n", "4", "--recipient", node2))
+    proc = net.cli(2, "optimize", cid)
+    assert proc.returncode == 1 and "max_model_bytes" in proc.stderr, proc.stderr
+    ok(net.cli(2, "id"))
 
 
 def test_public_model_is_republished_public(net, model, tmp_path):

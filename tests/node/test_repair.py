@@ -14,8 +14,10 @@ import pytest
 
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.allocator import Allocator
+from fusenode.node.auditor import FORGET
 from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
+from fusenode.node.placement import Placed
 from fusenode.node.repair import Repairer
 from fusenode.node.state import State
 from fusenode.storage.store import load_manifest, put_file
@@ -33,11 +35,11 @@ class FakePlacer:
         self.client = client
         self.placed: list[tuple[str, str]] = []
 
-    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed:
         actual = file_cid(path.read_bytes())
         assert cid is None or actual == cid
         self.placed.append((holder, actual))
-        return actual
+        return Placed(actual, f"receipt from {holder}")
 
 
 class World:
@@ -191,3 +193,34 @@ def test_rebalance_spreads_a_doubled_segment_when_a_domain_is_free(world):
     after = [r.peer for r in world.state.placements(world.cid) if r.segment == 0]
     assert len(set(after)) == 4 and after.count("p1") == 1
     assert world.state.surplus() == [] or {p for _, p in world.state.surplus()} == {"p1"}
+
+
+def test_a_fragment_that_failed_its_audit_is_rebuilt_elsewhere(world):
+    """The holder still answers health checks: only the audit's verdict makes it lost. The
+    rebuilt copy goes to a node that holds none of the segment, never back to that holder,
+    with the new holder's receipt; the old copy is released."""
+    row = next(r for r in world.state.placements(world.cid) if r.peer == "p2")
+    assert world.state.mark_lost(row.cid, "p2", "failed audit: block missing") == 1
+    status_row = next(r for r in world.state.placements(world.cid) if r.cid == row.cid)
+    assert status_row.lost == "failed audit: block missing"
+    summary = world.run()
+    assert summary["replaced"] == ["p2"] and summary["unreachable"] == []
+    assert [(m["segment"], m["fragment"], m["from"]) for m in summary["repaired"]] == [
+        (row.segment, row.fragment, "p2")
+    ]
+    moved = next(r for r in world.state.placements(world.cid) if r.cid == row.cid)
+    assert moved.peer in ("p4", "p5") and moved.lost is None
+    assert moved.receipt == f"receipt from {moved.peer}"
+    # p2 answers, so its copy is released in the same pass.
+    assert summary["released"] == 1 and world.health.unpinned == [("p2", [row.cid])]
+    # p2's other fragments still count: only the one that failed moved.
+    assert sum(r.peer == "p2" for r in world.state.placements(world.cid)) == 2
+
+
+def test_distrusted_holders_get_no_rebuilt_fragments(world):
+    for _ in range(2):  # two failed audits: p4's score falls under DISTRUST_BELOW
+        world.state.update_score("p4", False, FORGET)
+    world.down, world.after = ("p2",), 601
+    summary = world.run()
+    assert summary["failed"] == [] and len(summary["repaired"]) == 3
+    assert {h for h, _ in world.placer.placed} == {"p5"}

@@ -16,6 +16,8 @@ from fusenode.node.config import Config, PlacementSection, StorageSection
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import PlacementError
 from fusenode.node.network import Offline
+from fusenode.node.placement import Placed
+from fusenode.node.protocol import PeerOverCapacity
 from fusenode.node.repo import Repo, identity_text, write_private
 from fusenode.node.service import NodeService
 from fusenode.node.state import State
@@ -38,6 +40,7 @@ class FakeNetwork:
         self.placed: list[tuple[str, str]] = []
         self.pinned: list[tuple[list[str], list[str]]] = []
         self.announced: list[tuple[str, str, bool]] = []
+        self.full: set[str] = set()  # peers that refuse to hold more (507)
 
     async def live_peers(self) -> list[str]:
         self.asked_live += 1
@@ -53,13 +56,18 @@ class FakeNetwork:
             found.setdefault(cid, set()).add(holder)
         return found
 
-    async def place(self, holder: str, path: Path, cid: str | None = None) -> str:
+    async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed:
+        if holder in self.full:
+            raise PeerOverCapacity(f"peer {holder} refused: full (HTTP 507)")
         added = self.backend.add(path)
         self.placed.append((holder, added))
-        return added
+        return Placed(added, None if holder == SELF else f"receipt from {holder}")
 
-    async def pin_everywhere(self, peers: list[str], cids: list[str]) -> None:
-        self.pinned.append((list(peers), list(cids)))
+    async def read_small_file(self, cid: str, max_size: int) -> bytes | None:
+        return None
+
+    async def distribute(self, peers: list[str], cid: str) -> None:
+        self.pinned.append((list(peers), [cid]))
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
         self.announced.append((cid, kind, encrypted))
@@ -121,6 +129,40 @@ def test_put_places_distinctly_records_and_reads_back(repo: Repo) -> None:
         got = await service.get(reply["cid"], str(repo.path / "out"), None)
         assert (repo.path / "out").read_bytes() == src.read_bytes()
         assert got["size"] == 10_000 and got["name"] == "model.onnx"
+
+    run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2", "p3", "p4", "p5"]), scenario)
+
+
+def test_a_full_holder_is_passed_over(repo: Repo) -> None:
+    """A holder that refuses for lack of room gets no fragment; with a spare node the put
+    stays distinct, and the holders' receipts are kept with the placement."""
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        network.full = {"p2"}
+        reply = await service.put(str(src), None, None, [], False)
+        assert reply["placement"] == "distinct" and "p2" not in reply["holders"]
+        rows = state.placements(reply["cid"])
+        assert max(Counter((r.segment, r.peer) for r in rows).values()) == 1
+        assert all(r.receipt == f"receipt from {r.peer}" for r in rows if r.peer != SELF)
+        assert all(r.receipt is None for r in rows if r.peer == SELF)
+
+    peers = ["p1", "p2", "p3", "p4", "p5", "p6"]  # 7 nodes for n = 6
+    run(repo, lambda backend, ctx: FakeNetwork(backend, peers), scenario)
+
+
+def test_when_only_doubling_up_is_left_the_put_says_weak(repo: Repo) -> None:
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        network.full = {"p1"}
+        reply = await service.put(str(src), None, None, [], False)
+        assert reply["placement"] == "weak" and "p1" not in reply["holders"]
+        assert sum(reply["holders"].values()) == 6 * reply["segments"]
+        assert state.model(reply["cid"])[4] == "weak"
+        network.full = {"p1", "p2", "p3", "p4", "p5"}  # only this node has room
+        reply = await service.put(str(src), None, None, [], False)
+        assert reply["holders"] == {SELF: 6 * reply["segments"]}
 
     run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2", "p3", "p4", "p5"]), scenario)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fusenode.node.state import State
 
 
@@ -62,4 +64,70 @@ def test_jobs_are_unique_persistent_and_requeued(tmp_path):
     done = s.job(job["id"])
     assert done["state"] == "done" and done["result"] == "QmOut" and done["seconds"] >= 0
     assert done["attempts"] == 3
+    s.close()
+
+
+def test_a_version_1_database_is_brought_forward(tmp_path):
+    """Repos made before audits and quotas: their held and placements tables gain the new
+    columns, the new tables appear, and nothing already recorded is lost."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', '1');
+            CREATE TABLE placements (manifest TEXT NOT NULL, segment INTEGER NOT NULL,
+                fragment INTEGER NOT NULL, cid TEXT NOT NULL, peer TEXT NOT NULL,
+                confirmed TEXT NOT NULL, PRIMARY KEY (manifest, segment, fragment));
+            INSERT INTO placements VALUES ('QmM', 0, 0, 'QmF', 'peer', '2025-01-01T00:00:00.0Z');
+            CREATE TABLE held (cid TEXT NOT NULL, owner TEXT NOT NULL, pinned TEXT NOT NULL,
+                PRIMARY KEY (cid, owner));
+            INSERT INTO held VALUES ('QmF', 'alice', '2025-01-01T00:00:00.0Z');
+            """
+        )
+    s = State(db)
+    [row] = s.placements("QmM")
+    assert (row.cid, row.peer, row.receipt, row.lost) == ("QmF", "peer", None, None)
+    assert s.held(["QmF"]) == {"QmF"} and s.held_bytes("alice") == 0
+    s.hold(["QmG"], "alice", 5000)
+    assert s.held_bytes("alice") == 5000
+    assert s.mark_lost("QmF", "peer", "failed audit") == 1
+    assert s.placements("QmM")[0].lost == "failed audit"
+    assert s.record_audit("QmF", "peer", "passed") == 0
+    s.close()
+    with sqlite3.connect(db) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == ("2",)
+
+
+def test_audit_scores_follow_storjs_beta_reputation(tmp_path):
+    s = State(tmp_path / "s.db")
+    assert s.update_score("p", True, 0.95) == 1.0
+    after_failure = s.update_score("p", False, 0.95)
+    # alpha: 1 -> 0.95 + 1 = 1.95 -> 0.95 * 1.95 = 1.8525; beta: 0 -> 0 -> 1
+    assert after_failure == pytest.approx(1.8525 / 2.8525)
+    assert after_failure < 0.8
+    for _ in range(30):
+        score = s.update_score("p", True, 0.95)
+    assert score > 0.8  # passing audits bring a holder back
+    assert s.scores()["p"]["passed"] == 31 and s.scores()["p"]["failed"] == 1
+    assert s.record_audit("QmF", "p", "unanswered") == 1
+    assert s.record_audit("QmF", "p", "unanswered") == 2
+    assert s.record_audit("QmF", "p", "passed") == 0
+    s.close()
+
+
+def test_an_announced_job_that_failed_is_not_queued_again(tmp_path):
+    s = State(tmp_path / "s.db")
+    s.submit_job("optimize", "QmSrc", "fuse", "1", [], "announce")
+    claimed = s.next_queued_job()
+    s.fail_job(claimed["id"], "bad model")
+    again, changed = s.submit_job(
+        "optimize", "QmSrc", "fuse", "1", [], "announce", retry_failed=False
+    )
+    assert not changed and again["state"] == "failed"
+    retried, changed = s.submit_job("optimize", "QmSrc", "fuse", "1", [], "user")
+    assert changed and retried["state"] == "queued"  # a user may always retry
     s.close()

@@ -693,3 +693,17 @@ def test_metadata_unknown_key_and_bad_time_in_json() -> None:
         Metadata.from_json(canonical_json({**obj, "created": "yesterday"}))
     with pytest.raises(ManifestError, match="media_type must be a string"):
         Metadata.from_json(canonical_json({**obj, "media_type": None}))
+
+
+@pytest.mark.parametrize("where", ["same-segment", "other-segment"])
+def test_a_fragment_cid_listed_twice_is_refused(where: str) -> None:
+    """Without this a small manifest could name the same fragments over and over and make a
+    reader fetch and write far more than anyone stored (docs/format.md 5.4)."""
+    obj = _obj(make_manifest(300, 2, 3, 100, True))
+    first = obj["segments"][0]["fragments"][0]["cid"]
+    if where == "same-segment":
+        obj["segments"][0]["fragments"][1]["cid"] = first
+    else:
+        obj["segments"][2]["fragments"][0]["cid"] = first
+    with pytest.raises(ManifestError, match="listed twice"):
+        Manifest.from_bytes(json.dumps(obj).encode())

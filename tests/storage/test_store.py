@@ -340,3 +340,20 @@ def test_a_silent_holder_costs_a_hedge_not_the_deadline(backend, ident, tmp_path
     released.set()  # let the abandoned fetches end
     assert (tmp_path / "o").read_bytes() == src.read_bytes() and got.manifest.version == 2
     assert took < 5, took
+
+
+def test_public_files_with_identical_segments_are_stored_encrypted_only(backend, tmp_path):
+    """Identical plaintext segments would give identical fragments, which a manifest may
+    not list twice: refused with the way out, and nothing published."""
+    src = tmp_path / "zeros.bin"
+    src.write_bytes(bytes(3 * SEG))
+    with pytest.raises(InvalidArgument, match=r"segments 0 and 1 .* identical.*encrypted"):
+        put_file(src, backend, public=True, segment_size=SEG, work_dir=tmp_path)
+    put = put_file(
+        src,
+        backend,
+        recipients=[age.X25519Identity.generate().recipient],
+        segment_size=SEG,
+        work_dir=tmp_path,
+    )
+    assert len(set(put.manifest.fragment_cids())) == len(put.manifest.fragment_cids())
