@@ -39,6 +39,7 @@ beside what raises them (borg's style); the whole family, with exit code / HTTP 
         │       └── PeerOverCapacity   1 / 502   it will not hold more for us (its 507)
         ├── BadPeerRequest             1 / 400   a peer's request is malformed
         ├── OverCapacity               1 / 507   this node will not hold more for that peer
+        ├── StoreTooSlow               1 / 408   a store's body did not arrive in time
         ├── PeerAuthError              1 / 401   a peer request's signature is not valid
         ├── FuseJobError               1 / 409   the fuse child failed or hit a limit
         └── JobError                   1 / 409   an optimization job cannot complete

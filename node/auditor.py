@@ -25,8 +25,10 @@ Outcomes:
   (a holder cannot dodge audits by timing out). The fragment's placement is marked lost, and
   repair rebuilds it on another node (a pass starts at once); the old copy is released.
 - *unanswered*: no authentic answer in time. Not a verdict by itself; a holder that does not
-  answer health checks either is left to liveness (`fusenode.node.monitor`), so a restart
-  never costs a rebuild.
+  answer health checks either (before its audits, or right after one went unanswered) is
+  left to liveness (`fusenode.node.monitor`), so a restart never costs a rebuild. A verdict
+  is recorded only while the placement still lists that holder (a rebalance may have moved
+  the fragment, and the old copy been released, during the audit).
 
 Each holder has a score, Storj's beta reputation: alpha and beta start at 1 and 0, each audit
 multiplies both by `FORGET` and adds 1 to alpha for a pass or to beta for a failure; the score
@@ -135,6 +137,11 @@ class Auditor:
                     return
                 for row in rows:
                     result, detail = await self.audit(peer, row.cid)
+                    if result == "skipped":
+                        if "stopped answering" in detail:
+                            summary["skipped"].append(peer)
+                            return
+                        continue
                     summary["audited"] += 1
                     if result == "passed":
                         summary["passed"] += 1
@@ -151,6 +158,10 @@ class Auditor:
         except AuditFailed as e:
             return self._failed(peer, cid, str(e))
         except PeerError as e:
+            try:  # a holder that went down (a restart) is liveness's business, not a verdict
+                await self.client.health(peer)
+            except PeerError:
+                return "skipped", f"the holder stopped answering: {e}"
             detail = f"no answer to the audit: {e}"
             streak = self.state.record_audit(cid, peer, "unanswered", detail)
             if streak >= UNANSWERED_FAIL:
@@ -163,6 +174,8 @@ class Auditor:
         return "passed", path
 
     def _failed(self, peer: str, cid: str, detail: str) -> tuple[str, str]:
+        if not self.state.placed_on(cid, peer):  # moved meanwhile (rebalance, repair)
+            return "skipped", "the fragment moved while it was audited"
         self.state.record_audit(cid, peer, "failed", detail)
         score = self.state.update_score(peer, False, FORGET)
         self.state.mark_lost(cid, peer, f"failed audit: {detail}")

@@ -7,7 +7,8 @@ its own blockstore when it has the block, else from live fusenode peers (``GET
 /peer/v1/block``, at most `unixfs.MAX_BLOCK_SIZE` bytes each). The root block comes first and
 is checked against the CID; it declares the file's size, which must be within ``max_size``
 before any other block is asked for; every further block is checked against the CID its
-parent lists, and the blocks fetched are bounded by what that size needs.
+parent lists and must hold the bytes the parent says; the blocks are walked depth first, one
+in memory at a time, and their number is bounded by what that size needs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from fusenode.storage.errors import IntegrityError, ManifestError, ManifestNotFound
-from fusenode.storage.unixfs import CHUNK_SIZE, block_cid, parse_dag_node
+from fusenode.storage.unixfs import CHUNK_SIZE, DagNode, block_cid, parse_dag_node
 
 __all__ = ["read_file"]
 
@@ -93,25 +94,31 @@ async def read_file(
                 return got
         raise IntegrityError(f"block {want} of {cid}: no source has it intact")
 
+    # Depth first, one block in memory at a time; each child must hold the bytes its parent
+    # says it does, so nothing beyond the declared size is ever asked for.
     out = bytearray()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if not current.links:
-            out += current.data
-            if len(out) > node.filesize:
-                raise ManifestError(f"{cid}: its blocks hold more than the size it declares")
-            continue
-        children = []
-        for link in current.links:
-            budget -= 1
-            if budget < 0:
-                raise ManifestError(f"{cid}: more blocks than a file of its size needs")
-            try:
-                children.append(parse_dag_node(await block(link)))
-            except ValueError as e:
-                raise ManifestError(f"{cid}: block {link} is not a UnixFS node: {e}") from None
-        stack.extend(reversed(children))
+    stack: list[tuple[str, int]] = []
+    current: DagNode | None = node
+    while True:
+        if current is not None:
+            if not current.links:
+                out += current.data
+            else:
+                stack.extend(reversed(list(zip(current.links, current.blocksizes, strict=True))))
+        if not stack:
+            break
+        want, expected = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ManifestError(f"{cid}: more blocks than a file of its size needs")
+        try:
+            current = parse_dag_node(await block(want))
+        except ValueError as e:
+            raise ManifestError(f"{cid}: block {want} is not a UnixFS node: {e}") from None
+        if current.filesize != expected:
+            raise ManifestError(
+                f"{cid}: block {want} holds {current.filesize} bytes, its parent says {expected}"
+            )
     if len(out) != node.filesize:
         raise ManifestError(f"{cid}: its blocks hold {len(out)} bytes, it declares {node.filesize}")
     return bytes(out)

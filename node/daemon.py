@@ -167,6 +167,8 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         parts = wire(repo, kubo, state, bridge)
         service = parts.service
 
+        if legacy := await parts.holder.account_legacy_holds():
+            log.info("accounted %d holds recorded before quotas", legacy)
         peer_port = free_loopback_port()
         peer_app = create_peer_app(parts.holder, config.network.accept_from)
         runners.append(await _serve(peer_app, "127.0.0.1", peer_port))

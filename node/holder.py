@@ -31,8 +31,15 @@ from pathlib import Path
 from fusenode import defaults
 from fusenode.node.context import NodeContext
 from fusenode.node.peerkeys import PeerKey
-from fusenode.node.protocol import BadPeerRequest, Health, OverCapacity, PeerList, Receipt
-from fusenode.storage.unixfs import FileHasher
+from fusenode.node.protocol import (
+    MAX_STORES_IN_FLIGHT,
+    BadPeerRequest,
+    Health,
+    OverCapacity,
+    PeerList,
+    Receipt,
+)
+from fusenode.storage.unixfs import FileHasher, parse_dag_node
 
 __all__ = ["Holder", "Limits"]
 
@@ -60,6 +67,7 @@ class Holder:
         self.recent = recent
         self.limits = limits
         self._reserved: Counter[str] = Counter()
+        self._in_flight: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def health(self) -> Health:
@@ -111,11 +119,21 @@ class Holder:
             "peers": {o: {"holds": h, "bytes": b} for o, (h, b) in per_owner.items()},
         }
 
-    def admit(self, owner: str, size: int) -> None:
-        """Reserve ``size`` bytes for a store by ``owner``, or raise `OverCapacity` saying
-        which limit it would break. `store_for` releases the reservation."""
+    def admit(self, owner: str, cid: str, size: int) -> None:
+        """Reserve ``size`` bytes for ``owner``'s store of ``cid``, or raise `OverCapacity`
+        saying which limit it would break. `store_for` releases the reservation. A CID the
+        owner already holds here (a retry whose answer was lost) is admitted whatever its
+        quota: it costs nothing more."""
         charge = max(size, defaults.MIN_HOLD_BYTES)
         with self._lock:
+            if self._in_flight[owner] >= MAX_STORES_IN_FLIGHT:
+                raise OverCapacity(
+                    f"peer {owner} has {MAX_STORES_IN_FLIGHT} stores in flight here already"
+                )
+            if self.state.holds(cid, owner):
+                self._reserved[owner] += charge
+                self._in_flight[owner] += 1
+                return
             capacity, quota = self.offered()
             total = self.state.held_bytes(besides=self.peer_id) + sum(self._reserved.values())
             mine = self.state.held_bytes(owner) + self._reserved[owner]
@@ -133,12 +151,31 @@ class Holder:
             if charge * 2 > free:  # the scratch copy and Kubo's own, both on this disk
                 raise OverCapacity(f"this node's disk has {_mib(free)} free")
             self._reserved[owner] += charge
+            self._in_flight[owner] += 1
 
     def _unreserve(self, owner: str, size: int) -> None:
         with self._lock:
             self._reserved[owner] -= max(size, defaults.MIN_HOLD_BYTES)
             if self._reserved[owner] <= 0:
                 del self._reserved[owner]
+            self._in_flight[owner] -= 1
+            if self._in_flight[owner] <= 0:
+                del self._in_flight[owner]
+
+    async def account_legacy_holds(self) -> int:
+        """Give holds recorded before sizes were (schema version 1: size 0) the size of
+        what they hold, read from the root block on disk, at least `MIN_HOLD_BYTES`; how
+        many were updated. Run at start, so old holds count against quotas too."""
+        updated = 0
+        for cid, owner in self.state.unsized_holds(besides=self.peer_id):
+            root = await self.blocks.read_block(cid)
+            try:
+                size = parse_dag_node(root).filesize if root is not None else 0
+            except ValueError:
+                size = 0
+            self.state.hold([cid], owner, max(size, defaults.MIN_HOLD_BYTES))
+            updated += 1
+        return updated
 
     # -- holding -----------------------------------------------------------------------------
 

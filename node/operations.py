@@ -416,6 +416,7 @@ ERRORS: dict[int, str] = {
     502: "stored data is damaged, or a peer answered with an error",
     503: "not enough fragments or nodes reachable now",
     504: "the IPFS node missed a deadline",
+    507: "not enough disk for what the manifest declares (checked before any fetch)",
 }
 
 ERROR_SCHEMA = Object(

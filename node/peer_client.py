@@ -146,8 +146,8 @@ class PeerClient:
             receipt,
             reply.body,
             reply.nonce,
-            reply.headers.get(HEADER_KEY, ""),
-            reply.headers.get(HEADER_SIGNATURE, ""),
+            reply.headers.get(HEADER_KEY.lower(), ""),
+            reply.headers.get(HEADER_SIGNATURE.lower(), ""),
         )
 
     async def block(
@@ -228,7 +228,11 @@ class PeerClient:
         if self._session is None:
             # No keep-alive: a pooled connection through a tunnel dies silently when the far
             # node restarts; a fresh stream per request costs ~2 ms on loopback.
-            self._session = ClientSession(connector=TCPConnector(force_close=True))
+            # No decompression: a reply is bounded by the bytes that arrive, not what they
+            # would inflate to.
+            self._session = ClientSession(
+                connector=TCPConnector(force_close=True), auto_decompress=False
+            )
         headers = sign_request(self.key, method, path, data, audience=peer_id)
         nonce = headers[HEADER_NONCE]
         if request.content_type:
@@ -246,7 +250,8 @@ class PeerClient:
             ) as resp:
                 body = await _read_bounded(resp, limit)
                 status = resp.status
-                reply_headers = dict(resp.headers)
+                # Lower-cased names: HTTP header names are case-insensitive.
+                reply_headers = {k.lower(): v for k, v in resp.headers.items()}
         except (ClientError, TimeoutError, OSError) as e:
             raise PeerUnreachable(f"peer {peer_id} did not answer: {e or type(e).__name__}") from e
         except PeerUnreachable:
@@ -254,11 +259,15 @@ class PeerClient:
         except Exception as e:  # a Kubo error creating the forward
             raise PeerUnreachable(f"peer {peer_id} unreachable: {e}") from e
         try:
-            verify_reply(reply_headers, peer_id, nonce, status, body)
+            verify_reply(reply_headers, peer_id, self.key.peer_id, nonce, status, body)
         except PeerAuthError as e:
-            # Not the peer's answer (a tunnel error page, or someone else on the port): as if
-            # nothing had come back.
-            raise PeerUnreachable(f"no authentic answer from peer {peer_id}: {e}") from None
+            # Not the peer's answer to us (a tunnel error page, someone else on the port, or
+            # a refusal of our signature, which is answered unsigned): as if nothing had come
+            # back, with what it said.
+            said = body[:200].decode("utf-8", "replace")
+            raise PeerUnreachable(
+                f"no authentic answer from peer {peer_id} ({e}); HTTP {status}: {said}"
+            ) from None
         return _Reply(status, body, nonce, reply_headers)
 
 

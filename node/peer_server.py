@@ -11,12 +11,19 @@ so an unread body is never taken in):
 2. the peer accepted by ``[network] accept_from`` (403);
 3. Content-Length present for a body (411: a chunked body could not be bounded up front) and
    within the route's limit, `protocol.BODY_LIMITS` (413);
-4. for /store, the holder's capacity and the peer's quota for that many bytes (507);
-5. the body, read in pieces up to Content-Length, checked against the signed hash.
+4. for /store, the holder's capacity and the peer's quota for that many bytes, and the
+   peer's stores in flight (507);
+5. the body, read in pieces up to Content-Length, checked against the signed hash; a store
+   must arrive at `protocol.STORE_MIN_RATE` after a grace period (408), so a body that
+   trickles in cannot hold a reservation and a connection forever.
+
+Replies are signed for the authenticated requester; a request that fails authentication is
+answered unsigned (a signature costs a private-key operation a flood must not buy).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -36,7 +43,14 @@ from fusenode.node.peerauth import (
     sign_reply,
     verify_request_headers,
 )
-from fusenode.node.protocol import BadPeerRequest, CidList, Health, PeerList, Receipt
+from fusenode.node.protocol import (
+    BadPeerRequest,
+    CidList,
+    Health,
+    PeerList,
+    Receipt,
+    StoreTooSlow,
+)
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
 
@@ -71,8 +85,8 @@ class PeerHandler(Protocol):
 
     async def unpin_for(self, owner: str, cids: list[str]) -> list[str]: ...
 
-    def admit(self, owner: str, size: int) -> None:
-        """Raise `protocol.OverCapacity` unless ``owner`` may store ``size`` more bytes."""
+    def admit(self, owner: str, cid: str, size: int) -> None:
+        """Raise `protocol.OverCapacity` unless ``owner`` may store ``cid`` (``size`` bytes)."""
         ...
 
     async def store_for(
@@ -120,9 +134,13 @@ def create_peer_app(
     nonces = nonces or NonceCache()
 
     def signed_reply(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
-        if isinstance(resp, web.Response):
-            nonce = request.headers.get(HEADER_NONCE, "")[:64]
-            resp.headers.update(sign_reply(node.key, nonce, resp.status, resp.body or b""))  # type: ignore[arg-type]
+        """Sign ``resp`` for the authenticated requester (never for an unauthenticated one:
+        a signature costs a private-key operation a flood must not be able to buy)."""
+        requester = request.get(REQUESTER)  # type: ignore[call-overload]
+        if isinstance(resp, web.Response) and requester:
+            nonce = request.headers.get(HEADER_NONCE, "")
+            body = resp.body or b""
+            resp.headers.update(sign_reply(node.key, requester, nonce, resp.status, body))  # type: ignore[arg-type]
         return resp
 
     def refuse(request: web.Request, status: int, kind: str, message: str) -> web.StreamResponse:
@@ -137,17 +155,23 @@ def create_peer_app(
         try:
             # audience: a request signed for another node cannot be replayed to this one.
             signed = verify_request_headers(
-                request.headers,
-                request.method,
-                request.raw_path,
-                audience=node.peer_id,
-                nonces=nonces,
+                request.headers, request.method, request.raw_path, audience=node.peer_id
             )
         except PeerAuthError as e:
             return refuse(request, 401, "PeerAuthError", str(e))
         peer = signed.peer_id
         if "*" not in accept_from and peer not in accept_from:
             return refuse(request, 403, "Forbidden", f"peer {peer} is not accepted")
+        # Only an accepted peer's nonces are remembered: others cannot fill the cache.
+        try:
+            if not nonces.accept(peer, signed.nonce):
+                raise PeerAuthError(f"request {signed.nonce} was already received: a replay")
+        except PeerAuthError as e:
+            return refuse(request, 401, "PeerAuthError", str(e))
+        request[REQUESTER] = peer  # type: ignore[index]
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            # Content-Length would bound only the compressed size.
+            return refuse(request, 415, "UnsupportedMediaType", "compressed bodies are refused")
         missing = request.match_info.http_exception  # no such route, or not that method
         if missing is not None:
             return refuse(request, missing.status, type(missing).__name__, missing.reason)
@@ -159,7 +183,6 @@ def create_peer_app(
             return refuse(
                 request, 413, "TooLarge", f"body of {length} bytes; this route takes {limit}"
             )
-        request[REQUESTER] = peer  # type: ignore[index]
         request[SIGNED] = signed  # type: ignore[index]
         request[LENGTH] = length or 0  # type: ignore[index]
         try:
@@ -200,10 +223,19 @@ def create_peer_app(
         expected = query_cid(request)
         owner: str = request[REQUESTER]  # type: ignore[index]
         size: int = request[LENGTH]  # type: ignore[index]
-        node.admit(owner, size)  # before a byte is read
+        node.admit(owner, expected, size)  # before a byte is read
         signed: SignedRequest = request[SIGNED]  # type: ignore[index]
         chunks = _body_chunks(request, size, signed.body_sha256)
-        receipt = await node.store_for(owner, expected, size, chunks)
+        # A body that trickles in would hold its reservation (and a connection) forever.
+        deadline = protocol.STORE_GRACE + size / protocol.STORE_MIN_RATE
+        try:
+            async with asyncio.timeout(deadline):
+                receipt = await node.store_for(owner, expected, size, chunks)
+        except TimeoutError:
+            raise StoreTooSlow(
+                f"{size} bytes did not arrive within {deadline:.0f} s (at least "
+                f"{protocol.STORE_MIN_RATE // 1024} KiB/s after {protocol.STORE_GRACE:.0f} s)"
+            ) from None
         return web.json_response(receipt.body())
 
     async def block(request: web.Request) -> web.Response:

@@ -27,11 +27,15 @@ the body, then reads at most the route's limit and checks the hash as it goes
 
 Reply headers (`sign_reply`, `verify_reply`): X-Fusenode-Peer, -Key and -Signature over::
 
-    fusenode-reply-v2 \\n REQUEST-NONCE \\n STATUS \\n hex(sha256(reply body))
+    fusenode-reply-v2 \\n REQUESTER \\n REQUEST-NONCE \\n STATUS \\n hex(sha256(reply body))
 
-The requester checks the replier is the peer it called and the reply answers its own request:
-a process on the tunnel's port cannot forge an answer, and a holder's signed receipt for a
-fragment is kept as proof (`fusenode.node.placement`).
+REQUESTER is the peer ID that signed the request. The requester checks the replier is the
+peer it called and that the reply answers its own request, sent by itself: a process on the
+tunnel's port cannot forge an answer, nor relay a request of its own under the victim's
+nonce and pass the answer off (that answer names the relaying process as the requester). A
+holder's signed receipt for a fragment is kept as proof (`fusenode.node.placement`). A
+request whose signature fails is answered unsigned (401): signing costs a private-key
+operation, which an unauthenticated flood must not be able to buy.
 
 PATH?QUERY is the request target exactly as sent on the wire (percent-encoding untouched:
 aiohttp's ``request.raw_path`` on the server; on the client, pass the URL pre-encoded, e.g.
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import hmac
 import secrets
@@ -189,29 +194,46 @@ def _signer(found: dict[str, str]) -> tuple[str, bytes, object]:
 
 
 class NonceCache:
-    """The (peer, nonce) pairs accepted within the skew window: each is accepted once.
+    """The (peer, nonce) pairs accepted within the window (twice the clock skew allowed):
+    each is accepted once.
 
-    Bounded: past ``capacity`` pairs not yet expired, new requests are refused (401 at the
-    edge) until some expire, rather than growing without limit.
+    Bounded two ways, so that no key can crowd out the others: at most ``per_peer`` pairs of
+    one peer and ``capacity`` in all are remembered; past either, that peer's (or every)
+    new request is refused until some expire. All entries live for the same window, so
+    they expire in the order they came: forgetting them is O(1) each, never a scan.
+    Held in memory only: after a restart a request captured in the last window could be
+    replayed once (every request is idempotent; see docs/design.md section 11).
     """
 
-    def __init__(self, window: float = 2 * MAX_SKEW, capacity: int = 200_000) -> None:
+    def __init__(
+        self, window: float = 2 * MAX_SKEW, capacity: int = 200_000, per_peer: int = 20_000
+    ) -> None:
         self.window = window
         self.capacity = capacity
-        self._seen: dict[tuple[str, str], float] = {}
+        self.per_peer = per_peer
+        self._order: collections.deque[tuple[float, str, str]] = collections.deque()
+        self._seen: set[tuple[str, str]] = set()
+        self._count: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
     def accept(self, peer: str, nonce: str) -> bool:
-        """Remember the pair; False when it was seen before (a replay)."""
+        """Remember the pair; False when it was seen before (a replay). Raises
+        `PeerAuthError` when the peer (or everyone) has sent too many in the window."""
         now = time.monotonic()
         with self._lock:
-            if len(self._seen) >= self.capacity:
-                self._seen = {k: t for k, t in self._seen.items() if t > now}
-                if len(self._seen) >= self.capacity:
-                    raise PeerAuthError("too many requests in the replay window; try again")
-            if (peer, nonce) in self._seen and self._seen[(peer, nonce)] > now:
+            while self._order and self._order[0][0] <= now:
+                _, old_peer, old_nonce = self._order.popleft()
+                self._seen.discard((old_peer, old_nonce))
+                self._count[old_peer] -= 1
+                if self._count[old_peer] <= 0:
+                    del self._count[old_peer]
+            if (peer, nonce) in self._seen:
                 return False
-            self._seen[(peer, nonce)] = now + self.window
+            if self._count[peer] >= self.per_peer or len(self._seen) >= self.capacity:
+                raise PeerAuthError("too many requests in the replay window; try again later")
+            self._seen.add((peer, nonce))
+            self._count[peer] += 1
+            self._order.append((now + self.window, peer, nonce))
             return True
 
 
@@ -286,16 +308,17 @@ def verify_request(
     return signed.peer_id
 
 
-def _reply_message(nonce: str, status: int, body: bytes) -> bytes:
-    return b"\n".join(
-        [_REPLY_DOMAIN, nonce.encode(), str(status).encode(), body_digest(body).encode()]
-    )
+def _reply_message(requester: str, nonce: str, status: int, body: bytes) -> bytes:
+    fields = (requester, nonce, str(status), body_digest(body))
+    return b"\n".join([_REPLY_DOMAIN, *(f.encode() for f in fields)])
 
 
-def sign_reply(key: PeerKey, nonce: str, status: int, body: bytes) -> dict[str, str]:
-    """Headers proving that ``key``'s peer answers request ``nonce`` with this status and
-    body."""
-    signature = key.sign(_reply_message(nonce, status, bytes(body)))
+def sign_reply(
+    key: PeerKey, requester: str, nonce: str, status: int, body: bytes
+) -> dict[str, str]:
+    """Headers proving that ``key``'s peer answers ``requester``'s request ``nonce`` with this
+    status and body."""
+    signature = key.sign(_reply_message(requester, nonce, status, bytes(body)))
     return {
         HEADER_PEER: key.peer_id,
         HEADER_KEY: base64.b64encode(key.public_key_proto).decode(),
@@ -304,12 +327,18 @@ def sign_reply(key: PeerKey, nonce: str, status: int, body: bytes) -> dict[str, 
 
 
 def verify_reply(
-    headers: Mapping[str, str], peer_id: str, nonce: str, status: int, body: bytes
+    headers: Mapping[str, str],
+    peer_id: str,
+    requester: str,
+    nonce: str,
+    status: int,
+    body: bytes,
 ) -> None:
-    """Raise `PeerAuthError` unless ``peer_id`` signed this reply to request ``nonce``."""
+    """Raise `PeerAuthError` unless ``peer_id`` signed this reply to ``requester``'s request
+    ``nonce``."""
     found = _headers(headers, _REPLY_HEADERS)
     signer, signature, key = _signer(found)
     if signer != peer_id:
         raise PeerAuthError(f"the reply is signed by {signer}, not by {peer_id}, whom we asked")
-    if not key.verify(signature, _reply_message(nonce, status, bytes(body))):  # type: ignore[attr-defined]
+    if not key.verify(signature, _reply_message(requester, nonce, status, bytes(body))):  # type: ignore[attr-defined]
         raise PeerAuthError(f"bad reply signature from {peer_id}: the answer was altered")

@@ -31,9 +31,10 @@ Messages (JSON unless said otherwise; every request and reply signed)::
                                              blockstore (404 when it has not got it); audits
                                              and bounded manifest fetches read through it
     errors: any status >= 400 with {"error": {"type", "message"}}; the status is the error
-            class's own (`fusenode.errors`), 401 for a bad signature or a replay, 403 for a
-            peer not accepted, 400 for a malformed request, 411 without Content-Length, 413
-            over the route's limit, 507 over capacity or quota
+            class's own (`fusenode.errors`), 401 for a bad signature or a replay (unsigned:
+            the requester is not known), 403 for a peer not accepted, 400 for a malformed
+            request, 408 a store too slow, 411 without Content-Length, 413 over the route's
+            limit, 415 a compressed body, 507 over capacity, quota or stores in flight
 
 Every request is idempotent, so a client retries one whose answer was lost (a reply can be
 lost through a tunnel when a stream closes early). A retry is signed anew (a fresh nonce).
@@ -79,6 +80,13 @@ BLOCK: Final = "/peer/v1/block"
 MAX_BODY: Final = defaults.PEER_MAX_BODY
 #: Largest fragment (or manifest) one /store may carry.
 MAX_FRAGMENT: Final = defaults.MAX_STREAMED_FRAGMENT
+#: A store's body must arrive at this rate (bytes/s) after this grace (s): 256 KiB/s is a
+#: 2 Mbit/s link, so a 16 MiB fragment has 94 s.
+STORE_MIN_RATE: Final = 256 * 1024
+STORE_GRACE: Final = 30.0
+#: Stores of one peer in flight on a node at once (a put sends ~1.5 segments' worth of
+#: fragments over all its holders at once).
+MAX_STORES_IN_FLIGHT: Final = 8
 #: Largest reply read from a peer: JSON answers, and a block.
 MAX_REPLY: Final = defaults.PEER_MAX_BODY
 MAX_BLOCK_REPLY: Final = MAX_BLOCK_SIZE
@@ -109,6 +117,10 @@ class PeerRefused(PeerError, exit_code=1):
 
 class BadPeerRequest(NodeError, http_status=400):
     """A peer's request is malformed (answered 400)."""
+
+
+class StoreTooSlow(NodeError, http_status=408):
+    """A store's body did not arrive in time (`STORE_MIN_RATE` after `STORE_GRACE`)."""
 
 
 class OverCapacity(NodeError, http_status=507):

@@ -286,14 +286,17 @@ class Repairer:
     async def _place_somewhere(
         self, path: Path, cid: str, candidates: list[str], holders: list[str], total: Counter
     ) -> tuple[str, Placed]:
-        """Place a rebuilt fragment where the allocator says; a node that refuses for lack
-        of room is passed over (for the rest of this pass too)."""
+        """Place a rebuilt fragment where the allocator says; a node that refuses, fails or
+        does not answer is passed over (for the rest of this pass too), so one hostile peer
+        cannot stop a repair. A store that may have landed is released later (surplus)."""
         while True:
             target = self.allocator.replacement(candidates, holders, total)
             try:
                 return target, await self.placer.place(target, path, cid=cid)
-            except PeerOverCapacity as e:
+            except PeerError as e:
                 log.info("repair: %s", e)
+                if not isinstance(e, PeerOverCapacity):
+                    self.state.add_surplus("", cid, target)
                 candidates.remove(target)
 
     async def run_forever(self, stop: asyncio.Event, interval: float) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from fusenode import defaults
 from fusenode.node.allocator import Allocator, PutPlan, SegmentAllocation
+from fusenode.node.auditor import Auditor, distrusted
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError, PlacementError
 from fusenode.node.network import Network
@@ -48,9 +49,9 @@ from fusenode.storage.store import (
     open_metadata,
     put_file,
 )
+from fusenode.storage.unixfs import file_cid
 
 if TYPE_CHECKING:
-    from fusenode.node.auditor import Auditor
     from fusenode.node.holder import Holder
     from fusenode.node.optimizer import Optimizer
     from fusenode.node.repair import Repairer
@@ -177,39 +178,47 @@ class NodeService:
                 try:
                     placed = bridge.wait_for(self.network.place(holder, frag_path))
                     break
-                except PeerOverCapacity as e:  # full, or our quota there is spent: elsewhere
-                    log.info("fragment %d of segment %d: %s", index, segment, e)
+                except PeerError as e:
+                    # Full, over our quota, refusing, failing or silent: any other node will
+                    # do, so one hostile or broken peer cannot stop a put. A store that may
+                    # have landed (no answer) is released when that peer answers again.
+                    log.info("fragment %d of segment %d on %s: %s", index, segment, holder, e)
+                    if not isinstance(e, PeerOverCapacity):
+                        self.state.add_surplus("", file_cid(frag_path.read_bytes()), holder)
                     try:
                         holder = allocation.refused(segment, index, holder)
-                    except PlacementError as full:
-                        raise NodeError(f"{full} ({e}); nothing was published") from e
-                except PeerError as e:
-                    raise NodeError(
-                        f"fragment {index} of segment {segment}: {e}; nothing was published"
-                    ) from e
+                    except PlacementError as none_left:
+                        raise NodeError(
+                            f"fragment {index} of segment {segment}: {none_left} (last: {e}); "
+                            "nothing was published"
+                        ) from e
             with lock:
                 placements.append((segment, index, placed.cid, holder))
                 if placed.receipt is not None:
                     receipts[(segment, index)] = placed.receipt
             return placed.cid
 
-        with (progress or _no_progress)(size, "put") as update:
-            result = await bridge.run(
-                put_file,
-                path,
-                self.blocks.sync,
-                recipients=readers,
-                public=public,
-                k=k,
-                n=n,
-                segment_size=self.config.storage.segment_size,
-                work_dir=self.repo.files.tmp,
-                sink=sink,
-                progress=update,
-                name=name,
-                provenance=provenance,
-                parent=parent,
-            )
+        try:
+            with (progress or _no_progress)(size, "put") as update:
+                result = await bridge.run(
+                    put_file,
+                    path,
+                    self.blocks.sync,
+                    recipients=readers,
+                    public=public,
+                    k=k,
+                    n=n,
+                    segment_size=self.config.storage.segment_size,
+                    work_dir=self.repo.files.tmp,
+                    sink=sink,
+                    progress=update,
+                    name=name,
+                    provenance=provenance,
+                    parent=parent,
+                )
+        except BaseException:
+            await self._orphaned(placements)
+            raise
         # The manifest is on this node; every holder gets a copy too, so any node finds it.
         holders = sorted({holder for *_, holder in placements})
         await self.network.distribute(holders, result.cid)
@@ -232,15 +241,28 @@ class NodeService:
             "holders": dict(sorted(Counter(h for *_, h in placements).items())),
         }
 
+    async def _orphaned(self, placements: list[tuple[int, int, str, str]]) -> None:
+        """A put that failed published nothing: the fragments it placed are released (ours
+        now, the peers' once they answer: the surplus rule of repair), so no holder keeps
+        them, or counts them against our quota, for ever."""
+        for _segment, _index, cid, holder in placements:
+            if holder != self.peer_id:
+                self.state.add_surplus("", cid, holder)
+            elif self.state.release(cid, self.peer_id):
+                with contextlib.suppress(Exception):
+                    await self.blocks.unpin(cid)
+
     async def _plan(self, n: int) -> PutPlan:
         """The allocator's plan over the live peers; when they are too few domains for n
         fragments, first look for the rest of the network (a node that just joined may not
         know it yet)."""
 
+        bad = distrusted(self.state)  # holders that failed audits get no new fragments
+
         def plan(live: list[str]) -> PutPlan:
             return self.allocator.plan(
                 self.peer_id,
-                live,
+                [p for p in live if p not in bad],
                 n,
                 networked=self.network.networked,
                 allow_weak=self.config.placement.allow_weak,

@@ -280,6 +280,14 @@ class State:
             [peer, now_iso(), receipt, manifest, segment, fragment],
         )
 
+    def placed_on(self, cid: str, peer: str) -> bool:
+        """Whether a placement still lists fragment ``cid`` on ``peer`` (and counts it)."""
+        rows = self._run(
+            "SELECT 1 FROM placements WHERE cid = ? AND peer = ? AND lost IS NULL LIMIT 1",
+            [cid, peer],
+        )
+        return bool(rows)
+
     def mark_lost(self, cid: str, peer: str, why: str) -> int:
         """Every placement of fragment ``cid`` on ``peer`` no longer counts (repair rebuilds
         it elsewhere); how many rows."""
@@ -299,6 +307,11 @@ class State:
             "SET size = MAX(held.size, excluded.size)",
             ((c, owner, stamp, size) for c in cids),
         )
+
+    def unsized_holds(self, besides: str) -> list[tuple[str, str]]:
+        """(cid, owner) of holds for others recorded without a size (schema version 1)."""
+        rows = self._run("SELECT cid, owner FROM held WHERE size = 0 AND owner != ?", [besides])
+        return [(r[0], r[1]) for r in rows]
 
     def holds(self, cid: str, owner: str) -> bool:
         return bool(self._run("SELECT 1 FROM held WHERE cid = ? AND owner = ?", [cid, owner]))

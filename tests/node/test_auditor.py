@@ -60,12 +60,25 @@ def world(tmp_path: Path):
     state.close()
 
 
-def _audit(kubo: Any, state: State, client: HolderClient) -> dict:
+class Offset:
+    """Stands in for the auditor's randomness: the byte offset to check is ours to say."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def randrange(self, n: int) -> int:
+        return min(self.offset, n - 1)
+
+
+def _audit(kubo: Any, state: State, client: HolderClient, offset: int | None = None) -> dict:
     async def main() -> dict:
         bridge = Bridge()
         ctx = NodeContext(SELF, AsyncBlocks(kubo, bridge), state, Path("/nonexistent"))
+        auditor = Auditor(ctx, client, timeout=2.0)  # type: ignore[arg-type]
+        if offset is not None:
+            auditor._random = Offset(offset)  # type: ignore[assignment]
         try:
-            return await Auditor(ctx, client, timeout=2.0).run()  # type: ignore[arg-type]
+            return await auditor.run()
         finally:
             bridge.close()
 
@@ -137,3 +150,46 @@ def test_a_holder_that_is_down_is_left_to_liveness(world) -> None:
         assert summary["skipped"] == [HOLDER] and summary["audited"] == 0
     assert client.asked == [] and state.audits() == {}
     assert all(p.lost is None for p in state.placements())
+
+
+@pytest.mark.parametrize("leaf", [0, 1, 4, 5])
+def test_the_walk_goes_to_the_leaf_holding_the_random_byte(world, leaf) -> None:
+    kubo, state, (_small, big) = world
+    links = parse_dag_node(kubo.read_block(big)).links
+    assert len(links) == 6  # five full chunks and a 7-byte one
+    client = HolderClient(kubo)
+    offset = leaf * CHUNK_SIZE + (3 if leaf < 5 else 6)  # a byte inside that chunk
+    assert _audit(kubo, state, client, offset)["passed"] == 2
+    assert client.asked[client.asked.index(big) + 1] == links[leaf]
+
+
+def test_a_holder_that_restarts_mid_audit_is_not_failed(world) -> None:
+    """No answer to an audit, and then no answer to a health check: a restart (liveness's
+    business), not a verdict, however often it happens."""
+    kubo, state, _ = world
+
+    class Restarting(HolderClient):
+        async def block(self, peer, cid, timeout=10.0):
+            self.down = True  # goes down while being audited
+            raise PeerUnreachable("connection reset")
+
+    for _ in range(UNANSWERED_FAIL + 1):
+        summary = _audit(kubo, state, Restarting(kubo))
+        assert summary["failed"] == [] and summary["skipped"] == [HOLDER]
+    assert state.audits() == {} and all(p.lost is None for p in state.placements())
+
+
+def test_a_fragment_moved_during_its_audit_is_not_held_against_the_old_holder(world) -> None:
+    kubo, state, (small, _big) = world
+
+    class Moving(HolderClient):
+        async def block(self, peer, cid, timeout=10.0):
+            if cid != small:
+                return await super().block(peer, cid, timeout)
+            row = next(p for p in state.placements() if p.cid == small)
+            state.move_placement(row.manifest, row.segment, row.fragment, "elsewhere")
+            return None  # the old holder released it: 404
+
+    summary = _audit(kubo, state, Moving(kubo))
+    assert summary["failed"] == [] and summary["passed"] == 1  # the other fragment
+    assert state.scores()[HOLDER]["failed"] == 0

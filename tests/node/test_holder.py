@@ -18,7 +18,7 @@ from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.context import NodeContext
 from fusenode.node.holder import Holder, Limits
 from fusenode.node.peerkeys import load_private_key
-from fusenode.node.protocol import BadPeerRequest, OverCapacity
+from fusenode.node.protocol import MAX_STORES_IN_FLIGHT, BadPeerRequest, OverCapacity
 from fusenode.node.repo import Repo
 from fusenode.node.state import State
 from fusenode.storage.errors import BackendTimeout
@@ -27,6 +27,7 @@ from fusenode.storage.unixfs import CHUNK_SIZE, MAX_LINKS, block_cid, file_cid, 
 
 OWNER = "12D3KooWOwnerOwnerOwnerOwnerOwnerOwnerOwnerOwnerA"
 OTHER = "12D3KooWOtherOtherOtherOtherOtherOtherOtherOtherB"
+NEW = file_cid(b"a fragment not held yet")
 
 
 async def _pieces(data: bytes, size: int = 100_000) -> AsyncIterator[bytes]:
@@ -55,8 +56,9 @@ def _run(tmp_path: Path, limits: Limits, scenario) -> None:
 
 
 async def _store(holder: Holder, owner: str, data: bytes, cid: str | None = None):
-    holder.admit(owner, len(data))
-    return await holder.store_for(owner, cid or file_cid(data), len(data), _pieces(data))
+    cid = cid or file_cid(data)
+    holder.admit(owner, cid, len(data))
+    return await holder.store_for(owner, cid, len(data), _pieces(data))
 
 
 def test_store_for_checks_the_bytes_before_adding(tmp_path: Path) -> None:
@@ -101,14 +103,14 @@ def test_capacity_and_quota_are_accounted_per_peer(tmp_path: Path) -> None:
         await _store(holder, OWNER, first)  # a retry of the same store is not charged twice
         assert state.held_bytes(OWNER) == mib
         with pytest.raises(OverCapacity, match=r"peer_quota"):
-            holder.admit(OWNER, mib + 1)  # 1 MiB held + 1 MiB and a byte > 2 MiB quota
+            holder.admit(OWNER, NEW, mib + 1)  # 1 MiB held + 1 MiB and a byte > 2 MiB quota
         await _store(holder, OTHER, os.urandom(mib))
         with pytest.raises(OverCapacity, match=r"\[storage\] capacity"):
-            holder.admit(OTHER, mib + 1)  # 2 MiB held in all + 1 MiB and a byte > 3 MiB
+            holder.admit(OTHER, NEW, mib + 1)  # 2 MiB held in all + 1 MiB and a byte > 3 MiB
         # Reservations count while a store is in flight: two admitted at once cannot overshoot.
-        holder.admit(OTHER, mib // 2)
+        holder.admit(OTHER, NEW, mib // 2)
         with pytest.raises(OverCapacity):
-            holder.admit(OWNER, mib // 2 + 1)
+            holder.admit(OWNER, NEW, mib // 2 + 1)
         # Tiny stores are accounted at least MIN_HOLD_BYTES each.
         small = await _store(holder, OWNER, b"x")
         assert state.held_bytes(OWNER) == mib + defaults.MIN_HOLD_BYTES
@@ -122,6 +124,53 @@ def test_capacity_and_quota_are_accounted_per_peer(tmp_path: Path) -> None:
         assert usage["held_for_peers"] == mib and set(usage["peers"]) == {OTHER}
 
     _run(tmp_path, Limits(capacity=3 * mib, peer_quota=2 * mib), scenario)
+
+
+def test_reservations_are_given_back_and_retries_are_admitted(tmp_path: Path) -> None:
+    mib = 2**20
+
+    async def scenario(holder: Holder, kubo, state: State) -> None:
+        # A store that fails half-way (the body ended, or did not hash) gives its room back.
+        async def broken() -> AsyncIterator[bytes]:
+            yield b"x" * 1000
+            raise BadPeerRequest("the body ended 999000 bytes short of its Content-Length")
+
+        holder.admit(OWNER, NEW, mib)
+        with pytest.raises(BadPeerRequest, match="short"):
+            await holder.store_for(OWNER, NEW, mib, broken())
+        assert holder._reserved == {} and holder._in_flight == {}
+        # Up to its quota; then a retry of a store already held (its answer was lost) is
+        # admitted still, and charges nothing more; a new CID is not.
+        data = os.urandom(mib)
+        await _store(holder, OWNER, data)
+        await _store(holder, OWNER, data)
+        assert state.held_bytes(OWNER) == mib
+        with pytest.raises(OverCapacity, match="quota"):
+            holder.admit(OWNER, NEW, 1)
+        # A peer cannot hold more than MAX_STORES_IN_FLIGHT stores open at once.
+        for _ in range(MAX_STORES_IN_FLIGHT):
+            holder.admit(OTHER, NEW, 10)
+        with pytest.raises(OverCapacity, match="in flight"):
+            holder.admit(OTHER, NEW, 10)
+
+    _run(tmp_path, Limits(capacity=4 * mib, peer_quota=mib), scenario)
+
+
+def test_holds_from_before_quotas_are_accounted_at_start(tmp_path: Path) -> None:
+    async def scenario(holder: Holder, kubo, state: State) -> None:
+        data = os.urandom(300_000)
+        path = Path(kubo.repo_dir) / "legacy"
+        path.write_bytes(data)
+        cid = kubo.add(path)
+        state.hold([cid], OWNER)  # as a version 1 repo recorded it: no size
+        state.hold([file_cid(b"gone")], OTHER)  # its blocks are not even here
+        assert state.held_bytes(OWNER) == 0
+        assert await holder.account_legacy_holds() == 2
+        assert state.held_bytes(OWNER) == len(data)
+        assert state.held_bytes(OTHER) == defaults.MIN_HOLD_BYTES
+        assert await holder.account_legacy_holds() == 0
+
+    _run(tmp_path, Limits(), scenario)
 
 
 def test_auto_capacity_follows_the_free_disk(tmp_path: Path) -> None:

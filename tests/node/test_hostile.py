@@ -61,12 +61,17 @@ def holders(st: dict) -> set[str]:
     return {f["peer"] for s in st["segments"] for f in s["fragments"]}
 
 
-def rss_peak(pid: int) -> int:
-    """VmHWM of a process: the most resident memory it ever had (bytes)."""
+def memory(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of a process, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM again from the current RSS (Linux: clear_refs, value 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def kubo_pids(pid: int) -> set[int]:
@@ -189,13 +194,14 @@ def test_every_reply_is_signed_by_the_peer_for_this_request(net, attacker):
     victim = net.nodes[3].peer_id
     headers = attacker.signed(victim, "GET", "/peer/v1/health")
     reply = attacker.request(victim, "GET", "/peer/v1/health", headers=headers)
-    verify_reply(reply.headers, victim, headers[HEADER_NONCE], reply.status, reply.body)
+    nonce = headers[HEADER_NONCE]
+    verify_reply(reply.headers, victim, attacker.peer_id, nonce, reply.status, reply.body)
     # A receipt is a signature over (CID, size, time) for this request, kept by the placer.
     blob = os.urandom(5000)
     path = f"/peer/v1/store?cid={file_cid(blob)}"
     headers = attacker.signed(victim, "POST", path, blob)
     reply = attacker.request(victim, "POST", path, blob, headers=headers)
-    verify_reply(reply.headers, victim, headers[HEADER_NONCE], 200, reply.body)
+    verify_reply(reply.headers, victim, attacker.peer_id, headers[HEADER_NONCE], 200, reply.body)
     assert reply.json()["cid"] == file_cid(blob) and reply.json()["size"] == 5000
 
 
@@ -214,7 +220,8 @@ def test_the_placing_node_keeps_signed_receipts(net, stored):
             "X-Fusenode-Key": receipt["key"],
             "X-Fusenode-Signature": receipt["signature"],
         }
-        verify_reply(headers, peer, receipt["nonce"], 200, body)  # checkable by anyone
+        placer = net.nodes[0].peer_id  # checkable by anyone: holder, placer, nonce, bytes
+        verify_reply(headers, peer, placer, receipt["nonce"], 200, body)
         assert json.loads(body)["cid"] == frag
 
 
@@ -223,14 +230,15 @@ def test_the_placing_node_keeps_signed_receipts(net, stored):
 
 def test_a_300_mib_unsigned_body_is_refused_with_memory_bounded(net, attacker, stored, tmp_path):
     victim = net.nodes[2]
-    peak_before = rss_peak(victim.proc.pid)
+    reset_peak(victim.proc.pid)
+    rss_before = memory(victim.proc.pid, "VmRSS")
     held_before = held_by(net, 2)
     headers = {"Content-Length": str(300 * MiB), "Content-Type": "application/octet-stream"}
     path = f"/peer/v1/store?cid={file_cid(b'x')}"
     sent, reply = attacker.stream(victim.peer_id, path, headers, 300 * MiB)
-    if reply is not None:
-        assert reply.status == 401
-    grew = rss_peak(victim.proc.pid) - peak_before
+    # Refused at once (401), or the connection closed on it before the reply was read.
+    assert reply is None or reply.status == 401, reply
+    grew = memory(victim.proc.pid, "VmHWM") - rss_before  # the peak during the attack
     assert grew < 64 * MiB, f"memory grew by {grew / MiB:.0f} MiB ({sent / MiB:.0f} MiB sent)"
     assert held_by(net, 2) == held_before
     still_readable(net, stored, tmp_path)
@@ -421,7 +429,9 @@ def test_a_holder_whose_blocks_are_deleted_is_caught_by_an_audit_and_replaced(
         time.sleep(1)
     for c in lost:
         assert where[c]["peer"] not in (cheat.peer_id, net.nodes[4].peer_id)
-        assert "audit" in where[c]
+        assert where[c]["answered"] and "lost" not in where[c]
+        audit = where[c]["audit"]  # the new copy: not audited yet, or passed
+        assert audit is None or audit["result"] == "passed", audit
     for seg in st["segments"]:
         assert len({f["peer"] for f in seg["fragments"]}) == 3
     with sqlite3.connect(net.nodes[0].repo / "state.db") as db:
@@ -433,7 +443,6 @@ def test_a_holder_whose_blocks_are_deleted_is_caught_by_an_audit_and_replaced(
         ).fetchone()
     assert any(results.get(c) == "failed" for c in lost)
     assert score[1] > 0  # the failure counts against the holder
-    assert owner  # (the owner itself is never audited)
     still_readable(net, stored, tmp_path)
     # Other holders' fragments were audited and passed.
     audited = [f["audit"] for s in st["segments"] for f in s["fragments"] if f["peer"] != owner]

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from fusenode.node.peer_client import PeerClient
 from fusenode.node.peerauth import HEADER_NONCE, private_key_from_protobuf, sign_reply
-from fusenode.node.protocol import PeerRefused, PeerUnreachable
+from fusenode.node.protocol import PeerOverCapacity, PeerRefused, PeerUnreachable
 from fusenode.system import free_loopback_port
 from tests.support.keys import ed25519_protobuf
 
@@ -47,13 +47,16 @@ def _client(port: int) -> PeerClient:
     return client
 
 
-def _answer(signer, body: bytes, *, status: int = 200, nonce: str | None = None):
+def _answer(
+    signer, body: bytes, *, status: int = 200, nonce: str | None = None, requester: str = ""
+):
     async def handler(request: web.Request) -> web.Response:
         await request.read()
         resp = web.Response(body=body, status=status, content_type="application/json")
         if signer is not None:
             signed_nonce = nonce if nonce is not None else request.headers[HEADER_NONCE]
-            resp.headers.update(sign_reply(signer, signed_nonce, status, body))
+            who = requester or ME.peer_id
+            resp.headers.update(sign_reply(signer, who, signed_nonce, status, body))
         return resp
 
     return handler
@@ -68,8 +71,10 @@ HELD = json.dumps({"held": [CID]}).encode()
         (_answer(None, HELD), "missing header"),  # unsigned
         (_answer(IMPOSTOR, HELD), "not by"),  # signed, by someone else
         (_answer(PEER, HELD, nonce="A" * 22), "bad reply signature"),  # an old answer
+        # The peer's real answer to a request someone else relayed under our nonce.
+        (_answer(PEER, HELD, requester=IMPOSTOR.peer_id), "bad reply signature"),
     ],
-    ids=["unsigned", "other-key", "other-request"],
+    ids=["unsigned", "other-key", "other-request", "other-requester"],
 )
 def test_only_the_called_peer_can_answer(handler, reason):
     async def main() -> None:
@@ -98,8 +103,35 @@ def test_the_real_peer_is_believed_and_its_refusals_are_refusals():
         runner, port = await _serving(_answer(PEER, error, status=507))
         client = _client(port)
         try:
-            with pytest.raises(PeerRefused, match="full"):
+            with pytest.raises(PeerOverCapacity, match="full"):  # put and repair go elsewhere
                 await client.store(PEER.peer_id, CID, b"data", 5.0)
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_a_reply_is_cut_off_at_the_bound_even_without_content_length():
+    """The bytes are counted as they arrive: a chunked reply cannot pass the bound either."""
+    huge = b'{"held": [' + b" " * (3 << 20) + b"]}"
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        resp.headers.update(sign_reply(PEER, ME.peer_id, request.headers[HEADER_NONCE], 200, huge))
+        await resp.prepare(request)
+        for i in range(0, len(huge), 1 << 16):
+            await resp.write(huge[i : i + (1 << 16)])
+        await resp.write_eof()
+        return resp
+
+    async def main() -> None:
+        runner, port = await _serving(chunked)
+        client = _client(port)
+        try:
+            with pytest.raises(PeerUnreachable, match=r"over the .* allowed"):
+                await client.has(PEER.peer_id, [CID])
         finally:
             await client.close()
             await runner.cleanup()

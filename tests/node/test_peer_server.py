@@ -4,14 +4,18 @@ tests/node/test_hostile.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
 import pytest
 
+from fusenode.node import protocol
 from fusenode.node.peer_server import create_peer_app
 from fusenode.node.peerauth import (
     HEADER_NONCE,
+    HEADER_PEER,
+    NonceCache,
     PeerAuthError,
     private_key_from_protobuf,
     sign_request,
@@ -46,7 +50,7 @@ class FakeHolder:
     def held(self, cids: list[str]) -> set[str]:
         return {c for c, _ in self.holds} & set(cids)
 
-    def admit(self, owner: str, size: int) -> None:
+    def admit(self, owner: str, cid: str, size: int) -> None:
         if size > self.room:
             raise OverCapacity(f"{size} bytes do not fit")
         self.admitted.append(size)
@@ -90,7 +94,7 @@ async def _post(client, key, path, body, content_type="application/octet-stream"
 async def _checked(resp, headers) -> bytes:
     """The reply's body, after checking the server signed it for this very request."""
     body = await resp.read()
-    verify_reply(resp.headers, SELF, headers[HEADER_NONCE], resp.status, body)
+    verify_reply(resp.headers, SELF, headers[HEADER_PEER], headers[HEADER_NONCE], resp.status, body)
     return body
 
 
@@ -108,9 +112,12 @@ async def test_store_checks_the_cid_and_answers_with_a_signed_receipt(aiohttp_cl
     assert Receipt.parse(body) == Receipt(good, len(data), "2025-06-01T12:00:00Z")
     assert (good, key.peer_id) in node.holds  # held for the peer that asked
     assert node.admitted == [len(data)]  # admitted from Content-Length, before reading
-    # The receipt cannot be passed off as the answer to another request.
+    # The receipt cannot be passed off as the answer to another request, or another peer's.
     with pytest.raises(PeerAuthError):
-        verify_reply(resp.headers, SELF, _signed(key, "POST", path, data)[HEADER_NONCE], 200, body)
+        other_nonce = _signed(key, "POST", path, data)[HEADER_NONCE]
+        verify_reply(resp.headers, SELF, key.peer_id, other_nonce, 200, body)
+    with pytest.raises(PeerAuthError):
+        verify_reply(resp.headers, SELF, SELF, headers[HEADER_NONCE], 200, body)
     other = fake_cid(b"something else")
     resp = await _post(client, key, f"/peer/v1/store?cid={other}", data)
     assert resp.status == 400 and "hashes to" in (await resp.json())["error"]["message"]
@@ -150,19 +157,20 @@ async def test_every_answer_is_signed_even_a_refusal(aiohttp_client, key):
         headers = _signed(key, method, path)
         resp = await client.request(method, path, headers=headers)
         await _checked(resp, headers)  # raises unless signed by the server for this request
-    resp = await client.get("/peer/v1/health")  # unsigned: 401, still a signed answer
-    assert resp.status == 401
-    verify_reply(resp.headers, SELF, "", 401, await resp.read())
+    # A request that fails authentication gets an unsigned 401: signing is a private-key
+    # operation, and an unauthenticated flood must not be able to buy them.
+    resp = await client.get("/peer/v1/health")
+    assert resp.status == 401 and "X-Fusenode-Signature" not in resp.headers
 
 
 @pytest.mark.asyncio
 async def test_bodies_are_bounded_before_they_are_read(aiohttp_client, key):
     node = FakeHolder(room=1000)
     client = await aiohttp_client(create_peer_app(node, ("*",)))
-    # Over the node's room: 507 from Content-Length alone, nothing read.
+    # Over the node's room: 507 from Content-Length alone.
     big = b"x" * 5000
     resp = await _post(client, key, f"/peer/v1/store?cid={fake_cid(big)}", big)
-    assert resp.status == 507 and node.bytes_read == 0
+    assert resp.status == 507 and node.admitted == []
     # Over a route's limit: 413 (a CID list is at most 1 MiB).
     huge = b'{"cids": [' + b" " * (2 << 20) + b"]}"
     headers = _signed(key, "POST", "/peer/v1/has", huge, "application/json")
@@ -219,3 +227,47 @@ async def test_malformed_and_failing_requests(aiohttp_client, key):
     error = (await resp.json())["error"]
     # A bug is a 500 that tells the peer nothing of this node's insides.
     assert resp.status == 500 and "secret" not in error["message"]
+
+
+@pytest.mark.asyncio
+async def test_peers_not_accepted_cannot_fill_the_replay_cache(aiohttp_client, key):
+    nonces = NonceCache(capacity=2, per_peer=2)
+    client = await aiohttp_client(create_peer_app(FakeHolder(), ("QmOnlyThisPeer",), nonces))
+    for _ in range(5):
+        headers = _signed(key, "GET", "/peer/v1/health")
+        resp = await client.get("/peer/v1/health", headers=headers)
+        assert resp.status == 403  # refused before its nonce is remembered
+    accepted = await aiohttp_client(create_peer_app(FakeHolder(), (key.peer_id,), nonces))
+    headers = _signed(key, "GET", "/peer/v1/health")
+    assert (await accepted.get("/peer/v1/health", headers=headers)).status == 200
+
+
+@pytest.mark.asyncio
+async def test_compressed_bodies_are_refused(aiohttp_client, key):
+    client = await aiohttp_client(create_peer_app(FakeHolder(), ("*",)))
+    body = b'{"cids": []}'
+    headers = _signed(key, "POST", "/peer/v1/has", body, "application/json")
+    headers["Content-Encoding"] = "gzip"
+    resp = await client.post("/peer/v1/has", data=body, headers=headers)
+    assert resp.status == 415  # Content-Length would bound only the compressed size
+
+
+@pytest.mark.asyncio
+async def test_a_store_that_trickles_in_is_cut_off(aiohttp_client, key, monkeypatch):
+    monkeypatch.setattr(protocol, "STORE_GRACE", 0.3)
+    node = FakeHolder()
+    client = await aiohttp_client(create_peer_app(node, ("*",)))
+    data = b"y" * 1000
+    path = f"/peer/v1/store?cid={fake_cid(data)}"
+    headers = _signed(key, "POST", path, data)
+
+    async def slowly():
+        yield data[:10]
+        await asyncio.sleep(2)
+        yield data[10:]
+
+    headers["Content-Length"] = str(len(data))
+    resp = await client.post(path, data=slowly(), headers=headers)
+    error = (await resp.json())["error"]
+    assert resp.status == 408 and "did not arrive" in error["message"]
+    assert node.holds == set()

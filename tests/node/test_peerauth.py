@@ -303,13 +303,17 @@ def test_a_replayed_request_is_refused_within_the_window(key: PeerKey) -> None:
         verify_request(forged, "POST", TARGET, BODY, now=NOW, audience=ME, nonces=nonces)
 
 
-def test_the_nonce_cache_is_bounded() -> None:
-    nonces = NonceCache(window=600, capacity=3)
+def test_the_nonce_cache_is_bounded_per_peer_and_in_all() -> None:
+    nonces = NonceCache(window=600, capacity=5, per_peer=3)
     for i in range(3):
-        assert nonces.accept("QmPeer", f"n{i}")
+        assert nonces.accept("QmFlood", f"n{i}")
     with pytest.raises(PeerAuthError, match="too many requests"):
-        nonces.accept("QmPeer", "n3")
-    expired = NonceCache(window=-1, capacity=3)  # every entry already past its window
+        nonces.accept("QmFlood", "n3")  # one peer cannot take more than its share...
+    assert nonces.accept("QmOther", "n0")  # ...and others are still heard
+    assert nonces.accept("QmThird", "n0")
+    with pytest.raises(PeerAuthError, match="too many requests"):
+        nonces.accept("QmFourth", "n0")  # the cache as a whole is bounded too
+    expired = NonceCache(window=-1, capacity=3, per_peer=2)  # every entry past its window
     for i in range(10):
         assert expired.accept("QmPeer", f"n{i}")
 
@@ -332,12 +336,15 @@ def test_newlines_cannot_smuggle_fields(key: PeerKey) -> None:
 # ------------------------------------------------------------------ replies
 
 
-def test_reply_signature_binds_the_peer_the_request_and_the_answer(key: PeerKey) -> None:
+def test_reply_signature_binds_the_peer_the_requester_the_request_and_the_answer(
+    key: PeerKey,
+) -> None:
+    me = private_key_from_protobuf(ed25519_protobuf()).peer_id
     nonce = _signed(key)[HEADER_NONCE]
     body = b'{"cid": "Qm1", "size": 3, "time": "2025-06-01T12:00:00Z"}'
-    headers = sign_reply(key, nonce, 200, body)
-    verify_reply(headers, key.peer_id, nonce, 200, body)
-    message = b"fusenode-reply-v2\n" + nonce.encode() + b"\n200\n"
+    headers = sign_reply(key, me, nonce, 200, body)
+    verify_reply(headers, key.peer_id, me, nonce, 200, body)
+    message = b"fusenode-reply-v2\n" + me.encode() + b"\n" + nonce.encode() + b"\n200\n"
     _verify_plainly(
         key,
         base64.b64decode(headers[HEADER_SIGNATURE]),
@@ -345,12 +352,14 @@ def test_reply_signature_binds_the_peer_the_request_and_the_answer(key: PeerKey)
     )
     other = private_key_from_protobuf(ed25519_protobuf())
     for args, reason in [
-        ((headers, key.peer_id, nonce, 200, body + b" "), "bad reply signature"),
-        ((headers, key.peer_id, nonce, 500, body), "bad reply signature"),
-        ((headers, key.peer_id, "B" * 22, 200, body), "bad reply signature"),
-        ((headers, other.peer_id, nonce, 200, body), f"signed by {key.peer_id}, not"),
-        ((sign_reply(other, nonce, 200, body), key.peer_id, nonce, 200, body), "not by"),
-        (({}, key.peer_id, nonce, 200, body), "missing header"),
+        ((headers, key.peer_id, me, nonce, 200, body + b" "), "bad reply signature"),
+        ((headers, key.peer_id, me, nonce, 500, body), "bad reply signature"),
+        ((headers, key.peer_id, me, "B" * 22, 200, body), "bad reply signature"),
+        # The answer to someone else's request relayed under our nonce: refused.
+        ((headers, key.peer_id, other.peer_id, nonce, 200, body), "bad reply signature"),
+        ((headers, other.peer_id, me, nonce, 200, body), f"signed by {key.peer_id}, not"),
+        ((sign_reply(other, me, nonce, 200, body), key.peer_id, me, nonce, 200, body), "not by"),
+        (({}, key.peer_id, me, nonce, 200, body), "missing header"),
     ]:
         with pytest.raises(PeerAuthError, match=reason):
             verify_reply(*args)

@@ -17,7 +17,7 @@ from fusenode.node.context import NodeContext
 from fusenode.node.errors import PlacementError
 from fusenode.node.network import Offline
 from fusenode.node.placement import Placed
-from fusenode.node.protocol import PeerOverCapacity
+from fusenode.node.protocol import PeerOverCapacity, PeerUnreachable
 from fusenode.node.repo import Repo, identity_text, write_private
 from fusenode.node.service import NodeService
 from fusenode.node.state import State
@@ -41,6 +41,9 @@ class FakeNetwork:
         self.pinned: list[tuple[list[str], list[str]]] = []
         self.announced: list[tuple[str, str, bool]] = []
         self.full: set[str] = set()  # peers that refuse to hold more (507)
+        self.hostile: set[str] = set()  # peers that never answer a store
+        self.fail_after: int | None = None  # the put breaks after this many placements
+        self.state: State | None = None
 
     async def live_peers(self) -> list[str]:
         self.asked_live += 1
@@ -59,8 +62,14 @@ class FakeNetwork:
     async def place(self, holder: str, path: Path, cid: str | None = None) -> Placed:
         if holder in self.full:
             raise PeerOverCapacity(f"peer {holder} refused: full (HTTP 507)")
+        if holder in self.hostile:
+            raise PeerUnreachable(f"peer {holder} did not answer")
+        if self.fail_after is not None and len(self.placed) >= self.fail_after:
+            raise OSError("the disk of this node failed")
         added = self.backend.add(path)
         self.placed.append((holder, added))
+        if holder == SELF and self.state is not None:
+            self.state.hold([added], SELF)
         return Placed(added, None if holder == SELF else f"receipt from {holder}")
 
     async def read_small_file(self, cid: str, max_size: int) -> bytes | None:
@@ -165,6 +174,44 @@ def test_when_only_doubling_up_is_left_the_put_says_weak(repo: Repo) -> None:
         assert reply["holders"] == {SELF: 6 * reply["segments"]}
 
     run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2", "p3", "p4", "p5"]), scenario)
+
+
+def test_a_peer_that_fails_every_store_cannot_stop_a_put(repo: Repo) -> None:
+    """Not only a full holder: one that errs or stays silent is passed over too, and what it
+    may have stored anyway is released once it answers (the surplus rule)."""
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        network.hostile = {"p3"}
+        reply = await service.put(str(src), None, None, [], False)
+        assert reply["placement"] == "distinct" and "p3" not in reply["holders"]
+        surplus = state.surplus()
+        assert surplus and {peer for _, peer in surplus} == {"p3"}
+
+    peers = ["p1", "p2", "p3", "p4", "p5", "p6"]
+    run(repo, lambda backend, ctx: FakeNetwork(backend, peers), scenario)
+
+
+def test_a_failed_put_releases_what_it_placed(repo: Repo) -> None:
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        network.fail_after = 8
+        with pytest.raises(OSError, match="disk"):
+            await service.put(str(src), None, None, [], False)
+        placed = network.placed
+        assert len(placed) == 8 and state.placements() == []  # nothing published
+        remote = {(cid, h) for h, cid in placed if h != SELF}
+        assert set(state.surplus()) == remote  # released by those peers when they answer
+        ours = [cid for h, cid in placed if h == SELF]
+        assert ours and state.held(ours) == set()  # ours: at once
+
+    def network_for(backend, ctx):
+        network = FakeNetwork(backend, ["p1", "p2", "p3", "p4", "p5"])
+        network.state = ctx.state  # holds this node's own fragments, as the Placer does
+        return network
+
+    run(repo, network_for, scenario)
 
 
 def test_too_few_nodes_refuse_before_anything_is_stored(repo: Repo) -> None:
