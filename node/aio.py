@@ -79,14 +79,8 @@ class AsyncBlocks:
     async def add_bytes(self, data: bytes) -> str:
         return await self.bridge.run(self.sync.add_bytes, data)
 
-    async def pin(self, cid: str, timeout: float) -> None:
-        await self.bridge.run(self.sync.pin, cid, timeout)
-
     async def unpin(self, cid: str) -> None:
         await self.bridge.run(self.sync.unpin, cid)
-
-    async def fetch_bytes(self, cid: str, timeout: float) -> bytes:
-        return await self.bridge.run(self.sync.fetch_bytes, cid, timeout)
 
     async def read_block(self, cid: str) -> bytes | None:
         return await self.bridge.run(self.sync.read_block, cid)

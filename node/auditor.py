@@ -137,10 +137,10 @@ class Auditor:
                     return
                 for row in rows:
                     result, detail = await self.audit(peer, row.cid)
+                    if result == "down":  # the rest of its fragments wait for the next pass
+                        summary["skipped"].append(peer)
+                        return
                     if result == "skipped":
-                        if "stopped answering" in detail:
-                            summary["skipped"].append(peer)
-                            return
                         continue
                     summary["audited"] += 1
                     if result == "passed":
@@ -152,7 +152,9 @@ class Auditor:
         return summary
 
     async def audit(self, peer: str, cid: str) -> tuple[str, str]:
-        """Challenge ``peer`` for fragment ``cid``, record the outcome; (result, detail)."""
+        """Challenge ``peer`` for fragment ``cid``, record the outcome; (result, detail).
+        Results: passed, failed, unanswered (recorded); skipped (the fragment moved) and
+        down (the holder stopped answering health checks), recorded as nothing."""
         try:
             path = await self._challenge(peer, cid)
         except AuditFailed as e:
@@ -161,7 +163,7 @@ class Auditor:
             try:  # a holder that went down (a restart) is liveness's business, not a verdict
                 await self.client.health(peer)
             except PeerError:
-                return "skipped", f"the holder stopped answering: {e}"
+                return "down", f"the holder stopped answering: {e}"
             detail = f"no answer to the audit: {e}"
             streak = self.state.record_audit(cid, peer, "unanswered", detail)
             if streak >= UNANSWERED_FAIL:

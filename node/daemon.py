@@ -90,7 +90,6 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     service.optimizer = Optimizer(service, transport)
     limits = Limits(config.storage.capacity, config.storage.peer_quota)
     holder = Holder(ctx, key, recent=unreachable_after, limits=limits)
-    service.holder = holder
     auditor = Auditor(ctx, client, on_failure=service.repairer.run)
     service.auditor = auditor
     return Components(

@@ -97,27 +97,20 @@ class Holder:
 
     def offered(self) -> tuple[int, int]:
         """(capacity, per-peer quota) in bytes as of now."""
+        held = self.state.held_bytes(besides=self.peer_id)
+        disk = shutil.disk_usage(self.tmp)
+        return self._limits(held, disk.total, disk.free)
+
+    def _limits(self, held: int, disk_total: int, disk_free: int) -> tuple[int, int]:
+        """(capacity, quota) given the bytes held for others and the disk's size and room."""
         capacity = self.limits.capacity
         if capacity is None:
-            usage = shutil.disk_usage(self.tmp)
-            reserve = max(defaults.DISK_RESERVE, int(usage.total * defaults.DISK_RESERVE_FRACTION))
-            held = self.state.held_bytes(besides=self.peer_id)
-            capacity = held + max(0, usage.free - reserve)
+            reserve = max(defaults.DISK_RESERVE, int(disk_total * defaults.DISK_RESERVE_FRACTION))
+            capacity = held + max(0, disk_free - reserve)
         quota = self.limits.peer_quota
         if quota is None:
             quota = int(capacity * defaults.AUTO_QUOTA_FRACTION)
         return capacity, min(quota, capacity)
-
-    def usage(self) -> dict[str, object]:
-        """What this node holds for others, for `fusenode status --json` and the API."""
-        capacity, quota = self.offered()
-        per_owner = self.state.held_by_owner(self.peer_id)
-        return {
-            "capacity": capacity,
-            "peer_quota": quota,
-            "held_for_peers": sum(b for _, b in per_owner.values()),
-            "peers": {o: {"holds": h, "bytes": b} for o, (h, b) in per_owner.items()},
-        }
 
     def admit(self, owner: str, cid: str, size: int) -> None:
         """Reserve ``size`` bytes for ``owner``'s store of ``cid``, or raise `OverCapacity`
@@ -130,28 +123,29 @@ class Holder:
                 raise OverCapacity(
                     f"peer {owner} has {MAX_STORES_IN_FLIGHT} stores in flight here already"
                 )
-            if self.state.holds(cid, owner):
-                self._reserved[owner] += charge
-                self._in_flight[owner] += 1
-                return
-            capacity, quota = self.offered()
-            total = self.state.held_bytes(besides=self.peer_id) + sum(self._reserved.values())
-            mine = self.state.held_bytes(owner) + self._reserved[owner]
-            if total + charge > capacity:
-                raise OverCapacity(
-                    f"this node is full: it holds {_mib(total)} for peers and offers "
-                    f"{_mib(capacity)} ([storage] capacity); {_mib(charge)} more do not fit"
-                )
-            if mine + charge > quota:
-                raise OverCapacity(
-                    f"peer {owner} has used {_mib(mine)} of its {_mib(quota)} quota here "
-                    f"([storage] peer_quota); {_mib(charge)} more do not fit"
-                )
-            free = shutil.disk_usage(self.tmp).free
-            if charge * 2 > free:  # the scratch copy and Kubo's own, both on this disk
-                raise OverCapacity(f"this node's disk has {_mib(free)} free")
+            if not self.state.holds(cid, owner):
+                self._check_room(owner, charge)
             self._reserved[owner] += charge
             self._in_flight[owner] += 1
+
+    def _check_room(self, owner: str, charge: int) -> None:
+        held = self.state.held_bytes(besides=self.peer_id)
+        disk = shutil.disk_usage(self.tmp)
+        capacity, quota = self._limits(held, disk.total, disk.free)
+        total = held + sum(self._reserved.values())
+        mine = self.state.held_bytes(owner) + self._reserved[owner]
+        if total + charge > capacity:
+            raise OverCapacity(
+                f"this node is full: it holds {_mib(total)} for peers and offers "
+                f"{_mib(capacity)} ([storage] capacity); {_mib(charge)} more do not fit"
+            )
+        if mine + charge > quota:
+            raise OverCapacity(
+                f"peer {owner} has used {_mib(mine)} of its {_mib(quota)} quota here "
+                f"([storage] peer_quota); {_mib(charge)} more do not fit"
+            )
+        if charge * 2 > disk.free:  # the scratch copy and Kubo's own, both on this disk
+            raise OverCapacity(f"this node's disk has {_mib(disk.free)} free")
 
     def _unreserve(self, owner: str, size: int) -> None:
         with self._lock:

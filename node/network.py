@@ -51,8 +51,8 @@ class Network(Protocol):
         None where that is not possible (no daemon: Kubo's own fetch is used)."""
         ...
 
-    async def distribute(self, peers: list[str], cid: str) -> None:
-        """Copy the manifest ``cid`` (held here) to ``peers``, best effort."""
+    async def distribute(self, peers: list[str], cid: str, data: bytes) -> None:
+        """Copy the manifest ``cid`` (its bytes ``data``) to ``peers``, best effort."""
         ...
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None: ...
@@ -106,8 +106,8 @@ class PeerNetwork:
             peers=await self.live_peers(),
         )
 
-    async def distribute(self, peers: list[str], cid: str) -> None:
-        await self.placer.distribute(peers, cid)
+    async def distribute(self, peers: list[str], cid: str, data: bytes) -> None:
+        await self.placer.distribute(peers, cid, data)
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
         await self.announcer.announce(cid, kind, encrypted)
@@ -139,7 +139,7 @@ class Offline:
         self.state.hold([added], self.peer_id)
         return Placed(added)
 
-    async def distribute(self, peers: list[str], cid: str) -> None:
+    async def distribute(self, peers: list[str], cid: str, data: bytes) -> None:
         return None
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None:

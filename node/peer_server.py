@@ -105,20 +105,19 @@ async def _body_chunks(request: web.Request, length: int, digest: str) -> AsyncI
     ends early or does not hash to the signed ``digest`` (after the last piece)."""
     h = hashlib.sha256()
     left = length
-    while left > 0:
-        chunk = await request.content.read(min(_READ, left))
-        if not chunk:
+    while True:
+        chunk = await request.content.read(min(_READ, left)) if left else b""
+        if left and not chunk:
             raise BadPeerRequest(f"the body ended {left} bytes short of its Content-Length")
         h.update(chunk)
         left -= len(chunk)
-        if left > 0:
+        # The last piece is handed over only once the whole body is known to be the signed one.
+        if not left and not hmac.compare_digest(h.hexdigest(), digest):
+            raise BadPeerRequest("the body is not the one signed")
+        if chunk:
             yield chunk
-        else:  # the last piece is handed over only once the whole body is known to be signed
-            if not hmac.compare_digest(h.hexdigest(), digest):
-                raise BadPeerRequest("the body is not the one signed")
-            yield chunk
-    if length == 0 and not hmac.compare_digest(h.hexdigest(), digest):
-        raise BadPeerRequest("the body is not the one signed")
+        if not left:
+            return
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -48,13 +48,10 @@ class Placer:
         signed = await self.client.store(holder, cid, data, self.timeout, attempts=3)
         return Placed(cid, signed.record())
 
-    async def distribute(self, peers: Iterable[str], cid: str) -> None:
-        """Give each of ``peers`` a copy of the manifest ``cid`` (held here), best effort:
-        any node can then find it, whoever placed it."""
+    async def distribute(self, peers: Iterable[str], cid: str, data: bytes) -> None:
+        """Give each of ``peers`` a copy of the manifest ``cid`` (its bytes ``data``), best
+        effort: any node can then find it, whoever placed it."""
         others = [p for p in peers if p != self.peer_id]
-        if not others:
-            return
-        data = await self.blocks.fetch_bytes(cid, self.timeout)
         await asyncio.gather(
             *(self.client.store(p, cid, data, self.timeout) for p in others),
             return_exceptions=True,

@@ -52,7 +52,6 @@ from fusenode.storage.store import (
 from fusenode.storage.unixfs import file_cid
 
 if TYPE_CHECKING:
-    from fusenode.node.holder import Holder
     from fusenode.node.optimizer import Optimizer
     from fusenode.node.repair import Repairer
 
@@ -87,7 +86,6 @@ class NodeService:
         self.optimizer: Optimizer | None = None
         self.repairer: Repairer | None = None
         self.auditor: Auditor | None = None
-        self.holder: Holder | None = None
 
     # -- the decisions made once -------------------------------------------------------------
     def identities(self, identity_path: str | None) -> list[age.X25519Identity]:
@@ -221,7 +219,7 @@ class NodeService:
             raise
         # The manifest is on this node; every holder gets a copy too, so any node finds it.
         holders = sorted({holder for *_, holder in placements})
-        await self.network.distribute(holders, result.cid)
+        await self.network.distribute(holders, result.cid, result.manifest.to_bytes())
         self.state.hold([result.cid], self.peer_id)
         mode = "weak" if allocation.weakened and plan.mode == "distinct" else plan.mode
         self.state.record_model(
@@ -385,7 +383,7 @@ class NodeService:
         parsed = [age.X25519Recipient.from_string(r) for r in recipients]
         identities = self.identities(identity_path)
         manifest = await self.manifest(cid)
-        new_cid, _manifest = await self.blocks.bridge.run(
+        new_cid, shared = await self.blocks.bridge.run(
             functools.partial(
                 share_cid, cid, self.blocks.sync, identities, parsed, manifest=manifest
             )
@@ -393,7 +391,7 @@ class NodeService:
         if new_cid == cid:  # every key already had access: nothing new was written
             return {"cid": cid, "source": cid, "added": 0}
         self.state.hold([new_cid], self.peer_id)
-        await self.network.distribute(await self.network.live_peers(), new_cid)
+        await self.network.distribute(await self.network.live_peers(), new_cid, shared.to_bytes())
         await self.network.announce(new_cid, "shared", True)
         return {"cid": new_cid, "source": cid, "added": len(parsed)}
 

@@ -326,15 +326,6 @@ class State:
             )
         return int(rows[0][0])
 
-    def held_by_owner(self, besides: str) -> dict[str, tuple[int, int]]:
-        """(holds, bytes) per owner, for every owner but ``besides`` (this node)."""
-        rows = self._run(
-            "SELECT owner, COUNT(*), COALESCE(SUM(size), 0) FROM held WHERE owner != ? "
-            "GROUP BY owner ORDER BY owner",
-            [besides],
-        )
-        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
-
     def held(self, cids: Iterable[str] | None = None) -> set[str]:
         if cids is None:
             return {r[0] for r in self._run("SELECT DISTINCT cid FROM held")}

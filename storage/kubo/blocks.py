@@ -39,11 +39,20 @@ from fusenode.storage.swarm import SwarmSettings
 from fusenode.storage.unixfs import MAX_BLOCK_SIZE
 from fusenode.system import removed_on_error
 
-__all__ = ["KuboNode"]
+__all__ = ["KuboNode", "flatfs_path"]
 
 _RECONNECT_WAIT_S: Final = 3.0
 # Slowest add rate we still call healthy (shared CPUs, slow disks): sets add's default deadline.
 _SLOW_ADD_BYTES_PER_S: Final = 4 * 1024 * 1024
+
+
+def flatfs_path(kubo_dir: Path, cid: str) -> Path:
+    """Where Kubo's flatfs store under ``kubo_dir`` keeps the block ``cid`` names: block ``K``
+    (the base32 of its multihash, upper case, no padding) is ``blocks/<K[-3:-1]>/K.data``
+    (shard function next-to-last/2, written in ``blocks/SHARDING`` at repo creation)."""
+    mh = parse_cid(validate_cid(cid)).multihash
+    key = base64.b32encode(encode_multihash(mh.code, mh.digest)).decode().rstrip("=")
+    return Path(kubo_dir) / "blocks" / key[-3:-1] / f"{key}.data"
 
 
 class KuboNode(IpfsBackend):
@@ -131,12 +140,7 @@ class KuboNode(IpfsBackend):
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
 
     def _block_path(self, cid: str) -> Path:
-        """Where Kubo's flatfs store keeps the block ``cid`` names: block ``K`` (the base32
-        of its multihash, upper case, no padding) is ``kubo/blocks/<K[-3:-1]>/K.data`` (shard
-        function next-to-last/2, written in ``blocks/SHARDING`` at repo creation)."""
-        mh = parse_cid(validate_cid(cid)).multihash
-        key = base64.b32encode(encode_multihash(mh.code, mh.digest)).decode().rstrip("=")
-        return self._process.layout.kubo / "blocks" / key[-3:-1] / f"{key}.data"
+        return flatfs_path(self._process.layout.kubo, cid)
 
     def has_block(self, cid: str) -> bool:
         """Whether the root block of ``cid`` is in this node's blockstore, read from disk: a

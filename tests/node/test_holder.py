@@ -120,8 +120,7 @@ def test_capacity_and_quota_are_accounted_per_peer(tmp_path: Path) -> None:
             file_cid(first),
         ]
         assert state.held_bytes(OWNER) == 0
-        usage = holder.usage()
-        assert usage["held_for_peers"] == mib and set(usage["peers"]) == {OTHER}
+        assert state.held_bytes(besides=holder.peer_id) == state.held_bytes(OTHER) == mib
 
     _run(tmp_path, Limits(capacity=3 * mib, peer_quota=2 * mib), scenario)
 

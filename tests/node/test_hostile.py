@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from fusenode.node.peerauth import HEADER_NONCE, verify_reply
+from fusenode.storage.kubo import flatfs_path
 from fusenode.storage.manifest import (
     ENCRYPTION_NONE,
     ErasureParams,
@@ -282,8 +283,7 @@ def test_a_replayed_request_is_refused(net, attacker):
 
 
 def _block(repo: Path, cid: str) -> bytes:
-    [path] = (repo / "kubo" / "blocks").glob(f"*/{_key(cid)}.data")
-    return path.read_bytes()
+    return flatfs_path(repo / "kubo", cid).read_bytes()
 
 
 def _manifest_of(net, cid: str) -> Manifest:
@@ -405,13 +405,13 @@ def test_a_holder_whose_blocks_are_deleted_is_caught_by_an_audit_and_replaced(
     cheat = next(n for n in net.nodes[2:4] if n.peer_id in by_peer)
     lost = by_peer[cheat.peer_id]
     # Its disk loses every block of those fragments; its daemon keeps running and answering.
-    blocks = cheat.repo / "kubo" / "blocks"
     removed = 0
     for frag in lost:
         pending = [frag]
         while pending:
             want = pending.pop()
-            for path in blocks.glob(f"*/{_key(want)}.data"):  # the root, then its leaves
+            path = flatfs_path(cheat.repo / "kubo", want)  # the root, then its leaves
+            if path.exists():
                 data = path.read_bytes()
                 assert block_cid(data) == want
                 pending += list(parse_dag_node(data).links)
@@ -447,10 +447,3 @@ def test_a_holder_whose_blocks_are_deleted_is_caught_by_an_audit_and_replaced(
     # Other holders' fragments were audited and passed.
     audited = [f["audit"] for s in st["segments"] for f in s["fragments"] if f["peer"] != owner]
     assert any(a and a["result"] == "passed" for a in audited)
-
-
-def _key(cid: str) -> str:
-    """The flatfs file name of a block: base32 of its multihash, upper case, no padding."""
-    from fusenode.storage.multiformats import b58decode
-
-    return base64.b32encode(b58decode(cid)).decode().rstrip("=")

@@ -75,7 +75,7 @@ class FakeNetwork:
     async def read_small_file(self, cid: str, max_size: int) -> bytes | None:
         return None
 
-    async def distribute(self, peers: list[str], cid: str) -> None:
+    async def distribute(self, peers: list[str], cid: str, data: bytes) -> None:
         self.pinned.append((list(peers), [cid]))
 
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None:
