@@ -16,7 +16,8 @@ A :class:`Rule` is rooted at one op type, its ``anchor``, and has three steps:
 
 Every anchor node ends up in the report: fused by the first rule that matches and accepts, or
 skipped with the reason of the first rule that matched, or, when no rule's pattern matched,
-with ``unmatched(node, scope, rules)`` of the first rule anchored there.
+with ``unmatched(node, scope, rules)`` of the first rule anchored there. When several rules
+matched and all declined, the report joins their reasons (first matched first).
 
 :func:`run_rewrites` applies a rule set to the main graph and to every subgraph (If / Loop /
 Scan bodies, at any depth), repeating until nothing more matches (so chains like
@@ -178,6 +179,26 @@ class Scope:
     # -- queries ---------------------------------------------------------------------------
     def producer(self, name: str) -> NodeProto | None:
         return self.producers.get(name)
+
+    def rank(self, name: str) -> int | None:
+        """The rank the model declares for ``name`` (graph inputs, outputs and value_info of
+        this graph and the enclosing ones; a constant's own rank), or None when unknown."""
+        const, _ = self.constant(name)
+        if const is not None:
+            return len(const.tensor.dims) if const.tensor is not None else const.array().ndim
+        scope: Scope | None = self
+        while scope is not None:
+            g = scope.graph
+            for info in (*g.input, *g.output, *g.value_info):
+                if info.name == name and info.type.HasField("tensor_type"):
+                    tensor_type = info.type.tensor_type
+                    return len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+            scope = scope.parent
+        return None
+
+    def consumers(self, name: str) -> list[NodeProto]:
+        """The nodes of this graph that read ``name`` (not those of its subgraphs)."""
+        return [n for n in self.graph.node if name in n.input and id(n) not in self.removed]
 
     def uses(self, name: str) -> int:
         """References to ``name`` anywhere in the model (node inputs, graph outputs)."""
@@ -381,7 +402,7 @@ def run_rewrites(
 
 def _apply(node: NodeProto, scope: Scope, rules: Sequence[Rule]) -> Fused | str:
     """Rewrite ``node`` with the first rule that matches and accepts, or say why none did."""
-    reason = None
+    reasons: list[str] = []
     for rule in rules:
         match = rule.match(node, scope)
         if match is None:
@@ -389,8 +410,11 @@ def _apply(node: NodeProto, scope: Scope, rules: Sequence[Rule]) -> Fused | str:
         verdict = rule.check(match, scope)
         if not isinstance(verdict, str):
             return rule.rewrite(match, scope, verdict)
-        reason = reason or verdict
-    return reason if reason is not None else rules[0].unmatched(node, scope, rules)
+        if verdict not in reasons:
+            reasons.append(verdict)
+    # Every rule that matched and declined says why (a BatchNormalization between a Conv and a
+    # Conv is matched by the fold into either), first matched first.
+    return "; ".join(reasons) if reasons else rules[0].unmatched(node, scope, rules)
 
 
 def node_key(node: NodeProto) -> str:

@@ -86,6 +86,9 @@ class FuseBatchNormRule:
     op_type: ClassVar[str]
     #: What the report calls the op's third input.
     bias_name: ClassVar[str] = "bias"
+    #: Where the op sits: "after" it the BatchNormalization (its input comes from the op), or
+    #: "before" it (the op reads the BatchNormalization's output).
+    position: ClassVar[str] = "after"
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -113,13 +116,17 @@ class FuseBatchNormRule:
         reason = inference_form(node, scope.model.opset)
         if reason:  # reported first, as for a matched BatchNormalization
             return reason
-        families = "/".join(r.op_type for r in rules if isinstance(r, FuseBatchNormRule))
+        ours = [r for r in rules if isinstance(r, FuseBatchNormRule)]
+        families = "/".join(r.op_type for r in ours if r.position == "after")
+        readers = "/".join(r.op_type for r in ours if r.position == "before")
         x = node.input[0]
         op = scope.producer(x)
         if op is None:
             where = "a graph input" if x in scope.inputs else "not produced in this graph"
-            return f"its input {x!r} is {where}, not the output of {families}"
-        return f"its input comes from {op.op_type}, not {families}"
+            reason = f"its input {x!r} is {where}, not the output of {families}"
+        else:
+            reason = f"its input comes from {op.op_type}, not {families}"
+        return f"{reason}, and no {readers} reads its output" if readers else reason
 
     # -- check -------------------------------------------------------------------------------
     def check(self, m: BnMatch, scope: Scope) -> Plan | str:
@@ -246,6 +253,26 @@ def inference_form(bn: NodeProto, opset: int) -> str | None:
     if opset >= 14 and attr(bn, "training_mode", 0):
         return "BatchNormalization has training_mode=1"
     return None
+
+
+def bn_affine(bn: NodeProto, scope: Scope) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """``(s, beta, mean)`` in float64 from the BatchNormalization's constant parameters, or why
+    they cannot be folded (not constants, not per-channel, non-finite, var + eps <= 0)."""
+    params = []
+    for name in bn.input[1:5]:
+        const, why = scope.constant(name)
+        if const is None:
+            return f"BatchNormalization parameter {why}"
+        params.append(const)
+    return _scale(bn, params)
+
+
+def release_bn(bn: NodeProto, scope: Scope) -> None:
+    """Remove the BatchNormalization node and drop its parameters' uses (constants that nobody
+    uses any more go with it)."""
+    scope.remove_node(bn)
+    for name in bn.input[1:5]:
+        scope.release(name)
 
 
 def _scale(

@@ -286,6 +286,15 @@ def make_float_attribute(name: str, value: float) -> Any:
     return attribute
 
 
+def make_int_attribute(name: str, value: int) -> Any:
+    """``onnx.helper.make_attribute(name, value)`` for an int ``value``."""
+    attribute = AttributeProto()
+    attribute.name = name
+    attribute.i = int(value)
+    attribute.type = _A.INT
+    return attribute
+
+
 def make_tensor_value_info(name: str, elem_type: int, shape: list[int]) -> Any:
     """``onnx.helper.make_tensor_value_info(name, elem_type, shape)`` for a static shape."""
     info = ValueInfoProto()

@@ -202,3 +202,105 @@ def gemm_bn(
         nodes, [value_info("A", dtype, shape=a_shape)], [value_info("Y", dtype, 2)], inits, opset
     )
     return model, {"A": rng.standard_normal(a_shape).astype(dtype)}
+
+
+def matmul_bn(
+    rank=2,
+    add="right",
+    c_shape=("N",),
+    dtype=np.float32,
+    opset=17,
+    k=5,
+    n=4,
+    uniform=False,
+    declare_rank=True,
+    rng=None,
+):
+    """A [.., 3, K] -> MatMul(A, W [K, N]) [-> Add(c)] -> BatchNormalization -> Y.
+
+    ``add``: None, "right" (Add(MatMul, c)) or "left" (Add(c, MatMul)). For rank >= 3 the
+    BatchNormalization has the output's axis-1 size channels; ``uniform`` gives them one scale.
+    ``declare_rank=False`` puts a Relu before the MatMul and after the BatchNormalization, so
+    that no shape is declared for the values around them (unknown rank).
+    """
+    rng = rng or np.random.default_rng(RNG_SEED)
+    a_shape = [[3, k], [2, 3, k], [2, 3, 2, k]][rank - 2] if rank <= 4 else None
+    out_shape = [*a_shape[:-1], n]
+    channels = out_shape[1]
+    inits = [tensor("W", rng.standard_normal((k, n)).astype(dtype))]
+    bn = bn_params(rng, channels, dtype)
+    if uniform:  # one scale s = gamma / sqrt(var + eps) for all channels
+        bn[0] = tensor("bn_scale", np.full(channels, 1.3, dtype))
+        bn[3] = tensor("bn_var", np.full(channels, 0.7, dtype))
+    inits += bn
+    nodes = [helper.make_node("MatMul", ["A" if declare_rank else "R", "W"], ["P"])]
+    bn_in = "P"
+    if add:
+        shape = [{"N": n}.get(d, d) for d in c_shape]
+        inits.append(tensor("c", rng.standard_normal(shape).astype(dtype)))
+        ins = ["P", "c"] if add == "right" else ["c", "P"]
+        kw = {"broadcast": 1} if opset < 7 else {}
+        nodes.append(helper.make_node("Add", ins, ["S"], **kw))
+        bn_in = "S"
+    bn_kw = {"is_test": 1} if opset < 7 else {}
+    nodes.append(
+        helper.make_node(
+            "BatchNormalization",
+            [bn_in, "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+            ["Y" if declare_rank else "Z"],
+            epsilon=1e-3,
+            **bn_kw,
+        )
+    )
+    if not declare_rank:  # A and Y reach the MatMul and the BN through Relus: no shapes there
+        nodes.insert(0, helper.make_node("Relu", ["A"], ["R"]))
+        nodes.append(helper.make_node("Relu", ["Z"], ["Y"]))
+    x, y = value_info("A", dtype, shape=a_shape), value_info("Y", dtype, shape=out_shape)
+    model = make_model(nodes, [x], [y], inits, opset)
+    return model, {"A": rng.standard_normal(a_shape).astype(dtype)}
+
+
+def bn_conv(
+    spatial=2,
+    cin=4,
+    cout=6,
+    group=1,
+    bias=True,
+    dtype=np.float32,
+    opset=17,
+    k=3,
+    shift=True,
+    rng=None,
+    **conv_attrs,
+):
+    """X -> BatchNormalization -> Conv -> Y. ``shift=False`` gives beta = mean = 0 (t = 0)."""
+    rng = rng or np.random.default_rng(RNG_SEED)
+    w = rng.standard_normal((cout, cin // group, *([k] * spatial))).astype(dtype)
+    inits = [tensor("W", w), *bn_params(rng, cin, dtype)]
+    if not shift:
+        inits[2] = tensor("bn_bias", np.zeros(cin, dtype))
+        inits[3] = tensor("bn_mean", np.zeros(cin, dtype))
+    ins = ["N", "W"]
+    if bias:
+        inits.append(tensor("B", rng.standard_normal(cout).astype(dtype)))
+        ins.append("B")
+    bn_kw = {"is_test": 1} if opset < 7 else {}
+    nodes = [
+        helper.make_node(
+            "BatchNormalization",
+            ["X", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+            ["N"],
+            epsilon=1e-3,
+            **bn_kw,
+        ),
+        helper.make_node("Conv", ins, ["Y"], group=group, **conv_attrs),
+    ]
+    x_shape = [2, cin, *([7] * spatial)]
+    model = make_model(
+        nodes,
+        [value_info("X", dtype, shape=x_shape)],
+        [value_info("Y", dtype, 2 + spatial)],
+        inits,
+        opset,
+    )
+    return model, {"X": rng.standard_normal(x_shape).astype(dtype)}
