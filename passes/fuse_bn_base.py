@@ -119,14 +119,18 @@ class FuseBatchNormRule:
         ours = [r for r in rules if isinstance(r, FuseBatchNormRule)]
         families = "/".join(r.op_type for r in ours if r.position == "after")
         readers = "/".join(r.op_type for r in ours if r.position == "before")
-        x = node.input[0]
-        op = scope.producer(x)
-        if op is None:
-            where = "a graph input" if x in scope.inputs else "not produced in this graph"
-            reason = f"its input {x!r} is {where}, not the output of {families}"
-        else:
-            reason = f"its input comes from {op.op_type}, not {families}"
-        return f"{reason}, and no {readers} reads its output" if readers else reason
+        parts = []
+        if families:
+            x = node.input[0]
+            op = scope.producer(x)
+            if op is None:
+                where = "a graph input" if x in scope.inputs else "not produced in this graph"
+                parts.append(f"its input {x!r} is {where}, not the output of {families}")
+            else:
+                parts.append(f"its input comes from {op.op_type}, not {families}")
+        if readers:
+            parts.append(f"no {readers} reads its output")
+        return ", and ".join(parts)
 
     # -- check -------------------------------------------------------------------------------
     def check(self, m: BnMatch, scope: Scope) -> Plan | str:

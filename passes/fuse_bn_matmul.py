@@ -41,9 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusenode.passes.framework import DEFAULT_DOMAINS, Constant, Fused, Scope, attr, node_key
+from fusenode.passes.framework import DEFAULT_DOMAINS, Fused, Scope, attr, node_key
 from fusenode.passes.fuse_bn_base import (
+    Fold,
     FuseBatchNormRule,
+    Plan,
     all_finite,
     bn_affine,
     inference_form,
@@ -69,16 +71,11 @@ class MatMulMatch:
 
 
 @dataclass(frozen=True)
-class MatMulPlan:
-    weight: Constant
-    w: np.ndarray  # W as stored
-    rank: int  # of the MatMul's output
-    factor: np.ndarray  # float64, [1, N] (rank 2) or [1, 1] (rank >= 3); read-only
-    bias: np.ndarray  # b' [N] or T, in W's dtype; read-only
+class MatMulPlan(Plan):
+    """The fold (factor [1, N] for rank 2, [1, 1] for rank >= 3; bias b' [N] or T) and the rank
+    of the MatMul's output, which decides what the rewrite writes."""
 
-    def __post_init__(self) -> None:
-        self.factor.flags.writeable = False
-        self.bias.flags.writeable = False
+    rank: int = 2
 
 
 class FuseBatchNormIntoMatMul(FuseBatchNormRule):
@@ -181,7 +178,7 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
         source = store.extent(w_const.tensor) if w_const.tensor is not None else None
         reason = weight_overflow(w, factor, "MatMul")
         store.release(source)
-        return reason if reason is not None else MatMulPlan(w_const, w, rank, factor, bias)
+        return reason if reason is not None else MatMulPlan(w_const, w, Fold(factor, bias), rank)
 
     def _add_bias(self, m: MatMulMatch, scope: Scope, w: np.ndarray, n: int) -> np.ndarray | str:
         """The Add's constant c, or why it does not fold (broadcasting along N only)."""
@@ -200,7 +197,10 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
         if scope.model.opset < 7 and (
             m.bias_index != 1 or not attr(add, "broadcast", 0) or attr(add, "axis") is not None
         ):
-            return "opset < 7: the Add does not broadcast its bias along the last axis"
+            return (
+                "opset < 7: the Add's broadcast/axis attributes are not the plain broadcast of "
+                "its second input along the last axis"
+            )
         if not all_finite(c):
             return "Add bias contains non-finite values"
         return c
@@ -224,7 +224,7 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
     def rewrite(self, m: MatMulMatch, scope: Scope, plan: MatMulPlan) -> Fused:
         bn, op, add = m.bn, m.op, m.add
         store, backend = scope.model.store, self.backend
-        w, factor = plan.w, plan.factor
+        w, factor = plan.w, plan.fold.factor
         source = store.extent(plan.weight.tensor) if plan.weight.tensor is not None else None
 
         def fused_weight() -> np.ndarray:
@@ -257,11 +257,11 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
             op.output[0] = bn.output[0]
             scope.producers[op.output[0]] = op
             scope.remove_value_info(out)
-            scope.replace_input(op, 2, plan.bias, f"{label}_bnfused_C")
+            scope.replace_input(op, 2, plan.fold.bias, f"{label}_bnfused_C")
             return fused
         # Rank >= 3, one scale for all channels: MatMul(A, W') + T writes the BN's output.
         t_name = scope.model.fresh_name(f"{label}_bnfused_T")
-        scope.add_initializer(t_name, plan.bias)
+        scope.add_initializer(t_name, plan.fold.bias)
         node = NodeProto()
         node.op_type = "Add"
         if bn.name:

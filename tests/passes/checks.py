@@ -52,3 +52,18 @@ def assert_unchanged_refusal(model, tmp_path, reason_part):
     assert [n.op_type for n in fused.graph.node] == [n.op_type for n in model.graph.node]
     for a, b in zip(fused.graph.node, model.graph.node, strict=True):
         assert a == b
+
+
+def check_untouched(model, feeds, tmp_path, reason_part: str):
+    """Refused with ``reason_part`` in the reason, outputs bit-identical, and the graph's nodes
+    and initializer values exactly the input's."""
+    report = check_refusal(model, feeds, tmp_path, reason_part)
+    fused = onnx.load(tmp_path / "out.onnx")
+    assert list(fused.graph.node) == list(model.graph.node)
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in fused.graph.initializer}
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype
+        np.testing.assert_array_equal(got[name], value)
+    return report

@@ -20,20 +20,40 @@ from onnx import helper
 from fusenode.passes import fuse_bn
 from fusenode.passes.framework import ModelContext, Scope, run_rewrites
 from fusenode.passes.fuse_bn_base import FuseBatchNormRule, Plan
+from fusenode.passes.fuse_bn_before_conv import FuseBatchNormIntoNextConv
 from fusenode.passes.fuse_bn_conv import FuseBatchNormIntoConv
 from fusenode.passes.fuse_bn_conv_transpose import FuseBatchNormIntoConvTranspose
 from fusenode.passes.fuse_bn_gemm import FuseBatchNormIntoGemm
+from fusenode.passes.fuse_bn_matmul import FuseBatchNormIntoMatMul
 from fusenode.passes.modelfile import LazyModel
 from fusenode.passes.numerics import NumpyBackend, TorchBackend
 from tests.passes.checks import fuse
-from tests.support.onnx_models import conv_bn, convt_bn, gemm_bn, tensor, value_info
+from tests.support.onnx_models import (
+    bn_conv,
+    conv_bn,
+    convt_bn,
+    gemm_bn,
+    matmul_bn,
+    tensor,
+    value_info,
+)
 
 PASSES = Path(fuse_bn.__file__).parent
 FAMILIES = [
     (FuseBatchNormIntoConv, conv_bn),
     (FuseBatchNormIntoConvTranspose, convt_bn),
     (FuseBatchNormIntoGemm, gemm_bn),
+    (FuseBatchNormIntoMatMul, matmul_bn),
+    (FuseBatchNormIntoNextConv, bn_conv),
 ]
+#: What each rule's fold writes, by pattern.
+PATTERNS = {
+    FuseBatchNormIntoConv: "Conv+BatchNormalization",
+    FuseBatchNormIntoConvTranspose: "ConvTranspose+BatchNormalization",
+    FuseBatchNormIntoGemm: "Gemm+BatchNormalization",
+    FuseBatchNormIntoMatMul: "MatMul+Add+BatchNormalization",
+    FuseBatchNormIntoNextConv: "BatchNormalization+Conv",
+}
 
 
 @contextlib.contextmanager
@@ -66,14 +86,21 @@ def scope_state(scope: Scope) -> tuple:
 
 
 def test_rule_set_is_explicit():
-    expected = (FuseBatchNormIntoConv, FuseBatchNormIntoConvTranspose, FuseBatchNormIntoGemm)
+    expected = (
+        FuseBatchNormIntoConv,
+        FuseBatchNormIntoConvTranspose,
+        FuseBatchNormIntoGemm,
+        FuseBatchNormIntoMatMul,
+        FuseBatchNormIntoNextConv,
+    )
     assert expected == fuse_bn.RULES
-    assert (fuse_bn.NAME, fuse_bn.VERSION) == ("fuse-batchnorm", "1.0.0")
+    assert (fuse_bn.NAME, fuse_bn.VERSION) == ("fuse-batchnorm", "1.1.0")
     rules = fuse_bn.rules(NumpyBackend())
     assert [type(r) for r in rules] == list(fuse_bn.RULES)
     assert all(isinstance(r, FuseBatchNormRule) for r in rules)
     assert all(r.anchor == "BatchNormalization" for r in rules)
-    assert [r.op_type for r in rules] == ["Conv", "ConvTranspose", "Gemm"]
+    assert [r.op_type for r in rules] == ["Conv", "ConvTranspose", "Gemm", "MatMul", "Conv"]
+    assert [r.position for r in rules] == ["after"] * 4 + ["before"]
 
 
 @pytest.mark.parametrize(("rule", "builder"), FAMILIES)
@@ -83,9 +110,10 @@ def test_check_has_no_side_effects(rule, builder, declined, tmp_path):
     saving afterwards gives the bytes of saving without it. To accept, it returns an immutable
     plan (the same one twice); to decline, the reason."""
     # Weights over the inline limit, so check reads them through the store's file mapping.
-    model, _ = builder(k=64, n=32) if builder is gemm_bn else builder(cin=16, cout=32)
+    model, _ = builder(k=64, n=32) if builder in (gemm_bn, matmul_bn) else builder(cin=16, cout=32)
+    op = next(n for n in model.graph.node if n.op_type == rule.op_type)
     if declined:  # declined by the last step, the weight scan, after everything was read
-        w = next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1])
+        w = next(t for t in model.graph.initializer if t.name == op.input[1])
         arr = onnx.numpy_helper.to_array(w).copy()
         arr.flat[0] = np.inf
         w.CopyFrom(tensor(w.name, arr))
@@ -126,6 +154,8 @@ def test_check_has_no_side_effects(rule, builder, declined, tmp_path):
     (FuseBatchNormIntoConv, gemm_bn, "Gemm"),
     (FuseBatchNormIntoConvTranspose, conv_bn, "Conv"),
     (FuseBatchNormIntoGemm, convt_bn, "ConvTranspose"),
+    (FuseBatchNormIntoMatMul, gemm_bn, "Gemm"),
+    (FuseBatchNormIntoNextConv, conv_bn, "Conv"),
 ])  # fmt: skip
 def test_rule_declines_other_family(rule, builder, producer, tmp_path):
     model, _ = builder()
@@ -134,9 +164,11 @@ def test_rule_declines_other_family(rule, builder, producer, tmp_path):
         assert rule(NumpyBackend()).match(batchnorm(scope), scope) is None
         report = run_rewrites(lazy.model, lazy.store, [rule(NumpyBackend())], "t", "0")
     assert report.fused == []
-    assert [s.reason for s in report.skipped] == [
-        f"its input comes from {producer}, not {rule.op_type}"
-    ]
+    if rule.position == "after":
+        want = f"its input comes from {producer}, not {rule.op_type}"
+    else:  # a Conv -> BN whose output goes to the graph: no Conv reads it
+        want = "no Conv reads its output"
+    assert [s.reason for s in report.skipped] == [want]
 
 
 @pytest.mark.parametrize(("rule", "builder"), FAMILIES)
@@ -144,7 +176,7 @@ def test_each_rule_alone_fuses_its_family(rule, builder, tmp_path):
     model, _ = builder()
     with loaded(model, tmp_path) as lazy:
         report = run_rewrites(lazy.model, lazy.store, [rule(NumpyBackend())], "t", "0")
-    assert [f.pattern for f in report.fused] == [f"{rule.op_type}+BatchNormalization"]
+    assert [f.pattern for f in report.fused] == [PATTERNS[rule]]
     assert report.skipped == []
 
 
@@ -171,8 +203,10 @@ def test_every_batchnorm_reported(tmp_path):
     assert report["n_fused"] == 1 and report["n_skipped"] == 2
     assert {s["pattern"] for s in report["skipped"]} == {"BatchNormalization"}
     assert [s["reason"] for s in report["skipped"]] == [
-        "its input comes from Relu, not Conv/ConvTranspose/Gemm",
-        "its input 'X' is a graph input, not the output of Conv/ConvTranspose/Gemm",
+        "its input comes from Relu, not Conv/ConvTranspose/Gemm/MatMul, "
+        "and no Conv reads its output",
+        "its input 'X' is a graph input, not the output of Conv/ConvTranspose/Gemm/MatMul, "
+        "and no Conv reads its output",
     ]
 
 
