@@ -79,3 +79,75 @@ def test_default_statistics_exported_as_identity(tmp_path):
     onnx.checker.check_model(fused, full_check=True)
     assert count_ops(fused, "BatchNormalization") == 0
     assert count_ops(fused, "Identity") == 0  # the Identities went with their BN
+
+
+def test_torch_input_bn_and_linear_without_bias(tmp_path):
+    """An input-normalizing BatchNorm2d before an unpadded Conv2d, and Linear(bias=False) +
+    BatchNorm1d (exported as Flatten -> MatMul -> BatchNormalization): all four BNs fold."""
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn0 = torch.nn.BatchNorm2d(3)
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.bn1 = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8 * 6 * 6, 16, bias=False)
+            self.bn2 = torch.nn.BatchNorm1d(16)
+            self.fc2 = torch.nn.Linear(16, 10)
+            self.bn3 = torch.nn.BatchNorm1d(10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv(self.bn0(x))))
+            x = torch.relu(self.bn2(self.fc(x.flatten(1))))
+            return self.bn3(self.fc2(x))
+
+    net = Net()
+    with torch.no_grad():
+        for bn in (net.bn0, net.bn1, net.bn2, net.bn3):  # statistics a wrong fold cannot hide
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    net.eval()
+    src, dst = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.randn(2, 3, 8, 8),),
+            src,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,  # BNs kept; constants folded
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+        )
+    original = onnx.load(src)
+    assert count_ops(original, "BatchNormalization") == 4 and count_ops(original, "MatMul") == 1
+    report = fuse_file(src, dst, device="cpu", verify=True)
+    assert report["n_fused"] == 4 and report["verify"]["ok"], report["skipped"]
+    assert {f["pattern"] for f in report["fused"]} == {
+        "BatchNormalization+Conv",
+        "Conv+BatchNormalization",
+        "MatMul+BatchNormalization",
+        "Gemm+BatchNormalization",
+    }
+    fused = onnx.load(dst)
+    onnx.checker.check_model(fused, full_check=True)
+    assert [n.op_type for n in fused.graph.node] == [
+        "Conv",
+        "Relu",
+        "Flatten",
+        "Gemm",
+        "Relu",
+        "Gemm",
+    ]
+    x = {"x": np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    with torch.no_grad():
+        want = net(torch.from_numpy(x["x"])).numpy()
+    assert_close(run(dst, x), [want], np.float32)
