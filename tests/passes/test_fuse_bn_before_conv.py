@@ -84,6 +84,16 @@ def test_every_opset(opset, tmp_path):
     only_conv(check_fold(*bn_conv(opset=opset), tmp_path)[0])
 
 
+def test_opset_1(tmp_path):
+    """BatchNormalization-1: folded, and right (compared at opset 7, which ORT runs)."""
+    model, feeds = bn_conv(opset=1)
+    fused, report = fuse(model, tmp_path)
+    assert report["n_fused"] == 1 and count_ops(fused, "BatchNormalization") == 0
+    want = run(onnx.version_converter.convert_version(model, 7), feeds)
+    got = run(onnx.version_converter.convert_version(fused, 7), feeds)
+    assert_close(got, want, np.float32)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64])
 def test_storage_dtype_kept(dtype, tmp_path):
     opset = 22 if np.dtype(dtype) == BF16 else 17

@@ -12,8 +12,18 @@ import onnx
 import pytest
 from onnx import helper
 
-from tests.passes.checks import check_fold, check_untouched
-from tests.support.onnx_models import BF16, bn_params, make_model, matmul_bn, tensor, value_info
+from tests.passes.checks import check_fold, check_untouched, fuse
+from tests.support.onnx_models import (
+    BF16,
+    assert_close,
+    bn_params,
+    count_ops,
+    make_model,
+    matmul_bn,
+    run,
+    tensor,
+    value_info,
+)
 
 
 def ops(model: onnx.ModelProto) -> list[str]:
@@ -80,6 +90,16 @@ def test_every_opset(opset, tmp_path):
         if opset < 7 and "Gemm" in ops(fused):
             gemm = fused.graph.node[0]
             assert helper.get_attribute_value(gemm.attribute[0]) == 1  # broadcast = 1
+
+
+def test_opset_1(tmp_path):
+    """BatchNormalization-1: folded, and right (compared at opset 7, which ORT runs)."""
+    model, feeds = matmul_bn(opset=1, add="right")
+    fused, report = fuse(model, tmp_path)
+    assert report["n_fused"] == 1 and count_ops(fused, "BatchNormalization") == 0
+    want = run(onnx.version_converter.convert_version(model, 7), feeds)
+    got = run(onnx.version_converter.convert_version(fused, 7), feeds)
+    assert_close(got, want, np.float32)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64])

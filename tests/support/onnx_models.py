@@ -243,6 +243,8 @@ def matmul_bn(
         nodes.append(helper.make_node("Add", ins, ["S"], **kw))
         bn_in = "S"
     bn_kw = {"is_test": 1} if opset < 7 else {}
+    if opset < 6:  # BatchNormalization-1 requires consumed_inputs
+        bn_kw["consumed_inputs"] = [0, 0, 0, 1, 1]
     nodes.append(
         helper.make_node(
             "BatchNormalization",
@@ -285,6 +287,8 @@ def bn_conv(
         inits.append(tensor("B", rng.standard_normal(cout).astype(dtype)))
         ins.append("B")
     bn_kw = {"is_test": 1} if opset < 7 else {}
+    if opset < 6:  # BatchNormalization-1 requires consumed_inputs
+        bn_kw["consumed_inputs"] = [0, 0, 0, 1, 1]
     nodes = [
         helper.make_node(
             "BatchNormalization",
