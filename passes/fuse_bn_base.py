@@ -13,6 +13,12 @@ var + eps > 0, float storage dtypes, and that neither the fused bias nor the fus
 overflows. A subclass's :meth:`FuseBatchNormRule.fold` checks the channel alignment and returns
 the per-channel :class:`Fold`.
 
+Two rules change the graph's shape as well as the constants and so bring their own pattern,
+check and rewrite, built from the helpers here (:func:`inference_form`, :func:`bn_affine`,
+:func:`weight_overflow`, :func:`release_bn`) and the same :class:`Plan`: :mod:`fuse_bn_matmul`
+(MatMul [-> Add] -> BN becomes Gemm, or MatMul + Add) and :mod:`fuse_bn_before_conv` (BN ->
+Conv, ``position = "before"``).
+
 ``check`` has no side effects: it computes a :class:`Plan` (per-channel vectors, read-only,
 and a view of the stored weight), scans the weight for overflow and, when it accepts, returns
 the plan, which the framework hands to ``rewrite`` unchanged: the rewrite works from what the
