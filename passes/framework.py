@@ -164,6 +164,7 @@ class Scope:
         self.path = path
         #: ids of the nodes removed from this graph (a sweep skips them; it holds them all).
         self.removed: set[int] = set()
+        self._readers: dict[str, list[NodeProto]] | None = None  # see consumers()
         self._reindex()
 
     def _reindex(self) -> None:
@@ -197,8 +198,21 @@ class Scope:
         return None
 
     def consumers(self, name: str) -> list[NodeProto]:
-        """The nodes of this graph that read ``name`` (not those of its subgraphs)."""
-        return [n for n in self.graph.node if name in n.input and id(n) not in self.removed]
+        """The nodes of this graph that read ``name`` (not those of its subgraphs).
+
+        From an index built on first use, once per sweep (a scope lives for one sweep): a node
+        removed since, or no longer reading ``name``, is left out; a node that starts reading
+        ``name`` during the sweep is seen in the next one, which :func:`run_rewrites` runs
+        after any rewrite.
+        """
+        if self._readers is None:
+            self._readers = {}
+            for node in self.graph.node:
+                for x in dict.fromkeys(node.input):
+                    self._readers.setdefault(x, []).append(node)
+        return [
+            n for n in self._readers.get(name, ()) if id(n) not in self.removed and name in n.input
+        ]
 
     def uses(self, name: str) -> int:
         """References to ``name`` anywhere in the model (node inputs, graph outputs)."""
