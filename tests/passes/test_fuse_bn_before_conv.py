@@ -158,6 +158,25 @@ def test_chain_bn_conv_bn(tmp_path):
     ]
 
 
+def test_chain_bn_bn_conv(tmp_path):
+    """BN1 -> BN2 -> Conv: BN2 folds first, then BN1 into the Conv that now reads it (in the
+    next sweep: the readers' index is built once per sweep)."""
+    rng = np.random.default_rng(4)
+    model, feeds = bn_conv(rng=rng)
+    model.graph.node[0].input[0] = "X1"
+    model.graph.initializer.extend(bn_params(rng, 4, prefix="bn0"))
+    model.graph.node.insert(
+        0,
+        helper.make_node(
+            "BatchNormalization", ["X", "bn0_scale", "bn0_bias", "bn0_mean", "bn0_var"], ["X1"]
+        ),
+    )
+    fused, report = check_fold(model, feeds, tmp_path, expect_fused=2)
+    only_conv(fused)
+    assert [f["pattern"] for f in report["fused"]] == ["BatchNormalization+Conv"] * 2
+    assert report["n_skipped"] == 0
+
+
 def test_between_convs_folds_forward_when_backward_is_refused(tmp_path):
     """Conv1 -> BN -> Conv2 where Conv1's output is also a graph output: BN goes into Conv2."""
     rng = np.random.default_rng(8)
