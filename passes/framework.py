@@ -15,9 +15,9 @@ A :class:`Rule` is rooted at one op type, its ``anchor``, and has three steps:
   called right after check accepted.
 
 Every anchor node ends up in the report: fused by the first rule that matches and accepts, or
-skipped with the reason of the first rule that matched, or, when no rule's pattern matched,
-with ``unmatched(node, scope, rules)`` of the first rule anchored there. When several rules
-matched and all declined, the report joins their reasons (first matched first).
+skipped with the reasons of the rules that matched (joined with "; ", first matched first), or,
+when no rule's pattern matched, with ``unmatched(node, scope, rules)`` of the first rule
+anchored there.
 
 :func:`run_rewrites` applies a rule set to the main graph and to every subgraph (If / Loop /
 Scan bodies, at any depth), repeating until nothing more matches (so chains like
