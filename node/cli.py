@@ -74,7 +74,7 @@ def format_fuse_report(r: dict) -> str:
     from collections import Counter
 
     lines = []
-    kinds = Counter(f["pattern"].split("+")[0] for f in r["fused"])
+    kinds = Counter(f["pattern"] for f in r["fused"])
     detail = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
     lines.append(
         f"fused {r['n_fused']} BatchNormalization node(s){f' ({detail})' if detail else ''}"
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "fuse",
         cmd_fuse,
-        "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm",
+        "fold BatchNormalization into a neighbouring Conv/ConvTranspose/Gemm/MatMul",
         repo=False,
         description="Fold every BatchNormalization that can be folded exactly into the "
         "Conv / ConvTranspose / Gemm before it; report what was fused and what was skipped.",

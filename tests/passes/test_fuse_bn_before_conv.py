@@ -359,3 +359,9 @@ def test_cli_fuse_folds_the_new_patterns(tmp_path):
     assert_close(run(fused, feeds), run(model, feeds), np.float32)
     text = fusenode.ok("fuse", src, "-o", out2).stdout
     assert "fused 3 BatchNormalization node(s)" in text and "nodes 7 -> 3" in text
+    # The summary names each pattern whole: a fold into the Conv after the BN is not
+    # counted as one into a Conv before it.
+    assert (
+        "(BatchNormalization+Conv: 1, Conv+BatchNormalization: 1, MatMul+Add+BatchNormalization: 1)"
+        in text
+    )
