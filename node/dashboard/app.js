@@ -44,11 +44,15 @@ function duration(s) {
 
 function short(peer) { return peer ? "…" + String(peer).slice(-6) : "none"; }
 
-// A stable colour per holder, so a grid shows at a glance which node answered for what.
-function hue(peer) {
-  let h = 0;
-  for (const c of String(peer)) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-  return "hsl(" + (h % 360) + ", 55%, 42%)";
+// A colour per holder (this node first, then its peers in order), so a grid shows at a
+// glance which node answered for what. Red is kept for copies that do not count.
+const PALETTE = ["#3565c9", "#2e9b5f", "#8a55c2", "#c27a1e", "#1f8f9c", "#b0479a", "#5d7a1f",
+  "#6b7385", "#2d4f8f", "#7a4a2a"];
+let colours = new Map();
+
+function colour(peer) {
+  if (!colours.has(peer)) colours.set(peer, PALETTE[colours.size % PALETTE.length]);
+  return colours.get(peer);
 }
 
 class Unauthorized extends Error {}
@@ -141,7 +145,7 @@ function drawJobs(jobs) {
 function grid(status) {
   const n = status.n;
   const box = el("div", { className: "grid" });
-  box.style.gridTemplateColumns = "max-content repeat(" + n + ", 3.6em)";
+  box.style.gridTemplateColumns = "max-content repeat(" + n + ", auto)";
   for (const seg of status.segments) {
     const ok = seg.fragments.filter((f) => f.answered && !f.lost).length;
     const row = el("div", { className: "segment" + (ok < n ? " degraded" : ""), "data-segment": seg.index, "data-counted": ok });
@@ -154,7 +158,7 @@ function grid(status) {
         className: "frag", "data-state": state, "data-peer": f.peer || "",
         title: "fragment " + f.index + "\nholder: " + (f.peer || "none") + audit + why + "\n" + f.cid,
       }, short(f.peer));
-      if (f.peer) cell.style.background = hue(f.peer);
+      if (f.peer) cell.style.background = colour(f.peer);
       row.append(cell);
     }
     box.append(row);
@@ -162,22 +166,39 @@ function grid(status) {
   return box;
 }
 
-function drawModels(listing, statuses) {
+function legend(st) {
+  const ids = [st.peer_id, ...st.peers.list.map((p) => p.peer_id)];
+  return el("div", { className: "legend" }, "holders: ", ...ids.map((id) => {
+    const chip = el("span", { className: "chip", title: id }, short(id) + (id === st.peer_id ? " (this node)" : ""));
+    chip.style.background = colour(id);
+    return chip;
+  }));
+}
+
+function drawModels(st, listing, statuses) {
+  colours = new Map();
+  colour(st.peer_id);
+  for (const p of st.peers.list) colour(p.peer_id);
   const models = listing.models;
-  const degraded = models.filter((m) => m.health !== "healthy").length;
-  $("models-summary").textContent = models.length + " placed by this node, " + degraded + " not healthy";
-  $("models").replaceChildren(...models.map((m, i) => {
+  // The grid's answers are fresher than the state's liveness: a holder that stops answering
+  // shows at once.
+  const health = models.map((m, i) => {
     const status = statuses[i];
-    const health = status && !status.healthy && m.health === "healthy" ? "degraded" : m.health;
-    return el("div", { className: "model", "data-cid": m.cid, "data-health": health },
+    return status && !(status instanceof Error) && !status.healthy && m.health === "healthy" ? "degraded" : m.health;
+  });
+  const unhealthy = health.filter((h) => h !== "healthy").length;
+  $("models-summary").textContent = models.length + " placed by this node, " + unhealthy + " not healthy";
+  $("models").replaceChildren(legend(st), ...models.map((m, i) => {
+    const status = statuses[i];
+    return el("div", { className: "model", "data-cid": m.cid, "data-health": health[i] },
       el("div", { className: "model-head" },
         el("strong", {}, m.name === null ? "(name not recorded)" : m.name),
-        el("span", { className: "pill " + health }, health),
+        el("span", { className: "pill " + health[i] }, health[i]),
         el("span", { className: "mono" }, m.cid),
         el("span", { className: "muted" }, size(m.size) + ", k=" + m.k + " n=" + m.n + ", " + m.segments + " segment(s), " + m.placement + ", " + m.created)),
       status instanceof Error ? el("p", { className: "error" }, status.message) : status ? grid(status) : null);
   }));
-  if (!models.length) $("models").replaceChildren(el("p", { className: "muted" }, "No model placed by this node yet."));
+  if (!models.length) $("models").append(el("p", { className: "muted" }, "No model placed by this node yet."));
 }
 
 async function refresh() {
@@ -186,7 +207,7 @@ async function refresh() {
     const statuses = await Promise.all(listing.models.slice(0, MAX_GRIDS).map(
       (m) => api("/status/" + encodeURIComponent(m.cid)).catch((e) => e)));
     drawNode(st);
-    drawModels(listing, statuses);
+    drawModels(st, listing, statuses);
     drawPeers(st);
     drawActivity(st);
     drawJobs(jobs);
