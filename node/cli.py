@@ -272,6 +272,8 @@ def _print_node_status(st: dict[str, Any]) -> None:
         f"{m['unavailable']} unavailable ({m['degraded_segments']} degraded segment(s))"
     )
     print("jobs:       " + ", ".join(f"{v} {k}" for k, v in st["jobs"].items()))
+    if not st["daemon"]:  # counted by a daemon since it started: none here
+        return
     for name, a in st["activity"].items():
         last = a.get("last")
         when = f", last {last['time']} ({last['seconds']} s)" if last else ""

@@ -212,3 +212,29 @@ def test_dashboard_shows_the_grid_and_a_degraded_segment(net, stored):
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+# -- without a daemon ------------------------------------------------------------------------
+
+
+def test_ls_and_status_without_a_daemon(cli, tmp_path):
+    """The same commands on a repo no daemon serves: read from its state and disk; health
+    counts what the state records (no liveness checks run), and it says it is offline."""
+    repo = tmp_path / "repo"
+    assert_ok(cli("init", "--repo", repo))
+    src = tmp_path / "small.onnx"
+    src.write_bytes(os.urandom(50_000))
+    cid = assert_ok(cli("put", src, "--repo", repo, "-k", "2", "-n", "3")).stdout.split()[-1]
+    listing = json.loads(assert_ok(cli("ls", "--repo", repo, "--json")).stdout)
+    [m] = listing["models"]
+    assert (m["cid"], m["name"], m["size"], m["health"]) == (cid, "small.onnx", 50_000, "healthy")
+    assert m["placement"] == "local" and listing["held"] == []
+    st = json.loads(assert_ok(cli("status", "--repo", repo, "--json")).stdout)
+    assert st["daemon"] is False and st["uptime_seconds"] is None
+    assert st["models"]["placed"] == 1 and st["models"]["healthy"] == 1
+    # Everything is here: the blockstore holds at least the fragments pinned.
+    assert st["storage"]["blockstore_bytes"] >= st["storage"]["pinned_bytes"] > 50_000
+    human = assert_ok(cli("status", "--repo", repo))
+    assert "not running" in human.stdout and "1 placed: 1 healthy" in human.stdout
+    text = assert_ok(cli("ls", "--repo", repo)).stdout
+    assert cid in text and "small.onnx" in text and "healthy" in text
