@@ -88,6 +88,7 @@ class NodeService:
         self.network = network
         self.allocator = allocator or Allocator()
         self.metrics = Metrics()
+        self._usage: tuple[float, tuple[int, int]] | None = None  # (when, storage_usage)
         self.limits = Limits(self.config.storage.capacity, self.config.storage.peer_quota)
         # The daemon's own components, wired by the daemon (None in a command without one).
         self.optimizer: Optimizer | None = None
@@ -149,6 +150,7 @@ class NodeService:
     ) -> dict[str, Any]:
         with self.metrics.timed("put"):
             result = await self.store(Path(path), k, n, recipients, public, progress=progress)
+        self.forget_usage()
         await self.network.announce(result["cid"], "stored", not public)
         return result
 
@@ -300,7 +302,10 @@ class NodeService:
         progress: ProgressFactory | None = None,
     ) -> dict[str, Any]:
         with self.metrics.timed("get"):
-            return await self._get(cid, output, identity_path, progress)
+            try:
+                return await self._get(cid, output, identity_path, progress)
+            finally:
+                self.forget_usage()  # fetched blocks stay in the blockstore
 
     async def _get(
         self, cid: str, output: str, identity_path: str | None, progress: ProgressFactory | None
@@ -416,10 +421,7 @@ class NodeService:
         live = self._live()
         listing = observe.models(self.state, self.peer_id, live)
         held = observe.held_for_others(self.state, self.peer_id)
-        kubo_dir = self.repo.files.kubo
-        blockstore, pinned = await asyncio.to_thread(
-            observe.storage_usage, kubo_dir, self.state, self.peer_id
-        )
+        blockstore, pinned = await self.storage_usage()
         disk_total, disk_free = observe.disk(self.repo.path)
         held_bytes = sum(h["bytes"] for h in held)
         capacity, quota = offered(self.limits, held_bytes, disk_total, disk_free)
@@ -473,6 +475,21 @@ class NodeService:
             "jobs": self.state.job_counts(),
             "activity": activity,
         }
+
+    async def storage_usage(self) -> tuple[int, int]:
+        """(blockstore bytes, pinned bytes), walked at most every `defaults.USAGE_MAX_AGE`
+        seconds: a dashboard refreshing every few seconds must not walk a large blockstore
+        each time. `forget_usage` (after a gc) makes the next call walk again."""
+        now = time.monotonic()
+        if self._usage is None or now - self._usage[0] > defaults.USAGE_MAX_AGE:
+            usage = await asyncio.to_thread(
+                observe.storage_usage, self.repo.files.kubo, self.state, self.peer_id
+            )
+            self._usage = (now, usage)
+        return self._usage[1]
+
+    def forget_usage(self) -> None:
+        self._usage = None
 
     async def metrics_text(self) -> bytes:
         """The Prometheus exposition, its levels read now."""
