@@ -137,7 +137,7 @@ async def _error_middleware(
 # -- guards: Host and token -------------------------------------------------------------------
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
-#: The dashboard's files (package data, `fusenode.node` dashboard/): route -> (file, type).
+#: The dashboard's files (package data of `fusenode.node.dashboard`): route -> (file, type).
 PAGES = {
     "/": ("index.html", "text/html"),
     "/dashboard/app.js": ("app.js", "text/javascript"),
@@ -297,7 +297,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def _page(name: str, kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-    body = (resources.files("fusenode.node") / "dashboard" / name).read_bytes()
+    body = (resources.files("fusenode.node.dashboard") / name).read_bytes()
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type=kind, charset="utf-8", headers=PAGE_HEADERS)
