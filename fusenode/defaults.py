@@ -55,6 +55,12 @@ AUDIT_FRAGMENTS: Final = 64
 #: How often a daemon redials the known peers that dropped off, and retries bootstrap peers.
 KEEP_CONNECTED_EVERY: Final = 5.0
 BOOTSTRAP_RETRY: Final = 5.0
+#: A peer counts as live in the node's summary, ls and metrics when its daemon answered a check
+#: within this many seconds (the daemon checks every KEEP_CONNECTED_EVERY: three missed).
+LIVE_WINDOW: Final = 3 * KEEP_CONNECTED_EVERY
+#: The blockstore's size (a walk of its files) is reused for this many seconds by the summary,
+#: /metrics and the dashboard.
+USAGE_MAX_AGE: Final = 5.0
 #: Local calls into the embedded Kubo, and starting its process.
 KUBO_CALL_TIMEOUT: Final = 60.0
 KUBO_START_TIMEOUT: Final = 60.0

@@ -8,12 +8,17 @@ use case of the same name (`fusenode.node.service.NodeService`) and its result i
 Security decisions:
 
 - Listens on 127.0.0.1 only (the daemon binds it; nothing here opens a socket).
-- Every route but ``health`` and ``openapi.json`` needs ``Authorization: Bearer <token>``:
+- Every route but ``health``, ``openapi.json``, ``/metrics`` and the dashboard's files needs
+  ``Authorization: Bearer <token>``:
   the daemon writes the token to ``REPO/api.token`` (mode 0600), so only the repo's owner can
   use the node. Reads too: ``status`` makes the node fetch the manifest a CID names from the
   network (a side effect anyone could otherwise trigger), and job errors name models. Every
   route is guarded by :func:`_guard_middleware` unless the operation table marks it open, so
-  a route added later is protected without opting in.
+  a route added later is protected without opting in. ``/metrics`` (Prometheus text) is open
+  like health, for scrapers on this machine: aggregate numbers only, no CID, no model name.
+  The dashboard's page, script and style (``/``, ``/dashboard/...``) are open too: static
+  files, the same for every node; the page asks for the token and sends it to the JSON API
+  like any client (its answers are data put into the page as text, never as markup).
 - A browser page cannot use the API: a request a browser marks cross-site (``Sec-Fetch-Site``
   other than ``same-origin`` or ``none``) or that carries an ``Origin`` other than a loopback
   one is refused with 403 before anything else (a page can send simple requests to a loopback
@@ -33,6 +38,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -131,8 +137,28 @@ async def _error_middleware(
 # -- guards: Host and token -------------------------------------------------------------------
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+#: The dashboard's files (package data of `fusenode.node.dashboard`): route -> (file, type).
+PAGES = {
+    "/": ("index.html", "text/html"),
+    "/dashboard/app.js": ("app.js", "text/javascript"),
+    "/dashboard/style.css": ("style.css", "text/css"),
+}
+METRICS_PATH = "/metrics"
 #: Routes anyone on this machine may call without the token.
-OPEN_PATHS = frozenset(API_PREFIX + op.path for op in OPERATIONS if not op.auth)
+OPEN_PATHS = frozenset(
+    [*(API_PREFIX + op.path for op in OPERATIONS if not op.auth), METRICS_PATH, *PAGES]
+)
+#: Sent with every dashboard file: nothing but this origin's own files and API, no inline
+#: script, no framing (clickjacking), no referrer.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def _host_name(host: str) -> str:
@@ -263,6 +289,22 @@ async def _openapi(request: web.Request) -> web.Response:
 _SPECIAL = {"health": _health, "openapi": _openapi}
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    from fusenode.node.metrics import CONTENT_TYPE
+
+    body = await request.app[SERVICE_KEY].metrics_text()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _page(name: str, kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    body = (resources.files("fusenode.node.dashboard") / name).read_bytes()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=kind, charset="utf-8", headers=PAGE_HEADERS)
+
+    return page
+
+
 def create_app(service: UseCases, *, token: str, max_body_bytes: int) -> web.Application:
     """The API application around ``service``; the caller binds it to 127.0.0.1.
 
@@ -284,4 +326,7 @@ def create_app(service: UseCases, *, token: str, max_body_bytes: int) -> web.App
         handler = _SPECIAL.get(op.name) or _handler(op)
         # allow_head=False: the routes are exactly those of openapi.json.
         app.router.add_route(op.method, API_PREFIX + op.path, handler)
+    app.router.add_route("GET", METRICS_PATH, _metrics)
+    for route, (name, kind) in PAGES.items():
+        app.router.add_route("GET", route, _page(name, kind))
     return app

@@ -233,7 +233,70 @@ def _print_peers(peers: list[dict[str, Any]]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.cid is None:
+        return _show(args, _node(args).node_status(), _print_node_status)
     return _show(args, _node(args).status(args.cid), _print_status)
+
+
+def _size(n: int | None) -> str:
+    """Bytes for people: 1.5 GiB, 12.0 MiB, 512 B."""
+    if n is None:
+        return "?"
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _print_node_status(st: dict[str, Any]) -> None:
+    print(f"peer ID:    {st['peer_id']}  (fusenode {st['version']})")
+    for a in st["addresses"]:
+        print(f"address:    {a}")
+    up = st.get("uptime_seconds")
+    print(f"daemon:     {f'up {up:.0f} s' if up is not None else 'not running (offline view)'}")
+    p = st["peers"]
+    print(f"peers:      {p['live']} live, {p['connected']} connected, {p['known']} known")
+    s = st["storage"]
+    setting = "auto" if s["capacity"] == "auto" else "set"
+    print(
+        f"held:       {_size(s['held_bytes'])} for others ({s['held_fragments']} CIDs) of "
+        f"{_size(s['capacity_bytes'])} capacity ({setting})"
+    )
+    print(
+        f"blockstore: {_size(s['blockstore_bytes'])}, pinned {_size(s['pinned_bytes'])}; "
+        f"disk free {_size(s['disk_free_bytes'])} of {_size(s['disk_total_bytes'])}"
+    )
+    m = st["models"]
+    print(
+        f"models:     {m['placed']} placed: {m['healthy']} healthy, {m['degraded']} degraded, "
+        f"{m['unavailable']} unavailable ({m['degraded_segments']} degraded segment(s))"
+    )
+    print("jobs:       " + ", ".join(f"{v} {k}" for k, v in st["jobs"].items()))
+    if not st["daemon"]:  # counted by a daemon since it started: none here
+        return
+    for name, a in st["activity"].items():
+        last = a.get("last")
+        when = f", last {last['time']} ({last['seconds']} s)" if last else ""
+        print(f"{name + ':':<11} {a['runs']} run(s), {a['errors']} error(s){when}")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    return _show(args, _node(args).ls(), _print_ls)
+
+
+def _print_ls(listing: dict[str, Any]) -> None:
+    models, held = listing["models"], listing["held"]
+    for m in models:
+        name = m["name"] if m["name"] is not None else "(name not recorded)"
+        print(
+            f"{m['cid']}  {m['health']:<11} {_size(m['size']):>9}  k={m['k']} n={m['n']}  "
+            f"{m['created'][:19]}Z  {name}"
+        )
+    print(f"{len(models)} model(s) placed by this node", file=sys.stderr)
+    for h in held:
+        print(f"held for {h['peer']}: {h['fragments']} CIDs, {_size(h['bytes'])}")
+    total = sum(h["bytes"] for h in held)
+    print(f"held for {len(held)} peer(s): {_size(total)}", file=sys.stderr)
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -475,13 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "id", cmd_id, "this node's peer ID, addresses and age recipient", json_flag=True)
     _command(sub, "peers", cmd_peers, "list connected peers (needs a daemon)", json_flag=True)
-    _command(
+    st = _command(
         sub,
         "status",
         cmd_status,
-        "which peer holds which fragment of a stored model",
+        "this node's summary, or (with a CID) which peer holds which fragment of a model",
         json_flag=True,
-        cid=True,
+    )
+    st.add_argument("cid", nargs="?", help="manifest CID (none: the node's summary)")
+    _command(
+        sub,
+        "ls",
+        cmd_ls,
+        "models this node placed (name, size, k/n, health) and what it holds for others",
+        json_flag=True,
     )
     _command(sub, "repair", cmd_repair, "run a repair pass now (needs a running daemon)")
 

@@ -90,8 +90,13 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     service.optimizer = Optimizer(service, transport)
     limits = Limits(config.storage.capacity, config.storage.peer_quota)
     holder = Holder(ctx, key, recent=unreachable_after, limits=limits)
+    # Counted and timed for /metrics: every pass, the loops' and those the API asks for.
+    metrics = service.metrics
+    service.repairer.run = metrics.instrument("repair", service.repairer.run)  # type: ignore[method-assign]
     auditor = Auditor(ctx, client, on_failure=service.repairer.run)
+    auditor.run = metrics.instrument("audit", auditor.run)  # type: ignore[method-assign]
     service.auditor = auditor
+    kubo.on_restart(metrics.kubo_restarted)
     return Components(
         service, holder, monitor, service.repairer, auditor, service.optimizer, client
     )

@@ -41,7 +41,7 @@ from fusenode.node.protocol import (
 )
 from fusenode.storage.unixfs import FileHasher, parse_dag_node
 
-__all__ = ["Holder", "Limits"]
+__all__ = ["Holder", "Limits", "offered"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,18 @@ class Limits:
 
     capacity: int | None = None
     peer_quota: int | None = None
+
+
+def offered(limits: Limits, held: int, disk_total: int, disk_free: int) -> tuple[int, int]:
+    """(capacity, quota) given the bytes held for others and the disk's size and room."""
+    capacity = limits.capacity
+    if capacity is None:
+        reserve = max(defaults.DISK_RESERVE, int(disk_total * defaults.DISK_RESERVE_FRACTION))
+        capacity = held + max(0, disk_free - reserve)
+    quota = limits.peer_quota
+    if quota is None:
+        quota = int(capacity * defaults.AUTO_QUOTA_FRACTION)
+    return capacity, min(quota, capacity)
 
 
 def _mib(n: int) -> str:
@@ -102,15 +114,7 @@ class Holder:
         return self._limits(held, disk.total, disk.free)
 
     def _limits(self, held: int, disk_total: int, disk_free: int) -> tuple[int, int]:
-        """(capacity, quota) given the bytes held for others and the disk's size and room."""
-        capacity = self.limits.capacity
-        if capacity is None:
-            reserve = max(defaults.DISK_RESERVE, int(disk_total * defaults.DISK_RESERVE_FRACTION))
-            capacity = held + max(0, disk_free - reserve)
-        quota = self.limits.peer_quota
-        if quota is None:
-            quota = int(capacity * defaults.AUTO_QUOTA_FRACTION)
-        return capacity, min(quota, capacity)
+        return offered(self.limits, held, disk_total, disk_free)
 
     def admit(self, owner: str, cid: str, size: int) -> None:
         """Reserve ``size`` bytes for ``owner``'s store of ``cid``, or raise `OverCapacity`

@@ -283,6 +283,140 @@ INFO = Object(
     name="Info",
     closed=False,
 )
+_BYTES = Integer(minimum=0, description="bytes")
+HEALTH = String(
+    enum=("healthy", "degraded", "unavailable"),
+    description="healthy: every segment counts n fragments; degraded: fewer than n but at "
+    "least k (readable; repair rebuilds); unavailable: a segment counts fewer than k",
+)
+HELD = Object(
+    {
+        "peer": Field(_PEER, description="the peer this node holds them for"),
+        "fragments": Field(_COUNT, description="CIDs held (fragments and their manifests)"),
+        "bytes": Field(_BYTES),
+    },
+    name="Held",
+    closed=False,
+)
+MODEL = Object(
+    {
+        "cid": Field(_TEXT, description="manifest CID"),
+        "name": Field(Nullable(_TEXT), description="file name given at put (null: not recorded)"),
+        "size": Field(Nullable(_COUNT), description="bytes of the file (null: not recorded)"),
+        "k": Field(_COUNT),
+        "n": Field(_COUNT),
+        "segments": Field(_COUNT),
+        "placement": Field(_TEXT, description="distinct, weak or local (see PutResult)"),
+        "created": Field(_TEXT, description="when it was placed (UTC, ISO 8601)"),
+        "health": Field(HEALTH),
+        "degraded_segments": Field(_COUNT, description="segments counting fewer than n"),
+        "fragments_counted": Field(_COUNT, description="copies not lost on live holders"),
+        "holders": Field(Array(_PEER), description="peers holding its fragments"),
+    },
+    name="Model",
+    closed=False,
+)
+LISTING = Object(
+    {
+        "models": Field(Array(MODEL), description="models this node placed (it repairs them)"),
+        "held": Field(Array(HELD), description="what this node holds for other peers"),
+    },
+    name="Listing",
+    closed=False,
+)
+_RUNS = Object(
+    {
+        "runs": Field(_COUNT),
+        "errors": Field(_COUNT),
+        "last": Field(
+            Free(("object", "null")),
+            None,
+            "the last run since the daemon started: time, seconds, summary or error",
+        ),
+    },
+    name="Runs",
+    closed=False,
+)
+NODE_STATUS = Object(
+    {
+        "peer_id": Field(_PEER),
+        "addresses": Field(Array(_TEXT)),
+        "recipient": Field(_TEXT),
+        "version": Field(_TEXT),
+        "daemon": Field(Boolean(), description="answered by a running daemon (else offline)"),
+        "uptime_seconds": Field(Free(("number", "null")), description="null: no daemon"),
+        "peers": Field(
+            Object(
+                {
+                    "known": Field(_COUNT),
+                    "live": Field(_COUNT, description="daemons that answered lately"),
+                    "connected": Field(_COUNT, description="IPFS swarm connections"),
+                    "list": Field(
+                        Array(
+                            Object(
+                                {
+                                    "peer_id": Field(_PEER),
+                                    "connected": Field(Boolean()),
+                                    "live": Field(Boolean()),
+                                    "last_seen": Field(Nullable(_TEXT)),
+                                    "last_error": Field(Nullable(_TEXT)),
+                                    "audit_score": Field(
+                                        Free(("object", "null")),
+                                        description="score, passed, failed (null: not audited)",
+                                    ),
+                                },
+                                name="PeerSummary",
+                                closed=False,
+                            )
+                        )
+                    ),
+                },
+                name="Peers",
+                closed=False,
+            )
+        ),
+        "storage": Field(
+            Object(
+                {
+                    "capacity": Field(
+                        Free(("string", "integer")), description='[storage] capacity ("auto")'
+                    ),
+                    "capacity_bytes": Field(_BYTES, description="offered to peers now"),
+                    "peer_quota_bytes": Field(_BYTES),
+                    "held_bytes": Field(_BYTES, description="held for others"),
+                    "held_fragments": Field(_COUNT),
+                    "blockstore_bytes": Field(_BYTES, description="block files in REPO/kubo"),
+                    "pinned_bytes": Field(_BYTES, description="what this node's pins keep"),
+                    "disk_total_bytes": Field(_BYTES),
+                    "disk_free_bytes": Field(_BYTES),
+                },
+                name="Storage",
+                closed=False,
+            )
+        ),
+        "held": Field(Array(HELD)),
+        "models": Field(
+            Object(
+                {
+                    "placed": Field(_COUNT),
+                    "healthy": Field(_COUNT),
+                    "degraded": Field(_COUNT),
+                    "unavailable": Field(_COUNT),
+                    "degraded_segments": Field(_COUNT),
+                },
+                name="ModelTotals",
+                closed=False,
+            )
+        ),
+        "jobs": Field(Object(extra=_COUNT, closed=False), description="jobs by state"),
+        "activity": Field(
+            Object(extra=_RUNS, closed=False),
+            description="put, get, repair, audit, gc: runs and errors since the daemon started",
+        ),
+    },
+    name="NodeStatus",
+    closed=False,
+)
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -295,6 +429,20 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("openapi", "GET", "/openapi.json", "This document", Free(("object",))),
     Operation("identity", "GET", "/id", "This node's peer ID, addresses, recipient", IDENTITY),
     Operation("peers", "GET", "/peers", "Peers this node knows", Array(PEER), daemon_only=True),
+    Operation(
+        "node_status",
+        "GET",
+        "/status",
+        "This node: identity, peers, storage against capacity, models' health, jobs, activity",
+        NODE_STATUS,
+    ),
+    Operation(
+        "ls",
+        "GET",
+        "/ls",
+        "The models this node placed, with their health, and what it holds for each peer",
+        LISTING,
+    ),
     Operation(
         "status",
         "GET",

@@ -17,21 +17,26 @@ block nobody has never ends by itself in Kubo).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusenode import defaults
+from fusenode import __version__, defaults
+from fusenode.node import observe
 from fusenode.node.allocator import Allocator, PutPlan, SegmentAllocation
 from fusenode.node.auditor import Auditor, distrusted
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError, PlacementError
+from fusenode.node.holder import Limits, offered
+from fusenode.node.metrics import Metrics
 from fusenode.node.network import Network
 from fusenode.node.protocol import PeerError, PeerOverCapacity
 from fusenode.node.repo import Repo, read_identities
@@ -82,6 +87,9 @@ class NodeService:
         self.addresses = list(ctx.blocks.identity().addresses)
         self.network = network
         self.allocator = allocator or Allocator()
+        self.metrics = Metrics()
+        self._usage: tuple[float, tuple[int, int]] | None = None  # (when, storage_usage)
+        self.limits = Limits(self.config.storage.capacity, self.config.storage.peer_quota)
         # The daemon's own components, wired by the daemon (None in a command without one).
         self.optimizer: Optimizer | None = None
         self.repairer: Repairer | None = None
@@ -140,7 +148,9 @@ class NodeService:
         *,
         progress: ProgressFactory | None = None,
     ) -> dict[str, Any]:
-        result = await self.store(Path(path), k, n, recipients, public, progress=progress)
+        with self.metrics.timed("put"):
+            result = await self.store(Path(path), k, n, recipients, public, progress=progress)
+        self.forget_usage()
         await self.network.announce(result["cid"], "stored", not public)
         return result
 
@@ -225,6 +235,14 @@ class NodeService:
         self.state.record_model(
             result.cid, k, n, len(result.manifest.segments), mode, placements, receipts
         )
+        self.state.record_model_info(
+            result.cid,
+            {
+                "name": name or path.name,
+                "size": result.plaintext_size,
+                "stored": result.stored_bytes,
+            },
+        )
         for holder in holders:
             if holder != self.peer_id:
                 self.state.peer_answered(holder)
@@ -282,6 +300,15 @@ class NodeService:
         identity_path: str | None,
         *,
         progress: ProgressFactory | None = None,
+    ) -> dict[str, Any]:
+        with self.metrics.timed("get"):
+            try:
+                return await self._get(cid, output, identity_path, progress)
+            finally:
+                self.forget_usage()  # fetched blocks stay in the blockstore
+
+    async def _get(
+        self, cid: str, output: str, identity_path: str | None, progress: ProgressFactory | None
     ) -> dict[str, Any]:
         identities = self.identities(identity_path)
         timeout = self.config.storage.fetch_timeout
@@ -373,6 +400,101 @@ class NodeService:
             "healthy": healthy,
             "segments": segments,
         }
+
+    # -- what the node holds and does: ls, the summary, metrics --------------------------------
+    def _live(self) -> set[str] | None:
+        """Peers whose daemon answered lately; None without a daemon (no checks run)."""
+        if not self.network.networked:
+            return None
+        return {r.peer_id for r in self.state.recent_peers(defaults.LIVE_WINDOW)}
+
+    async def ls(self) -> dict[str, Any]:
+        """The models this node placed (with their health) and what it holds for others."""
+        return {
+            "models": observe.models(self.state, self.peer_id, self._live()),
+            "held": observe.held_for_others(self.state, self.peer_id),
+        }
+
+    async def node_status(self) -> dict[str, Any]:
+        """The node's summary: identity, peers, storage, models' health, jobs, activity
+        (`fusenode.node.observe` says where each number comes from)."""
+        live = self._live()
+        listing = observe.models(self.state, self.peer_id, live)
+        held = observe.held_for_others(self.state, self.peer_id)
+        blockstore, pinned = await self.storage_usage()
+        disk_total, disk_free = observe.disk(self.repo.path)
+        held_bytes = sum(h["bytes"] for h in held)
+        capacity, quota = offered(self.limits, held_bytes, disk_total, disk_free)
+        connected = set(await self.blocks.peers())
+        scores = self.state.scores()
+        peers = [
+            {
+                "peer_id": r.peer_id,
+                "connected": r.peer_id in connected,
+                "live": live is not None and r.peer_id in live,
+                "last_seen": r.last_seen,
+                "last_error": r.last_error,
+                "audit_score": scores.get(r.peer_id),
+            }
+            for r in self.state.peers()
+            if r.peer_id != self.peer_id
+        ]
+        activity: dict[str, Any] = {}
+        for operation in ("put", "get", "repair", "audit", "gc"):
+            runs, errors = self.metrics.runs(operation)
+            activity[operation] = {"runs": runs, "errors": errors}
+            if operation in self.metrics.last:
+                activity[operation]["last"] = self.metrics.last[operation]
+        uptime = time.time() - self.metrics.started
+        return {
+            "peer_id": self.peer_id,
+            "addresses": self.addresses,
+            "recipient": self.repo.recipient(),
+            "version": __version__,
+            "daemon": self.network.networked,
+            "uptime_seconds": round(uptime, 1) if self.network.networked else None,
+            "peers": {
+                "known": len(peers),
+                "live": sum(p["live"] for p in peers),
+                "connected": len(connected),
+                "list": peers,
+            },
+            "storage": {
+                "capacity": "auto" if self.limits.capacity is None else self.limits.capacity,
+                "capacity_bytes": capacity,
+                "peer_quota_bytes": quota,
+                "held_bytes": held_bytes,
+                "held_fragments": sum(h["fragments"] for h in held),
+                "blockstore_bytes": blockstore,
+                "pinned_bytes": pinned,
+                "disk_total_bytes": disk_total,
+                "disk_free_bytes": disk_free,
+            },
+            "held": held,
+            "models": observe.model_totals(listing),
+            "jobs": self.state.job_counts(),
+            "activity": activity,
+        }
+
+    async def storage_usage(self) -> tuple[int, int]:
+        """(blockstore bytes, pinned bytes), walked at most every `defaults.USAGE_MAX_AGE`
+        seconds: a dashboard refreshing every few seconds must not walk a large blockstore
+        each time. `forget_usage` (after a gc) makes the next call walk again."""
+        now = time.monotonic()
+        if self._usage is None or now - self._usage[0] > defaults.USAGE_MAX_AGE:
+            usage = await asyncio.to_thread(
+                observe.storage_usage, self.repo.files.kubo, self.state, self.peer_id
+            )
+            self._usage = (now, usage)
+        return self._usage[1]
+
+    def forget_usage(self) -> None:
+        self._usage = None
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition, its levels read now."""
+        self.metrics.update(await self.node_status())
+        return self.metrics.exposition()
 
     # -- share and info ----------------------------------------------------------------------
     async def share(

@@ -261,6 +261,30 @@ class State:
         rows = self._run("SELECT cid, k, n, segments, placement FROM models WHERE cid = ?", [cid])
         return rows[0] if rows else None
 
+    def models(self) -> list[tuple[str, int, int, int, str, str]]:
+        """(cid, k, n, segments, placement, created) of every model this node placed."""
+        return self._run(
+            "SELECT cid, k, n, segments, placement, created FROM models ORDER BY created, cid"
+        )
+
+    _INFO_KEY = "model:"
+
+    def record_model_info(self, cid: str, info: dict) -> None:
+        """What put knew of a model and the manifest does not say in clear (its name, size):
+        kept in ``meta`` under ``model:<cid>`` (no schema change: the models table has no
+        column for it), for ``fusenode ls``."""
+        self._run(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [self._INFO_KEY + cid, json.dumps(info)]
+        )
+
+    def model_info(self) -> dict[str, dict]:
+        """cid -> what `record_model_info` kept."""
+        rows = self._run(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            [self._INFO_KEY, self._INFO_KEY[:-1] + ";"],
+        )
+        return {key[len(self._INFO_KEY) :]: json.loads(value) for key, value in rows}
+
     def placements(self, manifest: str | None = None) -> list[Placement]:
         if manifest is None:
             rows = self._run("SELECT * FROM placements ORDER BY manifest, segment, fragment")
@@ -325,6 +349,15 @@ class State:
                 "SELECT COALESCE(SUM(size), 0) FROM held WHERE owner != ?", [besides or ""]
             )
         return int(rows[0][0])
+
+    def held_per_owner(self, besides: str) -> list[tuple[str, int, int]]:
+        """(owner, CIDs held, bytes accounted) for every owner but ``besides``."""
+        rows = self._run(
+            "SELECT owner, COUNT(*), COALESCE(SUM(size), 0) FROM held WHERE owner != ? "
+            "GROUP BY owner ORDER BY owner",
+            [besides],
+        )
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
     def held(self, cids: Iterable[str] | None = None) -> set[str]:
         if cids is None:
@@ -400,6 +433,13 @@ class State:
 
     def jobs(self) -> list[dict]:
         return [_job_dict(r) for r in self._run("SELECT * FROM jobs ORDER BY id")]
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by state (every state, 0 when none)."""
+        counts = dict.fromkeys(("queued", "running", "done", "failed"), 0)
+        for state, count in self._run("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[state] = int(count)
+        return counts
 
     def next_queued_job(self) -> dict | None:
         """Claim the oldest queued job (mark it running)."""

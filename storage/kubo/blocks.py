@@ -20,7 +20,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -126,6 +126,11 @@ class KuboNode(IpfsBackend):
     def is_running(self) -> bool:
         """Whether the node's process is alive (and not being replaced)."""
         return self._process.is_running()
+
+    def on_restart(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` each time the node's process is restarted (after a crash or a
+        missed deadline), once the new one is up: for counting restarts."""
+        self._process.on_restart(lambda _child: hook())
 
     def _redial(self, child: _Child) -> None:
         """Reconnect to the peers `connect` was asked for, without letting a dead one stall
