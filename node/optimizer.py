@@ -254,7 +254,7 @@ class Optimizer:
     ) -> dict:
         """The signed provenance of ``fused`` (a DSSE envelope), signed with this node's key."""
         from fusenode.node.peerkeys import load_private_key
-        from fusenode.node.provenance import make_statement, sign
+        from fusenode.node.provenance import ProvenanceError, make_statement, sign
 
         digest = hashlib.sha256()
         with open(fused, "rb") as f:
@@ -262,27 +262,35 @@ class Optimizer:
                 digest.update(block)
         key = load_private_key(self.service.repo.files.kubo)
         checked = report["verify"]
-        statement = make_statement(
-            subject_name=name,
-            subject_sha256=digest.hexdigest(),
-            source_cid=job["source"],
-            source_sha256=source_sha256,
-            pass_name=report["pass"],
-            pass_version=report["version"],
-            options={"device": self.config.optimizer.device, "verify": True},
-            signer=key.peer_id,
-            tool_version=__version__,
-            report={**provenance["report"], "device": report["device"]},
-            verification={
-                **provenance["verification"],
-                "seed": checked.get("seed", 0),
-                "inputs": checked.get("inputs"),
-            },
-            started=format_time(started),
-            finished=format_time(utc_now()),
-            invocation=f"job-{job['id']}",
-        )
-        return sign(statement, key)
+
+        def statement(fusion: dict) -> dict:
+            return make_statement(
+                subject_name=name,
+                subject_sha256=digest.hexdigest(),
+                source_cid=job["source"],
+                source_sha256=source_sha256,
+                pass_name=report["pass"],
+                pass_version=report["version"],
+                options={"device": self.config.optimizer.device, "verify": True},
+                signer=key.peer_id,
+                tool_version=__version__,
+                report=fusion,
+                verification={
+                    **provenance["verification"],
+                    "seed": checked.get("seed", 0),
+                    "inputs": checked.get("inputs"),
+                },
+                started=format_time(started),
+                finished=format_time(utc_now()),
+                invocation=f"job-{job['id']}",
+            )
+
+        fusion = {**provenance["report"], "device": report["device"]}
+        try:
+            return sign(statement(fusion), key)
+        except ProvenanceError:  # a model with thousands of fused nodes: counts, no lists
+            fusion = {k: v for k, v in fusion.items() if k not in ("fused", "skipped")}
+            return sign(statement({**fusion, "lists_left_out": True}), key)
 
     # -- announcements ---------------------------------------------------------------------
     async def listen(self, stop: asyncio.Event) -> None:
