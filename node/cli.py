@@ -10,7 +10,8 @@ arguments into a call and a result into lines.
 Exit codes: 0 success; an error prints one line on stderr (no traceback) and exits with its
 class's code (`fusenode.errors`: 1 error, 2 usage, 3 verification failed, 4 not found, 5 no
 key opens the model, 6 stored data damaged, 7 not enough of the network reachable, 8 repo or
-configuration, 9 the daemon cannot be reached); 130 interrupted.
+configuration, 9 the daemon cannot be reached; 10-17 ``verify``: a provenance failure, see
+`fusenode.node.provenance`); 130 interrupted.
 """
 
 from __future__ import annotations
