@@ -358,7 +358,8 @@ def _read_statement(statement: Any, signer: str) -> Link:
             f"by {signer}"
         )
     byproducts = {}
-    for item in _get(run, "byproducts") or []:
+    listed = _get(run, "byproducts")
+    for item in listed if isinstance(listed, list) else []:
         if isinstance(item, dict) and isinstance(item.get("annotations"), dict):
             byproducts[item.get("name")] = item["annotations"]
     params = _get(build, "externalParameters")

@@ -5,10 +5,10 @@ provenance of its own:
 
 1. the DSSE envelope's signature, by the key its keyid (a peer ID) names (`open_envelope`);
 2. the subject: the sha256 of the model's bytes, fetched and hashed here;
-3. the source: its CID resolves, opens with the identities given, and its bytes (fetched and
-   hashed here) are the ones the statement names;
-4. the signer is trusted: among ``--trust`` and ``[trust] signers`` (not checked, and said so,
+3. the signer is trusted: among ``--trust`` and ``[trust] signers`` (not checked, and said so,
    when both are empty);
+4. the source: its CID resolves, opens with the identities given, and its bytes (fetched and
+   hashed here) are the ones the statement names;
 5. with ``recheck``: the source and the model run here on fresh seeded inputs (in a child
    process under the optimizer's limits) and agree within the signed tolerances.
 
@@ -42,7 +42,7 @@ from fusenode.node.provenance import (
     UntrustedSigner,
     open_envelope,
 )
-from fusenode.storage.errors import NoIdentityMatch, StorageError
+from fusenode.storage.errors import NoIdentityMatch, NotEnoughFragments, StorageError
 from fusenode.storage.manifest import Metadata
 from fusenode.storage.store import open_metadata
 
@@ -61,6 +61,18 @@ def _sha256_file(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _shapes(value: object) -> dict[str, list[int]] | None:
+    """The signed input shapes, when they are shapes (name -> positive dimensions)."""
+    if not isinstance(value, dict) or len(value) > 1000:
+        return None
+    for dims in value.values():
+        if not isinstance(dims, list) or len(dims) > 16:
+            return None
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            return None
+    return value
 
 
 class _Walk:
@@ -92,6 +104,8 @@ class _Walk:
                 f"the source {cid} opens with none of the identities given: cannot check it "
                 "(give --identity with a key it is sealed to)"
             ) from None
+        except NotEnoughFragments:
+            raise  # the network, not the source: exit 7, retry later
         except StorageError as e:
             raise SourceMissing(f"the source {cid} cannot be fetched: {e}") from None
         got = await asyncio.to_thread(_sha256_file, path)
@@ -104,7 +118,7 @@ class _Walk:
 
     async def recheck(self, link: Link, source: Path, model: Path) -> dict[str, Any]:
         evidence = link.verification
-        shapes = evidence.get("inputs") if isinstance(evidence.get("inputs"), dict) else None
+        shapes = _shapes(evidence.get("inputs"))
         rtol, atol = evidence.get("rtol"), evidence.get("atol")
         numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (rtol, atol))
         limits = self.service.config.optimizer
@@ -174,14 +188,14 @@ async def verify_model(
                     f"{current} hashes to sha256 {got[:16]}..., its provenance was signed for "
                     f"{link.subject_sha256[:16]}...: the provenance is not this model's"
                 )
-            metadata, source = await walk.source(link)
-            if walk.trusted:
+            if walk.trusted:  # before the source is fetched: nothing more for a stranger
                 entry["trusted"] = link.signer in walk.trusted
                 if not entry["trusted"]:
                     raise UntrustedSigner(
                         f"{current} was signed by {link.signer}, who is not a trusted signer "
                         "(--trust or [trust] signers)"
                     )
+            metadata, source = await walk.source(link)
             if recheck:
                 entry["recheck"] = await walk.recheck(link, source, model)
             model.unlink()

@@ -216,6 +216,10 @@ def test_malformed_envelopes_are_refused_with_their_reason(
     lying = sign(statement(signer=other_key.peer_id), ed_key)
     with pytest.raises(ProvenanceError, match="names builder"):
         open_envelope(lying)
+    # Odd but signed byproducts are read as none (no crash on a signer's junk).
+    odd = statement(signer=ed_key.peer_id)
+    odd["predicate"]["runDetails"]["byproducts"] = 5
+    assert open_envelope(sign(odd, ed_key)).verification == {}
     # A valid signature over something that is not fusenode's statement.
     other = statement(signer=ed_key.peer_id)
     other["predicateType"] = "https://example.org/other"
@@ -473,5 +477,23 @@ def test_a_chain_is_verified_link_by_link(
         top = await store(service, again, attest(other_key, again, third_src, sha256(fused)))
         kind, _, _ = failure(await service.verify(top, None, [], False))
         assert kind == "SourceMissing"
+
+    run(repo, scenario)
+
+
+def test_a_public_model_verifies_without_a_key(
+    repo: Repo, models: dict[str, Path], ed_key: PeerKey
+) -> None:
+    async def scenario(service: NodeService) -> None:
+        src = (await service.store(models["source"], None, None, [], True))["cid"]
+        envelope = attest(ed_key, models["fused"], src, sha256(models["source"]))
+        cid = (await service.store(models["fused"], None, None, [], True, attestation=envelope))[
+            "cid"
+        ]
+        # In clear in the manifest: anyone may read and check it.
+        manifest = await service.manifest(cid)
+        assert manifest.metadata.attestation == envelope
+        result = await service.verify(cid, None, [ed_key.peer_id], True)
+        assert result["verified"] and result["links"][0]["recheck"]["ok"]
 
     run(repo, scenario)
