@@ -164,3 +164,38 @@ def test_verify_without_a_daemon(cli, tmp_path):
     cli.fails("verify", cid, "--repo", repo, text="has no provenance", code=11)
     cli.fails("provenance", cid, "-o", tmp_path / "p.json", "--repo", repo, code=11)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_chain_is_verified_link_by_link_on_the_network(net, user, stored, optimized):
+    """node2 optimizes node1's output again: two signers, two links, down to the upload. The
+    user first shares the output with node2 (a new CID, the same bytes: its provenance still
+    holds)."""
+    node2 = json.loads(ok(net.cli(2, "id", "--json")).stdout)["recipient"]
+    shared = last_line(
+        net.cli(0, "share", optimized, "--recipient", node2, "--identity", str(user[0]))
+    )
+    again = last_line(net.cli(2, "optimize", shared, "--recipient", user[1]))
+    assert again not in (optimized, shared, stored)
+    signers = [net.nodes[2].peer_id, net.nodes[1].peer_id]
+    result = json.loads(
+        ok(
+            net.cli(
+                0,
+                "verify",
+                again,
+                "--identity",
+                str(user[0]),
+                "--json",
+                "--trust",
+                signers[0],
+                "--trust",
+                signers[1],
+            )
+        ).stdout
+    )
+    assert result["verified"] and result["origin"] == stored
+    assert [link["cid"] for link in result["links"]] == [again, shared]
+    assert [link["signer"] for link in result["links"]] == signers
+    # Trusting only the last optimizer is not enough.
+    proc = net.cli(0, "verify", again, "--identity", str(user[0]), "--trust", signers[0])
+    assert proc.returncode == 16 and shared in proc.stderr
