@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust",
         action="append",
         metavar="PEER_ID",
-        help="a signer to trust (repeatable; added to [trust] signers of config.toml)",
+        help="a signer to trust (repeatable; with those in [trust] signers of config.toml)",
     )
     vf.add_argument(
         "--recheck",

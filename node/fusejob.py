@@ -9,7 +9,8 @@ not memory used). The daemon keeps serving whatever the child does; a kill fails
 the reason.
 
 The child writes its report (or its error) as JSON to a file the parent names; its exit code
-says which.
+says which. `run_verify_job` runs only the equivalence check the same way, for ``fusenode
+verify --recheck`` (a receiver runs two models from the network).
 """
 
 from __future__ import annotations
