@@ -334,6 +334,14 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"  name {meta['name']}, {meta['size']} bytes, sha256 {meta['sha256']}")
     if meta.get("recipients"):
         print(f"  recipients: {', '.join(meta['recipients'])}")
+    if meta.get("attestation"):
+        from fusenode.node.provenance import ProvenanceError, open_envelope
+
+        try:
+            signer = f"signed by {open_envelope(meta['attestation']).signer}"
+        except ProvenanceError as e:
+            signer = f"INVALID: {e}"
+        print(f"  signed provenance: {signer} (check it with `fusenode verify`)")
     prov = meta.get("provenance")
     if prov:
         rep = prov.get("report", {})

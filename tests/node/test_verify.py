@@ -80,6 +80,8 @@ def test_a_receiver_verifies_a_fused_model(net, user, model, stored, optimized):
         "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
     }
     assert link["verification"]["ok"] and link["verification"]["inputs"]
+    info = ok(net.cli(2, "info", optimized, "--identity", str(user[0]))).stdout
+    assert f"signed provenance: signed by {signer}" in info
     # Without a trust list the signature is still checked and the signer named: exit 0.
     proc = ok(net.cli(2, "verify", optimized, "--identity", str(user[0])))
     assert f"signed by {signer}" in proc.stdout and "no trusted signers given" in proc.stderr
