@@ -10,7 +10,8 @@ arguments into a call and a result into lines.
 Exit codes: 0 success; an error prints one line on stderr (no traceback) and exits with its
 class's code (`fusenode.errors`: 1 error, 2 usage, 3 verification failed, 4 not found, 5 no
 key opens the model, 6 stored data damaged, 7 not enough of the network reachable, 8 repo or
-configuration, 9 the daemon cannot be reached); 130 interrupted.
+configuration, 9 the daemon cannot be reached; 10-17 ``verify``: a provenance failure, see
+`fusenode.node.provenance`); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -396,6 +397,14 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"  name {meta['name']}, {meta['size']} bytes, sha256 {meta['sha256']}")
     if meta.get("recipients"):
         print(f"  recipients: {', '.join(meta['recipients'])}")
+    if meta.get("attestation"):
+        from fusenode.node.provenance import ProvenanceError, open_envelope
+
+        try:
+            signer = f"signed by {open_envelope(meta['attestation']).signer}"
+        except ProvenanceError as e:
+            signer = f"INVALID: {e}"
+        print(f"  signed provenance: {signer} (check it with `fusenode verify`)")
     prov = meta.get("provenance")
     if prov:
         rep = prov.get("report", {})
@@ -414,6 +423,70 @@ def _print_info(info: dict[str, Any]) -> None:
             f"{ver.get('max_abs_error')}, max rel error {ver.get('max_rel_error')} "
             f"(rtol {ver.get('rtol')}, atol {ver.get('atol')})"
         )
+
+
+# -- provenance, verify -------------------------------------------------------------------------
+
+
+def cmd_provenance(args: argparse.Namespace) -> int:
+    from fusenode.node.provenance import dumps
+
+    reply = _node(args).provenance(args.cid, args.identity)
+    try:  # 0600: an encrypted model's provenance was sealed; the export stays private
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(dumps(reply["envelope"]))
+    except OSError as e:
+        raise CommandError(f"{args.output}: cannot write: {e.strerror}") from e
+    if reply.get("signer"):
+        print(f"wrote {args.output}: DSSE envelope signed by {reply['signer']}", file=sys.stderr)
+    else:
+        print(
+            f"wrote {args.output}, but its signature does not verify: {reply.get('problem')}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from fusenode.node.provenance import ProvenanceError
+
+    result = _node(args).verify(
+        args.cid, args.identity, trust=list(args.trust or []), recheck=bool(args.recheck)
+    )
+    _show(args, result, _print_verify)
+    failure = result.get("failure")
+    if failure:
+        kind = Error.named(failure["type"]) or ProvenanceError
+        error = kind(failure["message"])
+        if args.json:  # the reason is in the JSON already; the exit code says which
+            return error.exit_code
+        raise error
+    return 0
+
+
+def _print_verify(result: dict[str, Any]) -> None:
+    for link in result["links"]:
+        trust = {True: "trusted", False: "NOT trusted", None: "no trusted signers given"}
+        print(
+            f"{link['cid']}: {link['pass']} {link['pass_version']} signed by {link['signer']} "
+            f"({trust[link['trusted']]})"
+        )
+        print(f"  made from {link['source']['cid']} (sha256 {link['source']['sha256'][:16]}...)")
+        recheck = link.get("recheck")
+        if recheck:
+            print(
+                f"  rechecked here with {recheck['engine']} (seed {recheck['seed']}): max abs "
+                f"error {recheck['max_abs_error']:.3g}"
+            )
+    if result["verified"]:
+        print(f"verified: {result['cid']} signed by {result['signer']}, origin {result['origin']}")
+        if result["trusted"] is None:
+            print(
+                "note: no trusted signers given (--trust or [trust] signers): the signatures are "
+                "valid, but whether you trust their signers is yours to decide",
+                file=sys.stderr,
+            )
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -573,6 +646,37 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "info", cmd_info, "a stored model's metadata and provenance", json_flag=True, cid=True
     )
     _identity(inf)
+
+    pv = _command(
+        sub,
+        "provenance",
+        cmd_provenance,
+        "export a model's signed provenance (a DSSE envelope) to a file",
+        cid=True,
+    )
+    pv.add_argument("-o", "--output", required=True, help="where to write the envelope (JSON)")
+    _identity(pv)
+
+    vf = _command(
+        sub,
+        "verify",
+        cmd_verify,
+        "check a model's signed provenance, link by link down to its origin",
+        json_flag=True,
+        cid=True,
+    )
+    _identity(vf)
+    vf.add_argument(
+        "--trust",
+        action="append",
+        metavar="PEER_ID",
+        help="a signer to trust (repeatable; with those in [trust] signers of config.toml)",
+    )
+    vf.add_argument(
+        "--recheck",
+        action="store_true",
+        help="also run each model and its source here on fresh seeded inputs",
+    )
 
     d = _command(sub, "demo", cmd_demo, "run a self-contained demonstration", repo=False)
     d.add_argument("--workdir", help="keep the demo's files here (default: a temp folder)")

@@ -70,12 +70,12 @@ class DaemonClient:
     answers is raised again as its own class (`fusenode.errors.Error.named`), so a command
     exits with the same code through a daemon as without one.
 
-    ``timeout`` (seconds) bounds each wait on the socket for the quick calls. ``put`` and
-    ``get`` move whole files and answer only when done, so they wait as long as they take
-    unless given their own ``timeout`` (the user can interrupt).
+    ``timeout`` (seconds) bounds each wait on the socket for the quick calls. ``put``,
+    ``get`` and ``verify`` move whole files and answer only when done, so they wait as long
+    as they take unless given their own ``timeout`` (the user can interrupt).
     """
 
-    _LONG = frozenset({"put", "get"})
+    _LONG = frozenset({"put", "get", "verify"})
 
     def __init__(self, base_url: str, token: str | None, timeout: float) -> None:
         parts = urllib.parse.urlsplit(base_url)

@@ -88,6 +88,11 @@ class OptimizerSection:
 
 
 @dataclass(frozen=True)
+class TrustSection:
+    signers: tuple[str, ...] = ()  # peer IDs whose signed provenance `fusenode verify` trusts
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     api: ApiSection = field(default_factory=ApiSection)
@@ -96,6 +101,7 @@ class Config:
     placement: PlacementSection = field(default_factory=PlacementSection)
     repair: RepairSection = field(default_factory=RepairSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    trust: TrustSection = field(default_factory=TrustSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -106,6 +112,7 @@ _SECTIONS: dict[str, type] = {
     "placement": PlacementSection,
     "repair": RepairSection,
     "optimizer": OptimizerSection,
+    "trust": TrustSection,
 }
 _ENV = {
     "FUSENODE_API_PORT": ("api", "port", int),
@@ -240,6 +247,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config: {what} must be positive")
     if config.optimizer.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config: [optimizer] device {config.optimizer.device!r}: auto|cpu|cuda")
+    for signer in config.trust.signers:
+        if not 1 <= len(signer) <= 128 or not signer.isalnum():
+            raise ConfigError(f"config: [trust] signers: {signer[:80]!r} is not a peer ID")
     if config.api.max_body_bytes < 1024:
         raise ConfigError("config: [api] max_body_bytes must be at least 1024")
     if config.placement.domain not in DOMAINS:

@@ -9,7 +9,8 @@ not memory used). The daemon keeps serving whatever the child does; a kill fails
 the reason.
 
 The child writes its report (or its error) as JSON to a file the parent names; its exit code
-says which.
+says which. `run_verify_job` runs only the equivalence check the same way, for ``fusenode
+verify --recheck`` (a receiver runs two models from the network).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from fusenode.node.errors import NodeError
 
-__all__ = ["FuseJobError", "auto_memory_limit", "run_fuse_job"]
+__all__ = ["FuseJobError", "auto_memory_limit", "run_fuse_job", "run_verify_job"]
 
 POLL = 0.1
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -69,28 +70,52 @@ async def run_fuse_job(
 ) -> dict[str, Any]:
     """Fuse and verify ``src`` into ``dst`` in a child process; its report. Raises
     `FuseJobError` with the child's error, or when a limit stopped it."""
-    report_path = dst.with_name(dst.name + ".report.json")
-    log_path = dst.with_name(dst.name + ".log")
-    with open(log_path, "wb") as log_file:  # a file, not a pipe: a chatty child never blocks
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "fusenode.node.fusejob",
-            str(src),
-            str(dst),
-            device,
-            str(report_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-        )
     try:
-        return await _watch(proc, report_path, log_path, max_seconds, max_memory)
+        return await _run_child(["fuse", str(src), str(dst), device], dst, max_seconds, max_memory)
     except BaseException:
         for path in (dst, dst.with_name(dst.name + ".data")):  # a stopped child's output
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
+
+
+async def run_verify_job(
+    original: Path,
+    optimized: Path,
+    *,
+    seed: int,
+    shapes: dict[str, list[int]] | None,
+    rtol: float | None,
+    atol: float | None,
+    max_seconds: float,
+    max_memory: int,
+) -> dict[str, Any]:
+    """`fusenode.passes.verify.verify` of two models in a child process under the same limits
+    (``fusenode verify --recheck``: both models come from the network); its result as a dict.
+    Raises `FuseJobError` when the models cannot be run or a limit stopped the child."""
+    options = json.dumps({"seed": seed, "shapes": shapes, "rtol": rtol, "atol": atol})
+    return await _run_child(
+        ["verify", str(original), str(optimized), options], optimized, max_seconds, max_memory
+    )
+
+
+async def _run_child(
+    argv: list[str], beside: Path, max_seconds: float, max_memory: int
+) -> dict[str, Any]:
+    report_path = beside.with_name(beside.name + ".report.json")
+    log_path = beside.with_name(beside.name + ".log")
+    with open(log_path, "wb") as log_file:  # a file, not a pipe: a chatty child never blocks
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fusenode.node.fusejob",
+            *argv,
+            str(report_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    return await _watch(proc, report_path, log_path, max_seconds, max_memory)
 
 
 async def _watch(
@@ -143,12 +168,17 @@ async def _watch(
 
 
 def _main(argv: list[str]) -> int:
-    src, dst, device, report_path = argv
+    mode, src, dst, option, report_path = argv
     from fusenode.passes.errors import PassError
     from fusenode.passes.fuse import fuse_file
+    from fusenode.passes.verify import verify
 
     try:
-        report: dict[str, Any] = fuse_file(src, dst, device=device, verify=True)
+        if mode == "verify":
+            opts = json.loads(option)
+            report: dict[str, Any] = verify(Path(src), Path(dst), **opts).to_dict()
+        else:
+            report = fuse_file(src, dst, device=option, verify=True)
         code = 0
     except PassError as e:
         report = {"error": {"type": type(e).__name__, "message": str(e)}}

@@ -418,6 +418,48 @@ NODE_STATUS = Object(
     closed=False,
 )
 
+VERIFY_LINK = Object(
+    {
+        "cid": Field(_TEXT, description="the model this link is about"),
+        "signer": Field(_PEER, description="peer ID whose key signed its provenance"),
+        "trusted": Field(Nullable(Boolean()), description="null: no trusted signers given"),
+        "subject": Field(Free(("object",)), description="name and sha256 of the model"),
+        "source": Field(Free(("object",)), description="cid and sha256 it was made from"),
+        "pass": Field(_TEXT),
+        "pass_version": Field(_TEXT),
+        "recheck": Field(Free(("object", "null")), None, "the equivalence check run here"),
+    },
+    name="VerifyLink",
+    closed=False,
+)
+VERIFY_RESULT = Object(
+    {
+        "cid": Field(_TEXT),
+        "verified": Field(Boolean(), description="every link checked, none failed"),
+        "signer": Field(Nullable(_PEER), description="who signed the model's provenance"),
+        "trusted": Field(Nullable(Boolean()), description="null: no trusted signers given"),
+        "origin": Field(Nullable(_TEXT), description="the chain's first model (no provenance)"),
+        "links": Field(Array(VERIFY_LINK), description="the model first, then its sources"),
+        "recheck": Field(Boolean()),
+        "failure": Field(
+            Nullable(
+                Object(
+                    {
+                        "type": Field(_TEXT, description="error class, e.g. NoProvenance"),
+                        "message": Field(_TEXT),
+                        "exit_code": Field(_COUNT),
+                    },
+                    name="VerifyFailure",
+                    closed=False,
+                )
+            ),
+            description="why it does not verify (null: it does)",
+        ),
+    },
+    name="VerifyResult",
+    closed=False,
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "health",
@@ -532,6 +574,46 @@ OPERATIONS: tuple[Operation, ...] = (
         INFO,
         body=Object({**_CID_ONLY, "identity_path": _IDENTITY_PATH}, name="InfoRequest"),
     ),
+    Operation(
+        "provenance",
+        "POST",
+        "/provenance",
+        "A model's signed provenance: the DSSE envelope stored with it",
+        Object(
+            {
+                "cid": Field(_TEXT),
+                "signer": Field(Nullable(_PEER), description="null: the signature fails"),
+                "problem": Field(_TEXT, "", "why the signature fails"),
+                "envelope": Field(Free(("object",)), description="DSSE envelope (in-toto)"),
+            },
+            name="ProvenanceResult",
+            closed=False,
+        ),
+        body=Object({**_CID_ONLY, "identity_path": _IDENTITY_PATH}, name="ProvenanceRequest"),
+    ),
+    Operation(
+        "verify",
+        "POST",
+        "/verify",
+        "Check a model's signed provenance link by link: signature, subject, source, signer",
+        VERIFY_RESULT,
+        body=Object(
+            {
+                **_CID_ONLY,
+                "identity_path": _IDENTITY_PATH,
+                "trust": Field(
+                    Array(
+                        String(pattern=r"^[1-9A-HJ-NP-Za-km-z]{1,128}$", description="peer ID"),
+                        max_items=1000,
+                    ),
+                    (),
+                    "trusted signers, with [trust] signers",
+                ),
+                "recheck": Field(Boolean(), False, "run the equivalence check again here"),
+            },
+            name="VerifyRequest",
+        ),
+    ),
 )
 
 _BY_NAME = {op.name: op for op in OPERATIONS}
@@ -559,7 +641,7 @@ ERRORS: dict[int, str] = {
     413: "request body over [api] max_body_bytes",
     415: "request body not application/json in UTF-8",
     421: "Host header is not a loopback name",
-    422: "the optimized model failed verification",
+    422: "the optimized model failed verification, or a model's provenance does not verify",
     500: "internal error (details in the daemon's log)",
     502: "stored data is damaged, or a peer answered with an error",
     503: "not enough fragments or nodes reachable now",

@@ -25,18 +25,24 @@ and verification run in a child process stopped at ``max_seconds`` and ``max_mem
 Provenance of an optimized model: the manifest's public ``parent`` is the source CID; the
 sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
 verification figures, the input's sha256 (the output's is the metadata's own ``sha256``),
-the device, and the optimizing node.
+the device, and the optimizing node. The same facts, signed with the node's libp2p key, are
+the metadata's ``attestation``: a DSSE envelope of an in-toto statement with a SLSA
+provenance predicate (`fusenode.node.provenance`), which `fusenode verify` checks and
+`fusenode provenance` exports. Sealed with the rest for an encrypted model, in clear for a
+public one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +53,7 @@ from fusenode.node.fusejob import FuseJobError, auto_memory_limit, run_fuse_job
 from fusenode.passes import fuse_bn
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import NoIdentityMatch, StorageError
+from fusenode.storage.manifest import format_time, utc_now
 from fusenode.storage.store import open_metadata
 
 if TYPE_CHECKING:
@@ -157,6 +164,7 @@ class Optimizer:
         recipients = list(job["recipients"]) or list(getattr(metadata, "recipients", None) or [])
         if manifest.encrypted and not recipients:
             raise JobError(f"{source} does not record its recipients: name them with --recipient")
+        started = utc_now()
         work = Path(tempfile.mkdtemp(prefix=f".job{job['id']}-", dir=service.repo.files.tmp))
         try:
             source_file = work / "input.onnx"
@@ -203,6 +211,9 @@ class Optimizer:
             }
             stem, dot, suffix = metadata.name.rpartition(".")
             name = f"{stem}.fused.{suffix}" if dot else f"{metadata.name}.fused"
+            attestation = await asyncio.to_thread(
+                self._attest, job, fused_file, name, metadata.sha256, report, provenance, started
+            )
             t2 = time.perf_counter()
             stored = await service.store(
                 fused_file,
@@ -213,6 +224,7 @@ class Optimizer:
                 name=name,
                 provenance=provenance,
                 parent=source,
+                attestation=attestation,
             )
             timings["store"] = time.perf_counter() - t2
         finally:
@@ -229,6 +241,56 @@ class Optimizer:
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         return stored["cid"], summary
+
+    def _attest(
+        self,
+        job: dict,
+        fused: Path,
+        name: str,
+        source_sha256: str,
+        report: dict,
+        provenance: dict,
+        started: datetime,
+    ) -> dict:
+        """The signed provenance of ``fused`` (a DSSE envelope), signed with this node's key."""
+        from fusenode.node.peerkeys import load_private_key
+        from fusenode.node.provenance import ProvenanceError, make_statement, sign
+
+        digest = hashlib.sha256()
+        with open(fused, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        key = load_private_key(self.service.repo.files.kubo)
+        checked = report["verify"]
+
+        def statement(fusion: dict) -> dict:
+            return make_statement(
+                subject_name=name,
+                subject_sha256=digest.hexdigest(),
+                source_cid=job["source"],
+                source_sha256=source_sha256,
+                pass_name=report["pass"],
+                pass_version=report["version"],
+                options={"device": self.config.optimizer.device, "verify": True},
+                signer=key.peer_id,
+                tool_version=__version__,
+                report=fusion,
+                verification={
+                    **provenance["verification"],
+                    "seed": checked.get("seed", 0),
+                    "inputs": checked.get("inputs"),
+                },
+                started=format_time(started),
+                finished=format_time(utc_now()),
+                invocation=f"job-{job['id']}",
+            )
+
+        fusion = {**provenance["report"], "device": report["device"]}
+        try:
+            return sign(statement(fusion), key)
+        except ProvenanceError:  # a model with thousands of fused nodes: counts, no lists
+            fusion = {k: v for k, v in fusion.items() if k not in ("fused", "skipped")}
+            return sign(statement({**fusion, "lists_left_out": True}), key)
 
     # -- announcements ---------------------------------------------------------------------
     async def listen(self, stop: asyncio.Event) -> None:

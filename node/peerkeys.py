@@ -26,9 +26,11 @@ from fusenode.storage.multiformats import (
     IDENTITY,
     MAX_UINT64_VARINT_BYTES,
     SHA2_256,
+    b58decode,
     b58encode,
     encode_multihash,
     encode_varint,
+    read_multihash,
     read_varint,
 )
 
@@ -42,6 +44,7 @@ __all__ = [
     "peer_id_from_public_key",
     "private_key_from_protobuf",
     "public_key",
+    "public_key_from_peer_id",
 ]
 
 # libp2p's KeyType enum (crypto/pb/crypto.proto).
@@ -252,3 +255,23 @@ def public_key(proto: bytes) -> PublicKey:
         name = _KEY_NAMES.get(key_type, f"type {key_type}")
         raise PeerAuthError(f"{name} keys are not supported (only RSA and Ed25519)")
     return PublicKey(peer_id_from_public_key(proto), public)
+
+
+def public_key_from_peer_id(peer_id: str) -> PublicKey | None:
+    """The public key inlined in a peer ID (Ed25519: identity multihash), or None when the
+    ID is a hash of its key (RSA: the key must come with the signature). Raises
+    `PeerAuthError` for a string that is not a peer ID."""
+    if not isinstance(peer_id, str) or not 1 <= len(peer_id) <= 128:
+        raise PeerAuthError("a peer ID is a base58btc string of at most 128 characters")
+    try:
+        multihash = read_multihash(b58decode(peer_id), minimal=True)
+    except ValueError as exc:
+        raise PeerAuthError(f"{peer_id[:80]!r} is not a peer ID: {exc}") from None
+    if multihash.code == SHA2_256 and len(multihash.digest) == 32:
+        return None
+    if multihash.code != IDENTITY:
+        raise PeerAuthError(f"{peer_id[:80]!r} is not a peer ID: unknown multihash")
+    key = public_key(multihash.digest)
+    if key.peer_id != peer_id:
+        raise PeerAuthError(f"{peer_id[:80]!r} is not the canonical spelling of its key")
+    return key

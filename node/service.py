@@ -165,6 +165,7 @@ class NodeService:
         name: str | None = None,
         provenance: dict[str, Any] | None = None,
         parent: str | None = None,
+        attestation: dict[str, Any] | None = None,
         progress: ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Store a file with placement on the allocator's nodes; see the module docstring."""
@@ -223,6 +224,7 @@ class NodeService:
                     name=name,
                     provenance=provenance,
                     parent=parent,
+                    attestation=attestation,
                 )
         except BaseException:
             await self._orphaned(placements)
@@ -520,6 +522,31 @@ class NodeService:
     async def info(self, cid: str, identity_path: str | None) -> dict[str, Any]:
         manifest = await self.manifest(cid)
         return describe(cid, manifest, self.identities(identity_path))
+
+    # -- provenance ----------------------------------------------------------------------------
+    async def provenance(self, cid: str, identity_path: str | None) -> dict[str, Any]:
+        """The model's signed provenance (a DSSE envelope) and the signer it proves (None,
+        and the reason in ``problem``, when its signature does not verify: exported anyway,
+        for whoever wants to look at it)."""
+        from fusenode.node.provenance import NoProvenance, ProvenanceError, open_envelope
+
+        manifest = await self.manifest(cid)
+        _key, metadata = open_metadata(manifest, self.identities(identity_path))
+        if metadata.attestation is None:
+            raise NoProvenance(f"{cid} has no provenance (not made by `fusenode optimize`)")
+        envelope = dict(metadata.attestation)
+        try:
+            return {"cid": cid, "signer": open_envelope(envelope).signer, "envelope": envelope}
+        except ProvenanceError as e:
+            return {"cid": cid, "signer": None, "problem": str(e), "envelope": envelope}
+
+    async def verify(
+        self, cid: str, identity_path: str | None, trust: list[str], recheck: bool
+    ) -> dict[str, Any]:
+        """Check a model's provenance chain (`fusenode.node.verifier`)."""
+        from fusenode.node.verifier import verify_model
+
+        return await verify_model(self, cid, identity_path, list(trust), recheck)
 
     # -- the daemon's own: optimize, jobs, repair --------------------------------------------
     def _daemon_part(self, part: object, what: str) -> Any:

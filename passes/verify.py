@@ -56,6 +56,10 @@ class VerifyResult:
     max_rel_error: float
     outputs: list[OutputCheck]
     ok: bool
+    #: How the inputs were made: `make_inputs` with this seed, at these shapes (name -> dims),
+    #: so anyone can run the same check again (`fusenode verify --recheck`).
+    seed: int = 0
+    inputs: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,6 +204,8 @@ def verify(
         max_rel_error=max((c.max_rel_error for c in checks), default=0.0),
         outputs=checks,
         ok=all(c.ok for c in checks),
+        seed=seed,
+        inputs={name: [int(d) for d in value.shape] for name, value in feeds.items()},
     )
 
 

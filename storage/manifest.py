@@ -340,6 +340,22 @@ def _check_provenance(provenance: Any) -> dict[str, Any]:
     return json.loads(encoded)
 
 
+def _check_attestation(envelope: Any) -> dict[str, Any]:
+    """A DSSE envelope's outer shape: ``payloadType`` and ``payload`` strings and a non-empty
+    ``signatures`` array of objects. Its signature and statement are checked by whoever
+    verifies it (`fusenode.node.provenance`), not by every reader of the metadata."""
+    if not isinstance(envelope, Mapping):
+        raise ManifestError(f"attestation must be an object, got {_json_type(envelope)}")
+    _check_keys(dict(envelope), "attestation", {"payloadType", "payload", "signatures"})
+    _str(envelope["payloadType"], "attestation.payloadType")
+    _str(envelope["payload"], "attestation.payload")
+    signatures = _list(envelope["signatures"], "attestation.signatures")
+    if not signatures or not all(isinstance(s, Mapping) for s in signatures):
+        raise ManifestError("attestation.signatures must be a non-empty array of objects")
+    _check_json_value(envelope, "attestation")
+    return json.loads(canonical_json(dict(envelope)))
+
+
 def _check_recipients(recipients: Any) -> tuple[str, ...]:
     """Distinct ``age1...`` strings in their one canonical spelling, at least one.
 
@@ -381,9 +397,14 @@ class Metadata:
     #: The X25519 recipients (``age1...``) the file key is wrapped to, when the writer
     #: recorded them: the header cannot tell (docs/format.md 6). Encrypted mode only.
     recipients: tuple[str, ...] | None = None
+    #: The signed provenance: a DSSE envelope (docs/format.md 13), checked by
+    #: `fusenode.node.provenance`; here only its outer shape.
+    attestation: Mapping[str, Any] | None = None
 
     _REQUIRED: ClassVar[set[str]] = {"name", "size", "sha256", "created"}
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"media_type", "provenance", "recipients"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"media_type", "provenance", "recipients", "attestation"}
+    )
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -398,6 +419,8 @@ class Metadata:
             object.__setattr__(self, "provenance", _check_provenance(self.provenance))
         if self.recipients is not None:
             object.__setattr__(self, "recipients", _check_recipients(self.recipients))
+        if self.attestation is not None:
+            object.__setattr__(self, "attestation", _check_attestation(self.attestation))
         if len(canonical_json(self.to_obj())) > MAX_METADATA_SIZE:
             raise ManifestError(f"metadata is larger than {MAX_METADATA_SIZE} bytes")
 
@@ -425,6 +448,8 @@ class Metadata:
             obj["provenance"] = self.provenance
         if self.recipients is not None:
             obj["recipients"] = list(self.recipients)
+        if self.attestation is not None:
+            obj["attestation"] = self.attestation
         return obj
 
     def to_json(self) -> bytes:
@@ -442,6 +467,7 @@ class Metadata:
             media_type=_str(obj["media_type"], "media_type") if "media_type" in obj else None,
             provenance=obj.get("provenance"),
             recipients=_list(obj["recipients"], "recipients") if "recipients" in obj else None,
+            attestation=obj.get("attestation"),
         )
 
     @classmethod

@@ -234,6 +234,7 @@ def put_file(
     name: str | None = None,
     provenance: dict | None = None,
     parent: str | None = None,
+    attestation: dict | None = None,
 ) -> PutResult:
     """Store a file; return its manifest CID once every fragment is stored.
 
@@ -337,6 +338,7 @@ def put_file(
         media_type="application/onnx" if path.suffix.lower() == ".onnx" else None,
         provenance=provenance,
         recipients=None if public else Metadata.recipient_strings(recipients),
+        attestation=attestation,
     )
     if public:
         sealed: bytes | Metadata = metadata
