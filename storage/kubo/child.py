@@ -34,6 +34,7 @@ from fusenode.storage.errors import BackendError
 from fusenode.storage.kubo.config import (
     SwarmSettings,
     configured_port,
+    ed25519_identity,
     network_config,
     read_config,
     write_config,
@@ -81,6 +82,7 @@ def ensure_repo(
             shutil.rmtree(scratch, ignore_errors=True)
             raise OpError(f"Kubo could not create a repo in {repo_dir} (CreateRepo code {rc})")
         fresh = read_config(scratch / "config")
+        fresh["Identity"] = ed25519_identity()
         write_config(
             scratch / "config", network_config(fresh, swarm or SwarmSettings(), swarm_port)
         )

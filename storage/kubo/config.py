@@ -23,12 +23,17 @@ Pure JSON edits; creating a repo needs the library, so it happens in a child pro
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fusenode.storage.errors import BackendError
+from fusenode.storage.multiformats import b58encode
 from fusenode.storage.swarm import (
     LOOPBACK_RANGES,
     SwarmSettings,
@@ -83,6 +88,33 @@ def network_config(config: dict[str, Any], swarm: SwarmSettings, port: int) -> d
 def loopback_config(config: dict[str, Any], swarm_port: int) -> dict[str, Any]:
     """`network_config` for the default: 127.0.0.1 only, every other address denied."""
     return network_config(config, SwarmSettings(), swarm_port)
+
+
+def ed25519_identity() -> dict[str, str]:
+    """A fresh libp2p Ed25519 identity for a Kubo config's ``Identity``: PeerID and PrivKey.
+
+    Decision: every repo fusenode creates gets an Ed25519 identity (peer IDs ``12D3KooW...``,
+    Kubo's own default since 0.13). The embedded library's CreateRepo makes a 2048-bit RSA key;
+    its identity is replaced before the repo is first used. The node's peer key is what signs
+    its peer protocol requests and the provenance of the models it optimizes, and an Ed25519
+    peer ID carries its public key inline, so a verifier needs nothing but the ID. Repos made
+    before keep their RSA key, which stays supported (`fusenode.node.peerkeys`).
+
+    Encoding (libp2p crypto.proto): PrivateKey{Type = 1 (Ed25519), Data = seed || public key};
+    the peer ID is the identity multihash (0x00, 36) of PublicKey{Type = 1, Data = public key},
+    in base58btc.
+    """
+    key = Ed25519PrivateKey.generate()
+    seed = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    private_proto = b"\x08\x01\x12\x40" + seed + public
+    public_proto = b"\x08\x01\x12\x20" + public
+    peer_id = b58encode(bytes([0x00, len(public_proto)]) + public_proto)
+    return {"PeerID": peer_id, "PrivKey": base64.b64encode(private_proto).decode("ascii")}
 
 
 def configured_port(config: dict[str, Any]) -> int | None:

@@ -44,7 +44,7 @@ from fusenode.node.peerauth import (
     verify_request_headers,
 )
 from fusenode.storage.kubo import KuboNode, create_repo
-from tests.support.keys import ed25519_protobuf
+from tests.support.keys import ed25519_protobuf, rsa_protobuf
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 BODY = b'{"fragment": "QmWKoWmuRfPJXSvLHoPdJn8iFsvyum4HsUeB1LUHdVRVKW"}'
@@ -58,9 +58,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real Kubo repo (fusenode layout: REPO/kubo/config) with the RSA key Kubo made."""
+    """A real Kubo repo (fusenode layout: REPO/kubo/config) holding an RSA identity, as repos
+    made before fusenode gave new repos Ed25519 keys do (and as Kubo's own init makes)."""
     root = tmp_path_factory.mktemp("peerauth") / "repo"
     create_repo(root, free_port())
+    proto = rsa_protobuf()
+    peer_id = private_key_from_protobuf(proto).peer_id
+    config_path = root / "kubo" / "config"
+    config = json.loads(config_path.read_text())
+    config["Identity"] = {"PeerID": peer_id, "PrivKey": base64.b64encode(proto).decode()}
+    config_path.write_text(json.dumps(config))
     return root
 
 
@@ -83,8 +90,24 @@ def test_rsa_peer_id_equals_kubos_own(repo: Path, rsa_key: PeerKey) -> None:
     assert rsa_key.peer_id == identity["PeerID"]
     assert rsa_key.peer_id.startswith("Qm")
     assert peer_id_from_public_key(rsa_key.public_key_proto) == identity["PeerID"]
+    with KuboNode(repo) as node:  # Kubo checks PeerID against PrivKey when it starts
+        assert node.identity().peer_id == rsa_key.peer_id
     # Either folder works, and the parsed key is cached while the file is unchanged.
     assert load_private_key(repo) is rsa_key
+
+
+def test_new_repos_get_an_ed25519_identity_that_kubo_runs_with(tmp_path: Path) -> None:
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        create_repo(root, free_port())
+    keys = [load_private_key(root) for root in roots]
+    assert all(key.key_type == KEY_ED25519 for key in keys)
+    assert keys[0].peer_id != keys[1].peer_id  # a fresh key each time
+    for root, key in zip(roots, keys, strict=True):
+        assert key.peer_id.startswith("12D3KooW")
+        assert peer_id_from_public_key(key.public_key_proto) == key.peer_id
+        with KuboNode(root) as node:
+            assert node.identity().peer_id == key.peer_id
 
 
 def test_ed25519_peer_id_is_accepted_by_kubo(tmp_path: Path) -> None:
