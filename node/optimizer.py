@@ -22,8 +22,9 @@ Limits: a model above ``[optimizer] max_model_bytes`` is refused before it is fe
 and verification run in a child process stopped at ``max_seconds`` and ``max_memory``
 (`fusenode.node.fusejob`).
 
-Provenance of an optimized model: the manifest's public ``parent`` is the source CID; the
-sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
+Provenance of an optimized model: ``parent`` is the source CID, in the sealed metadata of an
+encrypted result (format version 3 hides it from whoever has no key) and in the manifest of a
+public one; the sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
 verification figures, the input's sha256 (the output's is the metadata's own ``sha256``),
 the device, and the optimizing node.
 """
@@ -94,7 +95,7 @@ class Optimizer:
 
         validate_cid(cid)
         for r in recipients:
-            age.X25519Recipient.from_string(r)  # HeaderError -> 400 before anything is queued
+            age.parse_recipient(r)  # HeaderError -> 400 before anything is queued
         job, changed = self.state.submit_job(
             "optimize",
             cid,
@@ -277,4 +278,6 @@ class Optimizer:
             _key, metadata = open_metadata(manifest, service.repo.identities())
         except NoIdentityMatch:
             return False
+        if metadata.parent is not None:
+            return False  # derived, said in sealed metadata (format version 3)
         return metadata.media_type == "application/onnx" or metadata.name.endswith(".onnx")

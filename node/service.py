@@ -88,7 +88,7 @@ class NodeService:
         self.auditor: Auditor | None = None
 
     # -- the decisions made once -------------------------------------------------------------
-    def identities(self, identity_path: str | None) -> list[age.X25519Identity]:
+    def identities(self, identity_path: str | None) -> list[age.KeyIdentity]:
         """The identities in ``identity_path``, or this node's own."""
         return read_identities(Path(identity_path)) if identity_path else self.repo.identities()
 
@@ -99,9 +99,9 @@ class NodeService:
         validate_parameters(k, n)
         return k, n
 
-    def recipients(self, given: list[str], public: bool) -> list[age.X25519Recipient]:
+    def recipients(self, given: list[str], public: bool) -> list[age.KeyRecipient]:
         """Who may read a put: the recipients given, else this node (unless public)."""
-        parsed = [age.X25519Recipient.from_string(r) for r in given]
+        parsed = [age.parse_recipient(r) for r in given]
         if not parsed and not public:
             parsed = [self.repo.identities()[0].recipient]
         return parsed
@@ -380,7 +380,7 @@ class NodeService:
     ) -> dict[str, Any]:
         if not recipients:
             raise InvalidArgument("share needs at least one --recipient")
-        parsed = [age.X25519Recipient.from_string(r) for r in recipients]
+        parsed = [age.parse_recipient(r) for r in recipients]
         identities = self.identities(identity_path)
         manifest = await self.manifest(cid)
         new_cid, shared = await self.blocks.bridge.run(
@@ -427,12 +427,20 @@ class NodeService:
         return summary
 
 
-def describe(cid: str, manifest: Manifest, identities: list[age.X25519Identity]) -> dict[str, Any]:
-    """What anyone may see of a manifest, plus its metadata and provenance when a key fits."""
+def describe(cid: str, manifest: Manifest, identities: list[age.KeyIdentity]) -> dict[str, Any]:
+    """What anyone may see of a manifest, plus its metadata and provenance when a key fits.
+
+    A version 3 manifest (docs/format.md 13) shows no creation time, parent or exact size
+    without a key: ``payload_size`` is that of the padded plaintext, and ``created`` and
+    ``parent`` are null until a key opens the sealed metadata, which holds them.
+    """
+    public = manifest.to_obj()
     info: dict[str, Any] = {
         "cid": cid,
+        "version": manifest.version,
         "encrypted": manifest.encrypted,
-        "created": manifest.to_obj()["created"],
+        "size_hidden": manifest.size_hidden,
+        "created": public.get("created"),
         "k": manifest.erasure.k,
         "n": manifest.erasure.n,
         "segments": len(manifest.segments),
@@ -447,4 +455,7 @@ def describe(cid: str, manifest: Manifest, identities: list[age.X25519Identity])
         return info
     info["readable"] = True
     info["metadata"] = metadata.to_obj()
+    if manifest.size_hidden:
+        info["created"] = info["metadata"]["created"]
+        info["parent"] = metadata.parent
     return info
