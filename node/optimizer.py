@@ -214,6 +214,9 @@ class Optimizer:
                 name=name,
                 provenance=provenance,
                 parent=source,
+                # The source's own readers (when none were named) may be post-quantum and
+                # classic at once (a share allows that): republish to them as they are.
+                mixed_recipients=not job["recipients"],
             )
             timings["store"] = time.perf_counter() - t2
         finally:

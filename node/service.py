@@ -156,8 +156,12 @@ class NodeService:
         provenance: dict[str, Any] | None = None,
         parent: str | None = None,
         progress: ProgressFactory | None = None,
+        mixed_recipients: bool = False,
     ) -> dict[str, Any]:
-        """Store a file with placement on the allocator's nodes; see the module docstring."""
+        """Store a file with placement on the allocator's nodes; see the module docstring.
+
+        ``mixed_recipients``: a republish to a model's own recipients, which a share may have
+        made post-quantum and classic at once (a new put refuses that mix)."""
         # Everything this node can check alone comes before asking the network.
         size = await self.blocks.bridge.run(check_input, path)
         k, n = self.erasure(k, n)
@@ -213,6 +217,7 @@ class NodeService:
                     name=name,
                     provenance=provenance,
                     parent=parent,
+                    mixed_recipients=mixed_recipients,
                 )
         except BaseException:
             await self._orphaned(placements)

@@ -241,6 +241,7 @@ def put_file(
     provenance: dict | None = None,
     parent: str | None = None,
     format_version: int | None = None,
+    mixed_recipients: bool = False,
 ) -> PutResult:
     """Store a file; return its manifest CID once every fragment is stored.
 
@@ -250,7 +251,9 @@ def put_file(
     exact size, name, creation time and ``parent`` are sealed (docs/format.md 13).
     ``format_version`` 2 writes an encrypted model the version 2 way (unpadded, size, time
     and parent in clear): for readers that predate version 3, and as the benchmarks'
-    baseline. Public models are always version 2.
+    baseline. Public models are always version 2. ``mixed_recipients``: allow post-quantum
+    and classic recipients together (refused otherwise, `check_recipient_mix`); for a
+    republish to the recipients a model already has, which a share may have mixed.
     """
     if format_version not in (None, FORMAT_VERSION, FORMAT_VERSION_SEALED) or (
         public and format_version == FORMAT_VERSION_SEALED
@@ -264,7 +267,7 @@ def put_file(
         raise InvalidArgument(f"segment size {segment_size} out of range ({k} .. 1 GiB)")
     if not public and not recipients:
         raise InvalidArgument("no recipient: give at least one age recipient, or store public")
-    if not public:
+    if not public and not mixed_recipients:
         check_recipient_mix(recipients)
     sealed_format = not public and format_version != FORMAT_VERSION
     fd, size = _open_input(path)

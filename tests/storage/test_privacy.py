@@ -280,3 +280,13 @@ def test_pyrage_reads_a_shared_classic_stanza_of_a_version_3_model(backend, owne
     assert plain[:3000] == data and not any(plain[3000:])
     sealed = json.loads(pyrage.decrypt(m.age_header + m.metadata, [key]))
     assert sealed["size"] == 3000
+
+
+def test_a_republish_may_keep_mixed_recipients(backend, owner, pq, tmp_path) -> None:
+    """A classic model shared to a PQ key has both kinds of readers; the optimizer's
+    republish to "the same recipients" must not fail on the mix a share allowed."""
+    put = _put(
+        backend, tmp_path, b"y" * 500, [owner.recipient, pq.recipient], mixed_recipients=True
+    )
+    for identity in (owner, pq):
+        assert open_metadata(put.manifest, [identity])[1].size == 500
