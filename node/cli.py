@@ -106,7 +106,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from fusenode.node.repo import identity_text, write_private
     from fusenode.storage import age
 
-    identity = age.X25519Identity.generate()
+    identity = (age.MLKEM768X25519Identity if args.pq else age.X25519Identity).generate()
     text = identity_text(identity)
     recipient = identity.recipient.to_string()
     if args.output:
@@ -127,7 +127,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from fusenode.node.repo import Repo, default_repo_path
 
     path = default_repo_path(args.repo)
-    repo = Repo.init(path, args.swarm_port, args.api_port, args.swarm_host)
+    repo = Repo.init(path, args.swarm_port, args.api_port, args.swarm_host, post_quantum=args.pq)
     print(f"initialized fusenode repo in {path}")
     for address in repo.node_identity().addresses:
         print(f"  swarm: {address}")
@@ -386,8 +386,11 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"{info['cid']}")
     print(
         f"  {'encrypted (age)' if info['encrypted'] else 'public'}, "
-        f"{info['segments']} segment(s), k={info['k']} n={info['n']}, created {info['created']}"
+        f"{info['segments']} segment(s), k={info['k']} n={info['n']}, "
+        + (f"created {info['created']}" if info.get("created") else "creation time sealed")
     )
+    if info.get("size_hidden") and not info.get("metadata"):
+        print(f"  size hidden: {info['payload_size']} bytes stored (padded, format version 3)")
     if info.get("parent"):
         print(f"  derived from {info['parent']}")
     meta = info.get("metadata")
@@ -576,8 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shape for a symbolic input in --verify, e.g. x=1x3x224x224",
     )
 
-    kg = _command(sub, "keygen", cmd_keygen, "create an age identity (X25519 key pair)", repo=False)
+    kg = _command(sub, "keygen", cmd_keygen, "create an age identity (key pair)", repo=False)
     kg.add_argument("-o", "--output", help="write the identity here (mode 0600)")
+    kg.add_argument(
+        "--pq",
+        action="store_true",
+        help="a post-quantum hybrid key (mlkem768x25519: age1pq1... / AGE-SECRET-KEY-PQ-1...)",
+    )
 
     i = _command(sub, "init", cmd_init, "create a node repo")
     i.add_argument(
@@ -589,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--swarm-port", type=int, help="IPFS swarm TCP port (default: a free one)")
     i.add_argument("--api-port", type=int, help="HTTP API port on 127.0.0.1 (default: free)")
+    i.add_argument(
+        "--pq",
+        action="store_true",
+        help="give the node a post-quantum hybrid identity (age1pq1...) instead of X25519",
+    )
 
     pu = _command(sub, "put", cmd_put, "store a file: encrypt, erasure-code, pin; print its CID")
     pu.add_argument("file")

@@ -22,8 +22,9 @@ Limits: a model above ``[optimizer] max_model_bytes`` is refused before it is fe
 and verification run in a child process stopped at ``max_seconds`` and ``max_memory``
 (`fusenode.node.fusejob`).
 
-Provenance of an optimized model: the manifest's public ``parent`` is the source CID; the
-sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
+Provenance of an optimized model: ``parent`` is the source CID, in the sealed metadata of an
+encrypted result (format version 3 hides it from whoever has no key) and in the manifest of a
+public one; the sealed metadata's ``provenance`` holds the pass and its version, the fusion report, the
 verification figures, the input's sha256 (the output's is the metadata's own ``sha256``),
 the device, and the optimizing node. The same facts, signed with the node's libp2p key, are
 the metadata's ``attestation``: a DSSE envelope of an in-toto statement with a SLSA
@@ -101,7 +102,7 @@ class Optimizer:
 
         validate_cid(cid)
         for r in recipients:
-            age.X25519Recipient.from_string(r)  # HeaderError -> 400 before anything is queued
+            age.parse_recipient(r)  # HeaderError -> 400 before anything is queued
         job, changed = self.state.submit_job(
             "optimize",
             cid,
@@ -225,6 +226,9 @@ class Optimizer:
                 provenance=provenance,
                 parent=source,
                 attestation=attestation,
+                # The source's own readers (when none were named) may be post-quantum and
+                # classic at once (a share allows that): republish to them as they are.
+                mixed_recipients=not job["recipients"],
             )
             timings["store"] = time.perf_counter() - t2
         finally:
@@ -339,4 +343,6 @@ class Optimizer:
             _key, metadata = open_metadata(manifest, service.repo.identities())
         except NoIdentityMatch:
             return False
+        if metadata.parent is not None:
+            return False  # derived, said in sealed metadata (format version 3)
         return metadata.media_type == "application/onnx" or metadata.name.endswith(".onnx")

@@ -1,5 +1,5 @@
 """Signed provenance: an in-toto Statement v1 with a SLSA provenance v1 predicate, in a DSSE
-envelope signed with the optimizing node's libp2p key (docs/format.md 13, docs/design.md
+envelope signed with the optimizing node's libp2p key (docs/format.md 15, docs/design.md
 "Signed provenance and verify").
 
 The statement says: this output (subject: name and sha256 of the model bytes) was made by

@@ -45,7 +45,7 @@ def write_private(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def identity_text(identity: age.X25519Identity) -> str:
+def identity_text(identity: age.KeyIdentity) -> str:
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return (
         f"# created: {created}\n"
@@ -54,7 +54,7 @@ def identity_text(identity: age.X25519Identity) -> str:
     )
 
 
-def read_identities(path: Path) -> list[age.X25519Identity]:
+def read_identities(path: Path) -> list[age.KeyIdentity]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -73,7 +73,7 @@ class Repo:
     def files(self) -> RepoLayout:
         return RepoLayout(self.path)
 
-    def identities(self) -> list[age.X25519Identity]:
+    def identities(self) -> list[age.KeyIdentity]:
         return read_identities(self.files.identity)
 
     def recipient(self) -> str:
@@ -113,8 +113,12 @@ class Repo:
         swarm_port: int | None = None,
         api_port: int | None = None,
         swarm_host: str = "127.0.0.1",
+        post_quantum: bool = False,
     ) -> Repo:
-        """Create a repo: identity, Kubo repo configured for ``swarm_host``, config.toml."""
+        """Create a repo: identity, Kubo repo configured for ``swarm_host``, config.toml.
+
+        ``post_quantum``: the node's identity is an mlkem768x25519 key (``age1pq1...``), so
+        what is stored for the node by default resists a future quantum computer."""
         files = RepoLayout(path)
         if files.config.exists():
             raise RepoError(f"{path}: already a fusenode repo")
@@ -142,7 +146,8 @@ class Repo:
         created_identity = False
         try:
             if not files.identity.exists():
-                write_private(files.identity, identity_text(age.X25519Identity.generate()))
+                kind = age.MLKEM768X25519Identity if post_quantum else age.X25519Identity
+                write_private(files.identity, identity_text(kind.generate()))
                 created_identity = True
             from fusenode.storage.kubo import create_repo
 

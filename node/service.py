@@ -96,7 +96,7 @@ class NodeService:
         self.auditor: Auditor | None = None
 
     # -- the decisions made once -------------------------------------------------------------
-    def identities(self, identity_path: str | None) -> list[age.X25519Identity]:
+    def identities(self, identity_path: str | None) -> list[age.KeyIdentity]:
         """The identities in ``identity_path``, or this node's own."""
         return read_identities(Path(identity_path)) if identity_path else self.repo.identities()
 
@@ -107,9 +107,9 @@ class NodeService:
         validate_parameters(k, n)
         return k, n
 
-    def recipients(self, given: list[str], public: bool) -> list[age.X25519Recipient]:
+    def recipients(self, given: list[str], public: bool) -> list[age.KeyRecipient]:
         """Who may read a put: the recipients given, else this node (unless public)."""
-        parsed = [age.X25519Recipient.from_string(r) for r in given]
+        parsed = [age.parse_recipient(r) for r in given]
         if not parsed and not public:
             parsed = [self.repo.identities()[0].recipient]
         return parsed
@@ -167,8 +167,12 @@ class NodeService:
         parent: str | None = None,
         attestation: dict[str, Any] | None = None,
         progress: ProgressFactory | None = None,
+        mixed_recipients: bool = False,
     ) -> dict[str, Any]:
-        """Store a file with placement on the allocator's nodes; see the module docstring."""
+        """Store a file with placement on the allocator's nodes; see the module docstring.
+
+        ``mixed_recipients``: a republish to a model's own recipients, which a share may have
+        made post-quantum and classic at once (a new put refuses that mix)."""
         # Everything this node can check alone comes before asking the network.
         size = await self.blocks.bridge.run(check_input, path)
         k, n = self.erasure(k, n)
@@ -225,6 +229,7 @@ class NodeService:
                     provenance=provenance,
                     parent=parent,
                     attestation=attestation,
+                    mixed_recipients=mixed_recipients,
                 )
         except BaseException:
             await self._orphaned(placements)
@@ -504,7 +509,7 @@ class NodeService:
     ) -> dict[str, Any]:
         if not recipients:
             raise InvalidArgument("share needs at least one --recipient")
-        parsed = [age.X25519Recipient.from_string(r) for r in recipients]
+        parsed = [age.parse_recipient(r) for r in recipients]
         identities = self.identities(identity_path)
         manifest = await self.manifest(cid)
         new_cid, shared = await self.blocks.bridge.run(
@@ -576,12 +581,20 @@ class NodeService:
         return summary
 
 
-def describe(cid: str, manifest: Manifest, identities: list[age.X25519Identity]) -> dict[str, Any]:
-    """What anyone may see of a manifest, plus its metadata and provenance when a key fits."""
+def describe(cid: str, manifest: Manifest, identities: list[age.KeyIdentity]) -> dict[str, Any]:
+    """What anyone may see of a manifest, plus its metadata and provenance when a key fits.
+
+    A version 3 manifest (docs/format.md 13) shows no creation time, parent or exact size
+    without a key: ``payload_size`` is that of the padded plaintext, and ``created`` and
+    ``parent`` are null until a key opens the sealed metadata, which holds them.
+    """
+    public = manifest.to_obj()
     info: dict[str, Any] = {
         "cid": cid,
+        "version": manifest.version,
         "encrypted": manifest.encrypted,
-        "created": manifest.to_obj()["created"],
+        "size_hidden": manifest.size_hidden,
+        "created": public.get("created"),
         "k": manifest.erasure.k,
         "n": manifest.erasure.n,
         "segments": len(manifest.segments),
@@ -596,4 +609,7 @@ def describe(cid: str, manifest: Manifest, identities: list[age.X25519Identity])
         return info
     info["readable"] = True
     info["metadata"] = metadata.to_obj()
+    if manifest.size_hidden:
+        info["created"] = info["metadata"]["created"]
+        info["parent"] = metadata.parent
     return info

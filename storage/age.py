@@ -6,6 +6,11 @@ payload (the encrypted metadata) shares the header and file key under its own ra
 access is granted later by writing a new header for the same file key without touching the
 payload. ``header || payload`` is always a standard age file that ``age``/rage decrypt.
 
+Recipient types: X25519 (``age1...`` / ``AGE-SECRET-KEY-1...``), the post-quantum hybrid
+mlkem768x25519 (``age1pq1...`` / ``AGE-SECRET-KEY-PQ-1...``: X-Wing, i.e. ML-KEM-768 and
+X25519, in HPKE, as C2SP age specifies it) and scrypt passphrases. `parse_recipient` and
+`parse_identity` pick the type from the string's prefix. ASCII armor is refused.
+
 A file looks like::
 
     age-encryption.org/v1
@@ -31,9 +36,10 @@ from typing import BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from fusenode.storage.errors import DecryptionError, HeaderError, InvalidArgument, NoIdentityMatch
@@ -45,6 +51,10 @@ __all__ = [
     "PAYLOAD_NONCE_SIZE",
     "Header",
     "Identity",
+    "KeyIdentity",
+    "KeyRecipient",
+    "MLKEM768X25519Identity",
+    "MLKEM768X25519Recipient",
     "PayloadDecryptor",
     "PayloadEncryptor",
     "Recipient",
@@ -59,8 +69,11 @@ __all__ = [
     "encrypt",
     "encrypt_stream",
     "header_length",
+    "is_post_quantum",
     "new_file_key",
     "parse_identities",
+    "parse_identity",
+    "parse_recipient",
     "read_header",
     "rewrap_header",
     "split_header",
@@ -260,6 +273,8 @@ class X25519Recipient:
 
     __slots__ = ("_key", "_public")
 
+    post_quantum = False
+
     def __init__(self, public_key: bytes) -> None:
         if len(public_key) != 32:
             raise InvalidArgument("an X25519 public key is 32 bytes")
@@ -315,6 +330,8 @@ class X25519Identity:
     """An ``AGE-SECRET-KEY-1...`` secret key. Its repr never shows the secret."""
 
     __slots__ = ("_key", "_recipient", "_secret")
+
+    post_quantum = False
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) != 32:
@@ -376,22 +393,252 @@ class X25519Identity:
         return f"X25519Identity(recipient={self._recipient.to_string()!r})"
 
 
-def parse_identities(text: str) -> list[X25519Identity]:
+# --------------------------------------------------------------------------- mlkem768x25519
+
+# The hybrid KEM MLKEM768-X25519 (X-Wing) in HPKE base mode with HKDF-SHA-256 and
+# ChaCha20-Poly1305 (RFC 9180; the KEM as filippo.io/hpke-pq and draft-ietf-hpke-pq define
+# it), as C2SP age's mlkem768x25519 recipient type uses it.
+_PQ_STANZA = "mlkem768x25519"
+_PQ_INFO = b"age-encryption.org/mlkem768x25519"
+_XWING_LABEL = b"\\.//^\\"  # 5c2e2f2f5e5c
+_MLKEM_EK = 1184
+_MLKEM_CT = 1088
+_PQ_ENC_SIZE = _MLKEM_CT + 32  # 1120
+_PQ_PUBLIC_SIZE = _MLKEM_EK + 32  # 1216
+_HPKE_SUITE = b"HPKE" + struct.pack(">HHH", 0x647A, 0x0001, 0x0003)
+_HPKE_VERSION = b"HPKE-v1"
+
+
+def _labeled_extract(salt: bytes, label: bytes, ikm: bytes) -> bytes:
+    return hmac.digest(salt, _HPKE_VERSION + _HPKE_SUITE + label + ikm, "sha256")
+
+
+def _labeled_expand(prk: bytes, label: bytes, info: bytes, length: int) -> bytes:
+    labeled = struct.pack(">H", length) + _HPKE_VERSION + _HPKE_SUITE + label + info
+    return HKDFExpand(hashes.SHA256(), length, labeled).derive(prk)
+
+
+def _hpke_context(shared_secret: bytes) -> tuple[ChaCha20Poly1305, bytes]:
+    """RFC 9180 KeySchedule, mode_base, no PSK, info = the age label: (AEAD, base nonce)."""
+    context = (
+        b"\x00"
+        + _labeled_extract(b"", b"psk_id_hash", b"")
+        + _labeled_extract(b"", b"info_hash", _PQ_INFO)
+    )
+    secret = _labeled_extract(shared_secret, b"secret", b"")
+    key = _labeled_expand(secret, b"key", context, 32)
+    nonce = _labeled_expand(secret, b"base_nonce", context, 12)
+    return ChaCha20Poly1305(key), nonce  # the first (only) message uses the base nonce
+
+
+def _xwing_combine(ss_pq: bytes, ss_t: bytes, ct_t: bytes, ek_t: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA3_256())
+    digest.update(ss_pq + ss_t + ct_t + ek_t + _XWING_LABEL)
+    return digest.finalize()
+
+
+def _xwing_expand(seed: bytes) -> tuple[MLKEM768PrivateKey, X25519PrivateKey, bytes]:
+    """expandKey: SHAKE256(seed, 96) = ML-KEM-768 seed (d || z) || X25519 scalar."""
+    shake = hashes.Hash(hashes.SHAKE256(96))
+    shake.update(seed)
+    full = shake.finalize()
+    mlkem = MLKEM768PrivateKey.from_seed_bytes(full[:64])
+    x25519 = X25519PrivateKey.from_private_bytes(full[64:])
+    public = mlkem.public_key().public_bytes_raw() + x25519.public_key().public_bytes_raw()
+    return mlkem, x25519, public
+
+
+class MLKEM768X25519Recipient:
+    """An ``age1pq1...`` post-quantum hybrid public key (ML-KEM-768 key || X25519 key)."""
+
+    __slots__ = ("_mlkem", "_public", "_x25519")
+
+    post_quantum = True
+
+    def __init__(self, public_key: bytes) -> None:
+        if len(public_key) != _PQ_PUBLIC_SIZE:
+            raise InvalidArgument(f"an mlkem768x25519 public key is {_PQ_PUBLIC_SIZE} bytes")
+        self._public = bytes(public_key)
+        try:
+            self._mlkem = MLKEM768PublicKey.from_public_bytes(self._public[:_MLKEM_EK])
+        except ValueError:
+            raise HeaderError("invalid age1pq recipient: not an ML-KEM-768 public key") from None
+        self._x25519 = X25519PublicKey.from_public_bytes(self._public[_MLKEM_EK:])
+
+    @classmethod
+    def from_string(cls, text: str) -> MLKEM768X25519Recipient:
+        text = text.strip()
+        short = f"{text[:20]}...{text[-6:]}" if len(text) > 40 else text
+        try:
+            hrp, data = _bech32_decode(text)
+        except ValueError as exc:
+            raise HeaderError(f"invalid age recipient {short!r}: {exc}") from None
+        if hrp != "age1pq":
+            raise HeaderError(
+                f"invalid age recipient {short!r}: expected a lowercase age1pq1... key"
+            )
+        if len(data) != _PQ_PUBLIC_SIZE:
+            raise HeaderError(f"invalid age recipient {short!r}: wrong key length")
+        return cls(data)
+
+    def to_string(self) -> str:
+        return _bech32_encode("age1pq", self._public)
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self._public
+
+    def wrap(self, file_key: bytes) -> Stanza:
+        _check_file_key(file_key)
+        ss_pq, ct_pq = self._mlkem.encapsulate()
+        ephemeral = X25519PrivateKey.generate()
+        ct_t = ephemeral.public_key().public_bytes_raw()
+        try:
+            ss_t = ephemeral.exchange(self._x25519)
+        except ValueError:
+            raise HeaderError("invalid age1pq recipient: low-order X25519 key") from None
+        shared = _xwing_combine(ss_pq, ss_t, ct_t, self._public[_MLKEM_EK:])
+        aead, nonce = _hpke_context(shared)
+        body = aead.encrypt(nonce, file_key, None)
+        return Stanza(_PQ_STANZA, (_b64encode(ct_pq + ct_t).decode("ascii"),), body)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MLKEM768X25519Recipient) and other._public == self._public
+
+    def __hash__(self) -> int:
+        return hash(self._public)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def __repr__(self) -> str:
+        text = self.to_string()
+        return f"MLKEM768X25519Recipient({text[:24]}...{text[-8:]})"
+
+
+class MLKEM768X25519Identity:
+    """An ``AGE-SECRET-KEY-PQ-1...`` 32-byte seed. Its repr never shows the secret."""
+
+    __slots__ = ("_mlkem", "_recipient", "_secret", "_x25519")
+
+    post_quantum = True
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != 32:
+            raise InvalidArgument("an mlkem768x25519 secret key is a 32-byte seed")
+        self._secret = bytes(secret)
+        self._mlkem, self._x25519, public = _xwing_expand(self._secret)
+        self._recipient = MLKEM768X25519Recipient(public)
+
+    @classmethod
+    def generate(cls) -> MLKEM768X25519Identity:
+        return cls(os.urandom(32))
+
+    @classmethod
+    def from_string(cls, text: str) -> MLKEM768X25519Identity:
+        try:
+            hrp, data = _bech32_decode(text.strip())
+        except ValueError as exc:
+            raise HeaderError(f"invalid age identity: {exc}") from None
+        if hrp != "AGE-SECRET-KEY-PQ-":
+            raise HeaderError(
+                "invalid age identity: expected an uppercase AGE-SECRET-KEY-PQ-1... key"
+            )
+        if len(data) != 32:
+            raise HeaderError("invalid age identity: wrong key length")
+        return cls(data)
+
+    def to_string(self) -> str:
+        return _bech32_encode("age-secret-key-pq-", self._secret).upper()
+
+    @property
+    def recipient(self) -> MLKEM768X25519Recipient:
+        return self._recipient
+
+    def unwrap(self, stanzas: Sequence[Stanza]) -> bytes | None:
+        """The file key from the first mlkem768x25519 stanza addressed to us, else None."""
+        for stanza in stanzas:
+            if stanza.type != _PQ_STANZA:
+                continue
+            if len(stanza.args) != 1:
+                raise HeaderError(
+                    "malformed age header: mlkem768x25519 stanza needs exactly 1 argument"
+                )
+            enc = _b64decode(stanza.args[0].encode("ascii"), "mlkem768x25519 enc")
+            if len(enc) != _PQ_ENC_SIZE:
+                raise HeaderError(
+                    f"malformed age header: mlkem768x25519 enc is not {_PQ_ENC_SIZE} bytes"
+                )
+            if len(stanza.body) != FILE_KEY_SIZE + TAG_SIZE:
+                raise HeaderError("malformed age header: mlkem768x25519 body is not 32 bytes")
+            ct_t = enc[_MLKEM_CT:]
+            ss_pq = self._mlkem.decapsulate(enc[:_MLKEM_CT])  # implicit rejection: no error
+            try:
+                ss_t = self._x25519.exchange(X25519PublicKey.from_public_bytes(ct_t))
+            except ValueError:
+                raise HeaderError(
+                    "malformed age header: the X25519 part of an mlkem768x25519 enc is a "
+                    "low-order point"
+                ) from None
+            shared = _xwing_combine(ss_pq, ss_t, ct_t, self._recipient.public_bytes[_MLKEM_EK:])
+            aead, nonce = _hpke_context(shared)
+            try:
+                return aead.decrypt(nonce, stanza.body, None)
+            except InvalidTag:
+                continue
+        return None
+
+    def __repr__(self) -> str:
+        return f"MLKEM768X25519Identity(recipient={self._recipient!r})"
+
+
+# --------------------------------------------------------------------------- key strings
+
+#: A recipient or identity with a textual form (``age1...``, ``AGE-SECRET-KEY-...``).
+KeyRecipient = X25519Recipient | MLKEM768X25519Recipient
+KeyIdentity = X25519Identity | MLKEM768X25519Identity
+
+
+def parse_recipient(text: str) -> KeyRecipient:
+    """An ``age1pq1...`` (post-quantum hybrid) or ``age1...`` (X25519) recipient."""
+    text = text.strip()
+    if text.lower().startswith("age1pq1"):
+        return MLKEM768X25519Recipient.from_string(text)
+    return X25519Recipient.from_string(text)
+
+
+def parse_identity(text: str) -> KeyIdentity:
+    """An ``AGE-SECRET-KEY-PQ-1...`` or ``AGE-SECRET-KEY-1...`` identity."""
+    text = text.strip()
+    if text.upper().startswith("AGE-SECRET-KEY-PQ-1"):
+        return MLKEM768X25519Identity.from_string(text)
+    return X25519Identity.from_string(text)
+
+
+def is_post_quantum(recipient: object) -> bool:
+    """Whether ``recipient`` (or identity) is of a quantum-resistant type."""
+    return bool(getattr(recipient, "post_quantum", False))
+
+
+def parse_identities(text: str) -> list[KeyIdentity]:
     """Parse an identity file: one key per line, ``#`` comments and blank lines ignored.
 
     A line that is neither is an error (as in age): a typo must not silently drop a key.
     """
-    identities: list[X25519Identity] = []
+    identities: list[KeyIdentity] = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         try:
-            identities.append(X25519Identity.from_string(line))
+            identities.append(parse_identity(line))
         except HeaderError as exc:
             raise HeaderError(f"identity file line {number}: {exc}") from None
     if not identities:
-        raise HeaderError("no age identities (AGE-SECRET-KEY-1...) found in the identity file")
+        raise HeaderError(
+            "no age identities (AGE-SECRET-KEY-1... or AGE-SECRET-KEY-PQ-1...) found in the "
+            "identity file"
+        )
     return identities
 
 
@@ -486,6 +733,15 @@ def encode_header(file_key: bytes, recipients: Iterable[Recipient]) -> bytes:
     return _build_header(file_key, [r.wrap(file_key) for r in recipients])
 
 
+def _armored_next(read_line: Callable[[int], bytes]) -> bool:
+    """After a blank first line: whether the next non-blank line opens an armor block."""
+    for _ in range(8):
+        line = read_line(256).strip()
+        if line:
+            return line.startswith(b"-----")
+    return False
+
+
 def _parse_header(read_line: Callable[[int], bytes]) -> Header:
     """Parse one header from ``read_line(limit)``, which returns the next line with its
     ``\\n`` (or fewer bytes at end of input / at the limit)."""
@@ -505,8 +761,11 @@ def _parse_header(read_line: Callable[[int], bytes]) -> Header:
 
     first = next_line("version line")
     if first != _VERSION_LINE:
-        if first.startswith(b"-----BEGIN AGE ENCRYPTED FILE-----"):
-            raise HeaderError("ASCII-armored age files are not supported; use the binary form")
+        if first.strip().startswith(b"-----") or (not first.strip() and _armored_next(read_line)):
+            raise HeaderError(
+                "ASCII-armored (PEM, -----BEGIN AGE ENCRYPTED FILE-----) age files are not "
+                "supported; use the binary form (age without -a)"
+            )
         if first.endswith(b"\r"):
             raise HeaderError("malformed age header: CRLF line endings are not allowed")
         if first.startswith(b"age-encryption.org/"):
@@ -751,6 +1010,7 @@ class PayloadDecryptor:
         self._pending = bytearray()  # 0..ENCRYPTED_CHUNK_SIZE bytes, possibly the last chunk
         self._scratch = bytearray()  # reused output buffer: fresh big buffers cost page faults
         self._finished = False
+        self._deferred: str | None = None  # an error the next call raises
 
     @property
     def nonce(self) -> bytes | None:
@@ -769,6 +1029,9 @@ class PayloadDecryptor:
     def update(self, data: bytes | bytearray | memoryview) -> bytes:
         """Decrypt more ciphertext; return the plaintext of the chunks completed so far."""
         if self._finished:
+            if self._deferred is not None:
+                message, self._deferred = self._deferred, None
+                raise DecryptionError(message)
             raise InvalidArgument("PayloadDecryptor.update() after finalize() or a failure")
         view = _as_byte_view(data)
         if self._aead is None:
@@ -782,10 +1045,12 @@ class PayloadDecryptor:
         total = len(pending) + len(view)
         if total <= ENCRYPTED_CHUNK_SIZE:
             pending += view
-            return b""
+            if len(pending) < ENCRYPTED_CHUNK_SIZE:
+                return b""
+            return self._release_full(memoryview(bytearray(CHUNK_SIZE)), 0)
         keep = total % ENCRYPTED_CHUNK_SIZE or ENCRYPTED_CHUNK_SIZE
         count = (total - keep) // ENCRYPTED_CHUNK_SIZE
-        size = count * CHUNK_SIZE
+        size = (count + 1) * CHUNK_SIZE  # room for the chunk _release_full may open
         if len(self._scratch) < size:
             self._scratch = bytearray(size)
         outv = memoryview(self._scratch)[:size]
@@ -807,25 +1072,51 @@ class PayloadDecryptor:
                 if len(pending) == ENCRYPTED_CHUNK_SIZE and o == 0
                 else view[pos : pos + ENCRYPTED_CHUNK_SIZE]
             )
-            raise self._fail(self._diagnose(failed)) from None
+            # A full chunk with data after it that opens only as the *final* chunk: its
+            # plaintext is authentic and released (as age does), the trailing data is the
+            # error, raised by the next call. Anything else fails here.
+            try:
+                self._aead.decrypt_into(
+                    _CHUNK_NONCE.pack(self._counter, 1), failed, None, outv[o : o + CHUNK_SIZE]
+                )
+            except InvalidTag:
+                raise self._fail(
+                    f"age payload authentication failed at chunk {self._counter}"
+                ) from None
+            self._deferred = f"trailing data after the final age payload chunk {self._counter}"
+            self._finished = True
+            self._pending = bytearray()
+            return bytes(outv[: o + CHUNK_SIZE])
         pending[:] = view[pos:]
-        return bytes(outv)
+        return self._release_full(outv, o)
 
-    def _diagnose(self, chunk: bytes | bytearray | memoryview) -> str:
-        """Why a full chunk that has data after it failed: a last chunk means trailing data."""
-        assert self._aead is not None
-        try:
-            self._aead.decrypt(_CHUNK_NONCE.pack(self._counter, 1), bytes(chunk), None)
-        except InvalidTag:
-            return f"age payload authentication failed at chunk {self._counter}"
-        return f"trailing data after the final age payload chunk {self._counter}"
+    def _release_full(self, outv: memoryview, o: int) -> bytes:
+        """``outv[:o]``, plus the pending chunk's plaintext when it is a full chunk that opens
+        as a non-final one (so it cannot be the last: release it now, as age does, rather
+        than at the next update). A full chunk that does not may be the final one, and stays
+        for finalize() to judge."""
+        pending = self._pending
+        if len(pending) == ENCRYPTED_CHUNK_SIZE:
+            try:
+                self._open(pending, outv[o : o + CHUNK_SIZE], 0)
+            except InvalidTag:
+                pass
+            else:
+                pending.clear()
+                o += CHUNK_SIZE
+        return bytes(outv[:o])
 
     def finalize(self) -> bytes:
         """Open the last chunk; raise if the stream is truncated or was never complete."""
         if self._finished:
+            if self._deferred is not None:
+                message, self._deferred = self._deferred, None
+                raise DecryptionError(message)
             raise InvalidArgument("PayloadDecryptor.finalize() after finalize() or a failure")
         if self._aead is None:
-            raise self._fail("truncated age payload: shorter than its 16-byte nonce")
+            self._fail("")
+            # age counts the nonce with the header: a file that ends before it is malformed.
+            raise HeaderError("truncated age file: the 16-byte payload nonce is missing")
         chunk = self._pending
         if not chunk:
             raise self._fail("truncated age payload: the final chunk is missing")

@@ -1,5 +1,10 @@
-"""The manifest (format version 2; version 1 is still read) and the metadata object:
-docs/format.md sections 5 and 6.
+"""The manifest (format version 3 for encrypted models, 2 for public ones; version 1 is still
+read) and the metadata object: docs/format.md sections 5, 6 and 13.
+
+Version 3 hides sizes: an encrypted model's plaintext is padded to its Padmé bucket
+(:func:`padme`) inside the age plaintext, the sealed metadata is padded too
+(:func:`pad_metadata`), and the exact size, name, creation time and parent live only in the
+sealed metadata.
 
 A manifest is immutable and named by its CID, so two things matter more than convenience:
 the same manifest must always serialize to the same bytes (canonical JSON, see
@@ -29,7 +34,7 @@ from typing import Any, ClassVar
 
 from fusenode import strictjson
 from fusenode.defaults import MAX_SEGMENT_SIZE
-from fusenode.storage.age import X25519Recipient
+from fusenode.storage.age import parse_recipient
 from fusenode.storage.erasure import ALGORITHM, fragment_size, validate_parameters
 from fusenode.storage.errors import InvalidArgument, ManifestError, StorageError
 from fusenode.storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
@@ -39,7 +44,9 @@ __all__ = [
     "ENCRYPTION_NONE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FORMAT_VERSION_SEALED",
     "MAX_MANIFEST_SIZE",
+    "METADATA_MIN_BUCKET",
     "ErasureParams",
     "FragmentRef",
     "Manifest",
@@ -49,23 +56,33 @@ __all__ = [
     "canonical_json",
     "format_time",
     "is_valid_cid",
+    "metadata_bucket",
+    "pad_metadata",
+    "padme",
     "parse_time",
+    "unpad_metadata",
     "utc_now",
 ]
 
 FORMAT_NAME = "fusenode-manifest"
 FORMAT_VERSION = 2
+#: Encrypted models are written as version 3 (sizes hidden, docs/format.md 13); public ones
+#: stay version 2 (nothing of theirs is secret, so padding would only cost).
+FORMAT_VERSION_SEALED = 3
 #: Version 1 listed a SHA-256 beside each fragment CID; version 2 drops it, the CID being the
 #: fragment's content hash already (docs/format.md 11). Both are read; new manifests are 2,
 #: and a version-1 manifest stays version 1 when it is re-sealed (`storage.share`), since its
 #: fragments, and so their refs, do not change.
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 ENCRYPTION_AGE = "age-v1"
 ENCRYPTION_NONE = "none"
 
 MAX_MANIFEST_SIZE = 64 * 1024 * 1024
 MAX_AGE_HEADER_SIZE = 64 * 1024
 MAX_METADATA_SIZE = 1024 * 1024
+#: Version 3 sealed metadata is padded to padme(max(length, this)): everything up to 4 KiB
+#: (a name, an X25519 recipient list, a provenance report) looks the same.
+METADATA_MIN_BUCKET = 4096
 MAX_JSON_INT = 2**53 - 1
 """Larger integers are not exact in every JSON implementation (IEEE doubles)."""
 
@@ -277,6 +294,47 @@ def age_plaintext_size(payload_size: int) -> int | None:
     return full * _AGE_CHUNK + rest - _AGE_TAG
 
 
+def padme(length: int) -> int:
+    """Padmé (Nikitin et al., "Reducing Metadata Leakage from Encrypted Files and
+    Communication with PURBs", PETS 2019): ``length`` rounded up so that only the top
+    ``floor(log2(E)) + 1`` bits of its ``E = floor(log2(length))``-bit value may be non-zero.
+    Overhead at most ~12% (less as sizes grow); a padded size leaks O(log log length) bits."""
+    if not isinstance(length, int) or length < 0:
+        raise InvalidArgument(f"padme: a length is an integer >= 0, got {length!r:.40}")
+    if length < 2:
+        return length
+    exponent = length.bit_length() - 1  # floor(log2(length))
+    low_bits = exponent - exponent.bit_length()  # E - (floor(log2(E)) + 1)
+    if low_bits <= 0:
+        return length
+    mask = (1 << low_bits) - 1
+    return (length + mask) & ~mask
+
+
+def metadata_bucket(json_length: int) -> int:
+    """The padded plaintext length of version 3 sealed metadata whose JSON is this long."""
+    return padme(max(json_length, METADATA_MIN_BUCKET))
+
+
+def pad_metadata(json_bytes: bytes) -> bytes:
+    """Version 3 sealed metadata plaintext: the canonical JSON, then ASCII spaces (JSON
+    whitespace, so ``age -d`` still gives valid JSON) up to :func:`metadata_bucket`."""
+    return json_bytes + b" " * (metadata_bucket(len(json_bytes)) - len(json_bytes))
+
+
+def unpad_metadata(plaintext: bytes) -> bytes:
+    """The JSON of version 3 sealed metadata; ManifestError if the padding is not exactly what
+    :func:`pad_metadata` writes (a different amount or other bytes would be a second
+    spelling of one metadata object, and a side channel)."""
+    body = plaintext.rstrip(b" ")
+    if not body.endswith(b"}") or len(plaintext) != metadata_bucket(len(body)):
+        raise ManifestError(
+            f"sealed metadata padding is wrong: {len(plaintext)} bytes for {len(body)} bytes "
+            f"of JSON (expected {metadata_bucket(len(body))}, spaces only)"
+        )
+    return body
+
+
 def _check_age_header(header: Any) -> None:
     if not isinstance(header, bytes):
         raise ManifestError(f"age_header must be bytes, got {type(header).__name__}")
@@ -371,17 +429,29 @@ def _check_recipients(recipients: Any) -> tuple[str, ...]:
     for i, text in enumerate(recipients):
         _str(text, f"recipients[{i}]")
         try:
-            canonical = X25519Recipient.from_string(text).to_string()
+            canonical = parse_recipient(text).to_string()
         except StorageError:
             canonical = None
         if canonical != text:
             raise ManifestError(
-                f"recipients[{i}] {text!r:.80} is not an age X25519 recipient (lowercase age1...)"
+                f"recipients[{i}] {text!r:.80} is not an age recipient in canonical form "
+                "(lowercase age1... or age1pq1...)"
             )
         if text in seen:
             raise ManifestError(f"recipients[{i}] {text!r:.80} is listed twice")
         seen.add(text)
     return tuple(recipients)
+
+
+def _check_extra(extra: Any, known: frozenset[str]) -> dict[str, Any]:
+    """Extension members: a JSON object whose keys are not this version's own members."""
+    if not isinstance(extra, Mapping):
+        raise ManifestError(f"extra metadata must be an object, got {_json_type(extra)}")
+    clash = sorted(set(extra) & known)
+    if clash:
+        raise ManifestError(f"extra metadata redefines member(s): {', '.join(clash)}")
+    _check_json_value(extra, "metadata")
+    return json.loads(canonical_json(dict(extra)))
 
 
 @dataclass(frozen=True)
@@ -397,13 +467,20 @@ class Metadata:
     #: The X25519 recipients (``age1...``) the file key is wrapped to, when the writer
     #: recorded them: the header cannot tell (docs/format.md 6). Encrypted mode only.
     recipients: tuple[str, ...] | None = None
-    #: The signed provenance: a DSSE envelope (docs/format.md 13), checked by
+    #: The signed provenance: a DSSE envelope (docs/format.md 15), checked by
     #: `fusenode.node.provenance`; here only its outer shape.
     attestation: Mapping[str, Any] | None = None
+    #: Manifest CID of the model this one was derived from. Version 3 keeps it here, sealed,
+    #: instead of in the manifest (docs/format.md 13).
+    parent: str | None = None
+    #: Members this version does not define, kept as they are (version 3 sealed metadata
+    #: only: it is the extension point for fields such as signed provenance; readers that do
+    #: not know a member ignore it, and a share or republish carries it over).
+    extra: Mapping[str, Any] | None = None
 
     _REQUIRED: ClassVar[set[str]] = {"name", "size", "sha256", "created"}
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"media_type", "provenance", "recipients", "attestation"}
+        {"media_type", "provenance", "recipients", "parent", "attestation"}
     )
 
     def __post_init__(self) -> None:
@@ -421,6 +498,10 @@ class Metadata:
             object.__setattr__(self, "recipients", _check_recipients(self.recipients))
         if self.attestation is not None:
             object.__setattr__(self, "attestation", _check_attestation(self.attestation))
+        if self.parent is not None:
+            _cid(self.parent, "parent")
+        if self.extra is not None:
+            object.__setattr__(self, "extra", _check_extra(self.extra, self._known()))
         if len(canonical_json(self.to_obj())) > MAX_METADATA_SIZE:
             raise ManifestError(f"metadata is larger than {MAX_METADATA_SIZE} bytes")
 
@@ -428,11 +509,16 @@ class Metadata:
     def recipient_strings(recipients: Iterable[object]) -> tuple[str, ...] | None:
         """What ``recipients`` records for a file encrypted to ``recipients``, or None.
 
-        Only X25519 recipients are listed (a passphrase is nobody's key, and age allows it
-        only alone, so a passphrase file records None); duplicates are dropped, order kept.
+        Only public-key recipients (X25519, mlkem768x25519) are listed (a passphrase is
+        nobody's key, and age allows it only alone, so a passphrase file records None);
+        duplicates are dropped, order kept.
         """
-        listed = (r.to_string() for r in recipients if isinstance(r, X25519Recipient))
+        listed = (r.to_string() for r in recipients if hasattr(r, "to_string"))
         return tuple(dict.fromkeys(listed)) or None
+
+    @classmethod
+    def _known(cls) -> frozenset[str]:
+        return frozenset(cls._REQUIRED) | cls._OPTIONAL
 
     def to_obj(self) -> dict[str, Any]:
         """The JSON object (optional members omitted, never null)."""
@@ -450,6 +536,10 @@ class Metadata:
             obj["recipients"] = list(self.recipients)
         if self.attestation is not None:
             obj["attestation"] = self.attestation
+        if self.parent is not None:
+            obj["parent"] = self.parent
+        if self.extra:
+            obj.update(self.extra)
         return obj
 
     def to_json(self) -> bytes:
@@ -457,7 +547,14 @@ class Metadata:
         return canonical_json(self.to_obj())
 
     @classmethod
-    def from_obj(cls, obj: Any) -> Metadata:
+    def from_obj(cls, obj: Any, *, extensible: bool = False) -> Metadata:
+        """``extensible``: keep members this version does not define in ``extra`` (version 3
+        sealed metadata) instead of refusing them."""
+        if extensible and isinstance(obj, dict):
+            extra = {k: v for k, v in obj.items() if k not in cls._known()}
+            obj = {k: v for k, v in obj.items() if k in cls._known()}
+        else:
+            extra = {}
         _check_keys(obj, "metadata", cls._REQUIRED, cls._OPTIONAL)
         return cls(
             name=obj["name"],
@@ -468,16 +565,18 @@ class Metadata:
             provenance=obj.get("provenance"),
             recipients=_list(obj["recipients"], "recipients") if "recipients" in obj else None,
             attestation=obj.get("attestation"),
+            parent=_cid(obj["parent"], "parent") if "parent" in obj else None,
+            extra=extra or None,
         )
 
     @classmethod
-    def from_json(cls, data: bytes) -> Metadata:
+    def from_json(cls, data: bytes, *, extensible: bool = False) -> Metadata:
         """Parse decrypted (or public) metadata, refusing anything format.md 6 forbids."""
         if len(data) > MAX_METADATA_SIZE:
             raise ManifestError(f"metadata is larger than {MAX_METADATA_SIZE} bytes")
         obj = _parse_json(data, "metadata")
         with _at("metadata"):
-            return cls.from_obj(obj)
+            return cls.from_obj(obj, extensible=extensible)
 
 
 # --- manifest ---------------------------------------------------------------------------
@@ -485,7 +584,7 @@ class Metadata:
 
 def _unsupported_encryption(value: Any) -> ManifestError:
     return ManifestError(
-        f"encryption {value!r:.80} is not supported (versions 1 and 2 know "
+        f"encryption {value!r:.80} is not supported (versions 1 to 3 know "
         f"{ENCRYPTION_AGE!r} and {ENCRYPTION_NONE!r})"
     )
 
@@ -578,7 +677,7 @@ class ErasureParams:
     def __post_init__(self) -> None:
         if self.algorithm != ALGORITHM:
             raise ManifestError(
-                f"algorithm {self.algorithm!r:.80} is not supported (versions 1 and 2 know {ALGORITHM!r})"
+                f"algorithm {self.algorithm!r:.80} is not supported (versions 1 to 3 know {ALGORITHM!r})"
             )
         _int(self.k, "k", 1, 64)
         _int(self.n, "n", 2, 64)
@@ -613,11 +712,14 @@ class Manifest:
 
     ``metadata`` is the sealed metadata (bytes, an age payload) when ``encryption`` is
     ``"age-v1"``, and a :class:`Metadata` in public mode (``"none"``).
+
+    Version 3 (encrypted only) has no ``created`` and no ``parent``: both are sealed in the
+    metadata, and ``payload_size`` is that of the Padmé-padded plaintext (format.md 13).
     """
 
     FORMAT: ClassVar[str] = FORMAT_NAME
 
-    created: datetime
+    created: datetime | None
     encryption: str
     erasure: ErasureParams
     payload_size: int
@@ -641,7 +743,18 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.version not in SUPPORTED_VERSIONS:
             raise ManifestError(f"version {self.version!r:.20} is not supported")
-        _check_time(self.created, "created")
+        if self.version >= FORMAT_VERSION_SEALED:
+            if self.encryption != ENCRYPTION_AGE:
+                raise ManifestError(
+                    f"version {self.version} is for encrypted models; public ones are version "
+                    f"{FORMAT_VERSION}"
+                )
+            if self.created is not None or self.parent is not None:
+                raise ManifestError(
+                    f"version {self.version} keeps created and parent in the sealed metadata"
+                )
+        else:
+            _check_time(self.created, "created")
         if not isinstance(self.erasure, ErasureParams):
             raise ManifestError("erasure must be an ErasureParams")
         _int(self.payload_size, "payload_size", 1)
@@ -662,9 +775,15 @@ class Manifest:
                 raise ManifestError("metadata must be sealed (base64 bytes) with 'age-v1'")
             with _at("metadata"):
                 _check_sealed_metadata(self.metadata)
-            if age_plaintext_size(self.payload_size) is None:
+            plain = age_plaintext_size(self.payload_size)
+            if plain is None:
                 raise ManifestError(
                     f"payload_size {self.payload_size} is not a possible age payload length"
+                )
+            if self.version >= FORMAT_VERSION_SEALED and padme(plain) != plain:
+                raise ManifestError(
+                    f"payload_size {self.payload_size} holds {plain} plaintext bytes, which is "
+                    f"not a Padmé size (version {self.version} pads to padme(size))"
                 )
         elif self.encryption == ENCRYPTION_NONE:
             if self.age_header is not None:
@@ -674,6 +793,11 @@ class Manifest:
             if self.metadata.recipients is not None:
                 # A public model has no recipients; a list here would only leak keys.
                 raise ManifestError("metadata.recipients must be absent when encryption is 'none'")
+            if self.metadata.parent is not None or self.metadata.extra:
+                raise ManifestError(
+                    "a public manifest's metadata has no parent or extension members (the "
+                    "parent is the manifest's own member)"
+                )
             if self.metadata.size != self.payload_size:
                 raise ManifestError(
                     f"metadata.size {self.metadata.size} differs from payload_size "
@@ -745,8 +869,15 @@ class Manifest:
     def encrypted(self) -> bool:
         return self.encryption == ENCRYPTION_AGE
 
+    @property
+    def size_hidden(self) -> bool:
+        """Whether the plaintext is padded (version 3): then :meth:`plaintext_size` is only its
+        Padmé bucket, an upper bound; the exact size is the sealed metadata's."""
+        return self.version >= FORMAT_VERSION_SEALED
+
     def plaintext_size(self) -> int:
-        """Exact plaintext size, known without a key (docs/format.md 12 says why it leaks)."""
+        """The age plaintext size, known without a key: exact before version 3 (docs/format.md
+        12 says why it leaks), the padded bucket (an upper bound) from version 3 on."""
         if not self.encrypted:
             return self.payload_size
         size = age_plaintext_size(self.payload_size)
@@ -761,12 +892,13 @@ class Manifest:
         obj: dict[str, Any] = {
             "format": self.FORMAT,
             "version": self.version,
-            "created": format_time(self.created),
             "encryption": self.encryption,
             "erasure": self.erasure.to_obj(),
             "payload_size": self.payload_size,
             "segments": [s.to_obj() for s in self.segments],
         }
+        if self.created is not None:
+            obj["created"] = format_time(self.created)
         if isinstance(self.metadata, Metadata):
             obj["metadata"] = self.metadata.to_obj()
         else:
@@ -812,7 +944,10 @@ class Manifest:
 
     @classmethod
     def _from_obj(cls, obj: dict[str, Any]) -> Manifest:
-        _check_keys(obj, "manifest", cls._REQUIRED, frozenset({"age_header", "parent"}))
+        if obj["version"] >= FORMAT_VERSION_SEALED:
+            _check_keys(obj, "manifest", cls._REQUIRED - {"created"}, frozenset({"age_header"}))
+        else:
+            _check_keys(obj, "manifest", cls._REQUIRED, frozenset({"age_header", "parent"}))
         encryption = _str(obj["encryption"], "encryption")
         if encryption not in (ENCRYPTION_AGE, ENCRYPTION_NONE):
             raise _unsupported_encryption(encryption)
@@ -833,7 +968,7 @@ class Manifest:
         if "age_header" in obj:
             age_header = _b64decode(obj["age_header"], "age_header")
         return cls(
-            created=parse_time(obj["created"], "created"),
+            created=parse_time(obj["created"], "created") if "created" in obj else None,
             encryption=encryption,
             erasure=erasure,
             payload_size=obj["payload_size"],

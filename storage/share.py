@@ -7,7 +7,10 @@ file key), and the sealed metadata sealed again so that its ``recipients`` list 
 keys too (docs/format.md 6 and 10). The old manifest keeps working for the old keys.
 
 What it cannot do: take access away (whoever held the file key keeps it; store the model
-again for that), or add keys to a passphrase file (age allows a passphrase only alone).
+again for that), add keys to a passphrase file (age allows a passphrase only alone), or add a
+classic X25519 key to a model stored for post-quantum keys only (that would undo their
+protection for ciphertext harvested today). A post-quantum key may be added to a classic
+model: it gains access, the model stays as (classically) protected as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from fusenode.storage import age
 from fusenode.storage.backend import IpfsBackend
 from fusenode.storage.errors import InvalidArgument
 from fusenode.storage.manifest import Manifest
-from fusenode.storage.store import load_manifest, open_metadata
+from fusenode.storage.store import load_manifest, open_metadata, seal_metadata
 
 __all__ = ["share", "share_cid"]
 
@@ -28,7 +31,7 @@ __all__ = ["share", "share_cid"]
 def share(
     manifest: Manifest,
     identities: Iterable[age.Identity],
-    new_recipients: Sequence[age.X25519Recipient],
+    new_recipients: Sequence[age.KeyRecipient],
 ) -> Manifest:
     """The manifest of the same model readable by ``new_recipients`` as well.
 
@@ -53,9 +56,10 @@ def share(
     if not new_recipients:
         raise InvalidArgument("share needs at least one new recipient")
     for recipient in new_recipients:
-        if not isinstance(recipient, age.X25519Recipient):
+        if not isinstance(recipient, age.X25519Recipient | age.MLKEM768X25519Recipient):
             raise InvalidArgument(
-                f"a model can be shared only to age X25519 keys (age1...), not {recipient!r:.80}"
+                "a model can be shared only to age public keys (age1... or age1pq1...), not "
+                f"{recipient!r:.80}"
             )
     assert manifest.age_header is not None  # an encrypted Manifest always has one
     header = age.decode_header(manifest.age_header)
@@ -65,12 +69,19 @@ def share(
             "this model is encrypted to a passphrase, which age allows only as the sole "
             "recipient: it cannot be shared to more keys (store it again to the keys instead)"
         )
+    post_quantum_only = all(stanza.type == "mlkem768x25519" for stanza in header.stanzas)
+    if post_quantum_only and not all(age.is_post_quantum(r) for r in new_recipients):
+        raise InvalidArgument(
+            "this model is encrypted to post-quantum keys only: sharing it to a classic "
+            "(age1...) key would let a future quantum computer open it; share to an age1pq1... "
+            "key instead"
+        )
     identities = list(identities)
     file_key, metadata = open_metadata(manifest, identities)
 
     recorded = metadata.recipients
     known = set(recorded or ())
-    additions: dict[str, age.X25519Recipient] = {}
+    additions: dict[str, age.KeyRecipient] = {}
     for recipient in new_recipients:
         text = recipient.to_string()
         if text not in known:
@@ -80,9 +91,10 @@ def share(
 
     new_header = age.rewrap_header(header, identities, additions.values())
     extended = None if recorded is None else (*recorded, *additions)
-    sealer = age.PayloadEncryptor(file_key)  # a fresh random nonce: a new payload key
-    sealed = sealer.update(dataclasses.replace(metadata, recipients=extended).to_json())
-    sealed += sealer.finalize()
+    # A fresh random nonce (a new payload key), padded as the manifest's version pads it.
+    sealed = seal_metadata(
+        file_key, dataclasses.replace(metadata, recipients=extended), manifest.version
+    )
     return dataclasses.replace(manifest, age_header=new_header, metadata=sealed)
 
 
@@ -90,7 +102,7 @@ def share_cid(
     cid: str,
     backend: IpfsBackend,
     identities: Iterable[age.Identity],
-    new_recipients: Sequence[age.X25519Recipient],
+    new_recipients: Sequence[age.KeyRecipient],
     timeout: float = FETCH_TIMEOUT,
     *,
     manifest: Manifest | None = None,

@@ -53,6 +53,7 @@ from fusenode.storage.errors import (
     CryptoError,
     IntegrityError,
     InvalidArgument,
+    ManifestError,
     ManifestNotFound,
     NotEnoughFragments,
     NotEnoughSpace,
@@ -61,11 +62,16 @@ from fusenode.storage.errors import (
 from fusenode.storage.manifest import (
     ENCRYPTION_AGE,
     ENCRYPTION_NONE,
+    FORMAT_VERSION,
+    FORMAT_VERSION_SEALED,
     ErasureParams,
     FragmentRef,
     Manifest,
     Metadata,
     SegmentRef,
+    pad_metadata,
+    padme,
+    unpad_metadata,
     utc_now,
 )
 from fusenode.storage.unixfs import file_cid, matches_cid
@@ -235,18 +241,36 @@ def put_file(
     provenance: dict | None = None,
     parent: str | None = None,
     attestation: dict | None = None,
+    format_version: int | None = None,
+    mixed_recipients: bool = False,
 ) -> PutResult:
     """Store a file; return its manifest CID once every fragment is stored.
 
     Encrypted to ``recipients`` (a fresh random file key per call, never derived from the
-    content) unless ``public``.
+    content) unless ``public``. Encrypted models are written as format version 3: the
+    plaintext is padded with zeros to its Padmé bucket inside the age plaintext, and the
+    exact size, name, creation time and ``parent`` are sealed (docs/format.md 13).
+    ``format_version`` 2 writes an encrypted model the version 2 way (unpadded, size, time
+    and parent in clear): for readers that predate version 3, and as the benchmarks'
+    baseline. Public models are always version 2. ``mixed_recipients``: allow post-quantum
+    and classic recipients together (refused otherwise, `check_recipient_mix`); for a
+    republish to the recipients a model already has, which a share may have mixed.
     """
+    if format_version not in (None, FORMAT_VERSION, FORMAT_VERSION_SEALED) or (
+        public and format_version == FORMAT_VERSION_SEALED
+    ):
+        raise InvalidArgument(
+            f"format version {format_version} cannot be written here (encrypted: 2 or 3, public: 2)"
+        )
     path = Path(path)
     coder = ErasureCoder(k, n)
     if segment_size < k or segment_size > defaults.MAX_SEGMENT_SIZE:
         raise InvalidArgument(f"segment size {segment_size} out of range ({k} .. 1 GiB)")
     if not public and not recipients:
         raise InvalidArgument("no recipient: give at least one age recipient, or store public")
+    if not public and not mixed_recipients:
+        check_recipient_mix(recipients)
+    sealed_format = not public and format_version != FORMAT_VERSION
     fd, size = _open_input(path)
     _tune_allocator_once()
     work = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
@@ -315,11 +339,20 @@ def put_file(
                     emit()
 
         try:
+            read = 0
             for chunk in chunks:
+                read += len(chunk)
                 feed(encryptor.update(chunk) if encryptor else chunk)
                 if progress:
                     progress(len(chunk))
             if encryptor:
+                # Zeros up to the Padmé bucket, inside the age plaintext (docs/format.md 13).
+                padding = padme(read) - read if sealed_format else 0
+                zeros = bytes(min(padding, _READ_CHUNK))
+                while padding:
+                    take = min(padding, len(zeros))
+                    feed(encryptor.update(memoryview(zeros)[:take]))
+                    padding -= take
                 feed(encryptor.finalize())
             if filled:
                 emit()
@@ -332,35 +365,60 @@ def put_file(
 
     metadata = Metadata(
         name=name or path.name,
-        size=size,
+        size=read if sealed_format else size,
         sha256=digest.hexdigest(),
         created=utc_now(),
         media_type="application/onnx" if path.suffix.lower() == ".onnx" else None,
         provenance=provenance,
         recipients=None if public else Metadata.recipient_strings(recipients),
         attestation=attestation,
+        parent=parent if sealed_format else None,
     )
     if public:
         sealed: bytes | Metadata = metadata
         header = None
     else:
         header = age.encode_header(file_key, recipients)
-        sealer = age.PayloadEncryptor(file_key)
-        sealed = sealer.update(metadata.to_json()) + sealer.finalize()
+        sealed = seal_metadata(
+            file_key, metadata, FORMAT_VERSION_SEALED if sealed_format else FORMAT_VERSION
+        )
     if public:
         _refuse_repeated_segments(segments)
     manifest = Manifest(
-        created=metadata.created,
+        created=None if sealed_format else metadata.created,
         encryption=ENCRYPTION_NONE if public else ENCRYPTION_AGE,
         erasure=ErasureParams(k, n, segment_size),
         payload_size=payload_size,
         segments=tuple(segments),
         metadata=sealed,
         age_header=header,
-        parent=parent,
+        parent=None if sealed_format else parent,
+        version=FORMAT_VERSION_SEALED if sealed_format else FORMAT_VERSION,
     )
     cid = backend.add_bytes(manifest.to_bytes())
     return PutResult(cid, manifest, size, stored)
+
+
+def check_recipient_mix(recipients: Sequence[object]) -> None:
+    """Refuse post-quantum and classic recipients in one header, as age does: ciphertext
+    harvested today would fall to a quantum computer through the classic stanza, silently
+    voiding the post-quantum ones (docs/format.md 14)."""
+    kinds = {age.is_post_quantum(r) for r in recipients}
+    if len(kinds) > 1:
+        raise InvalidArgument(
+            "post-quantum (age1pq1...) and classic (age1...) recipients cannot share a model: "
+            "the classic key would undo the post-quantum protection; store it twice instead"
+        )
+
+
+def seal_metadata(file_key: bytes, metadata: Metadata, version: int) -> bytes:
+    """The sealed metadata: an age payload under ``file_key`` with a fresh nonce (never reuse
+    one under a file key). Version 3 pads the JSON to its bucket (`manifest.pad_metadata`)."""
+    plain = metadata.to_json()
+    if version >= FORMAT_VERSION_SEALED:
+        plain = pad_metadata(plain)
+    sealer = age.PayloadEncryptor(file_key)
+    return sealer.update(plain) + sealer.finalize()
 
 
 def _refuse_repeated_segments(segments: Sequence[SegmentRef]) -> None:
@@ -548,7 +606,23 @@ def open_metadata(manifest: Manifest, identities: Sequence[age.Identity]) -> tup
         plain = opener.update(manifest.metadata) + opener.finalize()
     except CryptoError as e:
         raise IntegrityError(f"the manifest's sealed metadata is corrupted ({e})") from e
-    return file_key, Metadata.from_json(plain)
+    if not manifest.size_hidden:
+        metadata = Metadata.from_json(plain)
+        if metadata.parent is not None:
+            raise ManifestError(
+                f"sealed metadata has a parent, which version {manifest.version} keeps in the "
+                "manifest"
+            )
+        return file_key, metadata
+    metadata = Metadata.from_json(unpad_metadata(plain), extensible=True)
+    # The declared size must be the one the padded payload was made from: authenticated by
+    # the AEAD of both (one file key), and checked here before a byte is fetched.
+    if padme(metadata.size) != manifest.plaintext_size():
+        raise IntegrityError(
+            f"the sealed metadata declares {metadata.size} bytes, but the payload holds "
+            f"{manifest.plaintext_size()}, not padme({metadata.size}) = {padme(metadata.size)}"
+        )
+    return file_key, metadata
 
 
 @_releases_heap
@@ -589,9 +663,18 @@ def get_file(
     fetch = fetch or backend.fetch_bytes
     digest = hashlib.sha256()
     written = 0
+    # Version 3: the plaintext is followed by zeros up to its Padmé bucket; they are checked
+    # (all zero) and not written. ``keep`` counts the real bytes still to come.
+    keep = metadata.size if manifest.size_hidden else None
 
     def write(pieces: list[bytes | memoryview]) -> None:
+        nonlocal keep
         for piece in pieces:
+            if keep is not None:
+                piece, pad = piece[:keep], piece[keep:]
+                keep -= len(piece)
+                if len(pad) and bytes(pad).count(0) != len(pad):
+                    raise IntegrityError(f"{cid}: the padding after the plaintext is not zeros")
             digest.update(piece)
             f.write(piece)
 
@@ -633,6 +716,11 @@ def get_file(
                 written += len(tail)
             f.flush()
             os.fsync(f.fileno())
+        if keep is not None:
+            # Everything decrypted (the padding included) must be exactly the bucket.
+            if keep or written != manifest.plaintext_size():
+                raise IntegrityError(f"{cid}: the padded plaintext has the wrong length")
+            written = metadata.size
         if written != metadata.size or digest.hexdigest() != metadata.sha256:
             raise IntegrityError(
                 f"{cid}: reassembled file does not match its recorded size and sha256"
@@ -772,8 +860,10 @@ __all__ = [
     "PutResult",
     "StorageError",
     "check_input",
+    "check_recipient_mix",
     "get_file",
     "load_manifest",
     "open_metadata",
     "put_file",
+    "seal_metadata",
 ]

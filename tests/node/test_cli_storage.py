@@ -113,6 +113,55 @@ def test_other_recipient_and_identity(repo, model, tmp_path):
     assert out.read_bytes() == model.read_bytes()
 
 
+def test_post_quantum_keygen_put_get_share_and_info(repo, model, tmp_path):
+    """The issue's contract: keygen --pq, put --recipient age1pq1..., get --identity with a PQ
+    key, share to a PQ recipient, and info without a key shows no exact size, name,
+    creation time or parent (format version 3)."""
+    import json
+
+    key = tmp_path / "pq.txt"
+    proc = ok(fusenode("keygen", "--pq", "-o", key))
+    recipient = proc.stdout.strip().splitlines()[-1]
+    assert recipient.startswith("age1pq1") and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "AGE-SECRET-KEY-PQ-1" in key.read_text()
+    cid = put(repo, model, "--recipient", recipient)
+    out = tmp_path / "out"
+    clean_error(fusenode("get", cid, "-o", out, "--repo", repo), "no identity matches")
+    ok(fusenode("get", cid, "-o", out, "--repo", repo, "--identity", key))
+    assert out.read_bytes() == model.read_bytes()
+
+    info = json.loads(ok(fusenode("info", cid, "--repo", repo, "--json")).stdout)
+    assert info["version"] == 3 and info["size_hidden"] and not info["readable"]
+    assert info["created"] is None and info["parent"] is None and info["metadata"] is None
+    size = model.stat().st_size
+    assert info["payload_size"] > size + 1000  # the padded bucket, not the size
+    text = json.dumps(info)
+    assert str(size) not in text and model.name not in text
+    info = json.loads(ok(fusenode("info", cid, "--repo", repo, "--json", "--identity", key)).stdout)
+    assert info["readable"] and info["metadata"]["size"] == size and info["created"]
+    assert info["metadata"]["name"] == model.name
+
+    friend = tmp_path / "friend.txt"
+    other = ok(fusenode("keygen", "--pq", "-o", friend)).stdout.strip().splitlines()[-1]
+    shared = (
+        ok(fusenode("share", cid, "--recipient", other, "--identity", key, "--repo", repo))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    ok(fusenode("get", shared, "-o", tmp_path / "o2", "--repo", repo, "--identity", friend))
+    assert (tmp_path / "o2").read_bytes() == model.read_bytes()
+
+
+def test_post_quantum_node_identity(tmp_path, model):
+    path = tmp_path / "pqrepo"
+    proc = ok(fusenode("init", "--pq", "--repo", path))
+    assert "recipient: age1pq1" in proc.stdout
+    assert "AGE-SECRET-KEY-PQ-1" in (path / "identity.txt").read_text()
+    cid = put(path, model)  # to the node's own (post-quantum) key by default
+    ok(fusenode("get", cid, "-o", tmp_path / "o", "--repo", path))
+    assert (tmp_path / "o").read_bytes() == model.read_bytes()
+
+
 @pytest.mark.parametrize(("k", "n"), [("4", "4"), ("0", "3"), ("5", "65"), ("x", "6")])
 def test_invalid_k_n(repo, model, k, n):
     proc = fusenode("put", model, "--repo", repo, "-k", k, "-n", n)

@@ -271,7 +271,8 @@ _FRAG = "segments.0.fragments.1"
 INVALID: dict[str, tuple[Mutation, str]] = {
     "format-wrong": (_set("format", "restic"), "not a fusenode manifest"),
     "format-missing": (_set("format", _DELETE), "not a fusenode manifest"),
-    "version-3": (_set("version", 3), "version 3 is not supported .* reads versions 1, 2"),
+    "version-4": (_set("version", 4), "version 4 is not supported .* reads versions 1, 2, 3"),
+    "version-3-created": (_set("version", 3), "unknown key.*created"),
     "version-0": (_set("version", 0), "version 0 is not supported"),
     "version-string": (_set("version", "1"), "version must be an integer"),
     "version-bool": (_set("version", True), "version must be an integer"),
@@ -658,11 +659,11 @@ def test_metadata_provenance_is_copied() -> None:
         ({"recipients": {AGE_A: 1}}, "recipients must be an array of strings, got an object"),
         ({"recipients": (AGE_A, 5)}, r"recipients\[1\] must be a string"),
         ({"recipients": (AGE_A, AGE_A)}, r"recipients\[1\] .* is listed twice"),
-        ({"recipients": (AGE_A.upper(),)}, "is not an age X25519 recipient"),
-        ({"recipients": (f" {AGE_A}",)}, "is not an age X25519 recipient"),  # not canonical
-        ({"recipients": (AGE_A[:-1] + "q",)}, "is not an age X25519 recipient"),  # checksum
-        ({"recipients": ("age1" + "q" * 58,)}, "is not an age X25519 recipient"),
-        ({"recipients": (X25519Identity(bytes(32)).to_string(),)}, "not an age X25519"),
+        ({"recipients": (AGE_A.upper(),)}, "is not an age recipient"),
+        ({"recipients": (f" {AGE_A}",)}, "is not an age recipient"),  # not canonical
+        ({"recipients": (AGE_A[:-1] + "q",)}, "is not an age recipient"),  # checksum
+        ({"recipients": ("age1" + "q" * 58,)}, "is not an age recipient"),
+        ({"recipients": (X25519Identity(bytes(32)).to_string(),)}, "not an age recipient"),
     ],
 )
 def test_invalid_metadata_is_refused(changes: dict[str, Any], message: str) -> None:

@@ -12,9 +12,9 @@ import pytest
 from fusenode.storage import age
 from fusenode.storage.erasure import ErasureCoder
 from fusenode.storage.errors import InvalidArgument, NoIdentityMatch
-from fusenode.storage.manifest import Manifest, Metadata
+from fusenode.storage.manifest import Manifest, Metadata, padme
 from fusenode.storage.share import share, share_cid
-from fusenode.storage.store import get_file, load_manifest, open_metadata, put_file
+from fusenode.storage.store import get_file, load_manifest, open_metadata, put_file, seal_metadata
 from tests.support.fakes import FakeBackend, as_version_1
 
 SEG = 4096 + 17  # several segments, the last one short
@@ -87,7 +87,8 @@ def test_shared_file_is_a_standard_age_file(backend, owner, stored):
         for s in old.segments
     )
     key = pyrage.x25519.Identity.from_str(friend.to_string())
-    assert pyrage.decrypt(new.age_header + payload, [key]) == data
+    # Format version 3: the age plaintext is the model, then zeros up to its Padmé bucket.
+    assert pyrage.decrypt(new.age_header + payload, [key]) == data + bytes(padme(SIZE) - SIZE)
     metadata = json.loads(pyrage.decrypt(new.age_header + new.metadata, [key]))
     assert metadata["recipients"] == [owner.recipient.to_string(), friend.recipient.to_string()]
     assert isinstance(old.metadata, bytes)
@@ -141,9 +142,9 @@ def test_bad_new_recipients(owner, stored):
     _, old, _ = stored
     with pytest.raises(InvalidArgument, match="at least one"):
         share(old, [owner], [])
-    with pytest.raises(InvalidArgument, match="X25519"):
+    with pytest.raises(InvalidArgument, match="age public keys"):
         share(old, [owner], [age.ScryptPassphrase("pw", log_n=2)])  # type: ignore[list-item]
-    with pytest.raises(InvalidArgument, match="X25519"):
+    with pytest.raises(InvalidArgument, match="age public keys"):
         share(old, [owner], [owner.recipient.to_string()])  # type: ignore[list-item]
 
 
@@ -183,9 +184,8 @@ def test_unrecorded_recipients_stay_unrecorded(backend, owner, stored, tmp_path)
     """A manifest without the list (older writer): a share must not invent a partial one."""
     _, old, data = stored
     file_key, metadata = open_metadata(old, [owner])
-    sealer = age.PayloadEncryptor(file_key)
-    sealed = sealer.update(dataclasses.replace(metadata, recipients=None).to_json())
-    legacy = dataclasses.replace(old, metadata=sealed + sealer.finalize())
+    unlisted = dataclasses.replace(metadata, recipients=None)
+    legacy = dataclasses.replace(old, metadata=seal_metadata(file_key, unlisted, old.version))
     friend = age.X25519Identity.generate()
     new = share(legacy, [owner], [friend.recipient])
     assert recipients_of(new, friend) is None
@@ -198,8 +198,12 @@ def test_version_1_manifest_stays_version_1(backend, owner, stored, tmp_path):
     """Sharing re-seals the metadata and keeps the fragments, so their refs (with version
     1's SHA-256s) and the manifest's version stay as they were."""
 
-    _, manifest, data = stored
-    old = as_version_1(backend, manifest)
+    data = os.urandom(SIZE)
+    src = tmp_path / "model.onnx"
+    src.write_bytes(data)
+    put = put_file(src, backend, recipients=[owner.recipient], format_version=2)
+    assert put.manifest.version == 2
+    old = as_version_1(backend, put.manifest)
     friend = age.X25519Identity.generate()
     new_cid, shared = share_cid(old, backend, [owner], [friend.recipient])
     assert shared.version == 1 and shared.segments == load_manifest(old, backend).segments

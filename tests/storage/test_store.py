@@ -16,7 +16,7 @@ from fusenode.storage.errors import (
     NoIdentityMatch,
     NotEnoughFragments,
 )
-from fusenode.storage.manifest import Manifest
+from fusenode.storage.manifest import Manifest, padme
 from fusenode.storage.store import get_file, load_manifest, put_file
 from tests.support.fakes import FakeBackend, as_version_1
 
@@ -90,7 +90,11 @@ def test_reassembled_ciphertext_is_a_standard_age_file(backend, ident, tmp_path)
         for s in m.segments
     )
     rage_id = pyrage.x25519.Identity.from_str(ident.to_string())
-    assert pyrage.decrypt(m.age_header + payload, [rage_id]) == src.read_bytes()
+    # Version 3: the model, then zeros up to its Padmé bucket, all inside the age plaintext.
+    size = 3 * SEG
+    assert m.version == 3 and padme(size) > size
+    plain = pyrage.decrypt(m.age_header + payload, [rage_id])
+    assert plain == src.read_bytes() + bytes(padme(size) - size)
 
 
 def test_corrupted_and_missing_fragments_replaced(backend, ident, tmp_path):
@@ -219,7 +223,10 @@ def test_output_file_gets_the_usual_mode(backend, ident, tmp_path):
 
 def test_version_1_manifests_are_still_read_and_checked(backend, ident, tmp_path):
     src = write(tmp_path, 3 * SEG)
-    put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+    put = put_file(
+        src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path,
+        format_version=2,
+    )  # fmt: skip
     assert put.manifest.version == 2
     assert all(f.sha256 is None for s in put.manifest.segments for f in s.fragments)
     old = as_version_1(backend, put.manifest)
@@ -257,7 +264,10 @@ def test_version_1_fragments_under_any_cid_form_are_read(backend, ident, tmp_pat
     import hashlib
 
     src = write(tmp_path, 2 * SEG)
-    put = put_file(src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path)
+    put = put_file(
+        src, backend, recipients=[ident.recipient], segment_size=SEG, work_dir=tmp_path,
+        format_version=2,
+    )  # fmt: skip
 
     def blake_cid(data):
         raw = (
@@ -338,7 +348,7 @@ def test_a_silent_holder_costs_a_hedge_not_the_deadline(backend, ident, tmp_path
     )  # fmt: skip
     took = time.monotonic() - start
     released.set()  # let the abandoned fetches end
-    assert (tmp_path / "o").read_bytes() == src.read_bytes() and got.manifest.version == 2
+    assert (tmp_path / "o").read_bytes() == src.read_bytes() and got.manifest.version == 3
     assert took < 5, took
 
 
