@@ -2,8 +2,14 @@
 //   node age-interop.mjs decrypt IDENTITY_FILE < age-file > plaintext
 //   node age-interop.mjs encrypt RECIPIENT < plaintext > age-file
 //   node age-interop.mjs keygen            (prints a hybrid identity, then its recipient)
-import * as age from "age-encryption";
 import { readFileSync } from "node:fs";
+import { webcrypto } from "node:crypto";
+
+// Node 18 (Debian bookworm's, which CI installs) has no global Web Crypto in ES modules; the
+// noble libraries under typage read globalThis.crypto when they load, so set it first and
+// load typage after.
+if (!globalThis.crypto?.getRandomValues) globalThis.crypto = webcrypto;
+const age = await import("age-encryption");
 
 const [mode, arg] = process.argv.slice(2);
 if (mode === "decrypt") {
