@@ -656,9 +656,18 @@ def build_parser() -> argparse.ArgumentParser:
     _identity(sh)
 
     inf = _command(
-        sub, "info", cmd_info, "a stored model's metadata and provenance", json_flag=True, cid=True
+        sub,
+        "info",
+        cmd_info,
+        "a stored model's manifest, and with --identity its sealed metadata and provenance",
+        json_flag=True,
+        cid=True,
     )
-    _identity(inf)
+    inf.add_argument(
+        "--identity",
+        help="age identity file that opens the sealed metadata (default: none, not even the "
+        "node's own REPO/identity.txt: without it info shows what any CID holder sees)",
+    )
 
     pv = _command(
         sub,

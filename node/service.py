@@ -525,8 +525,13 @@ class NodeService:
         return {"cid": new_cid, "source": cid, "added": len(parsed)}
 
     async def info(self, cid: str, identity_path: str | None) -> dict[str, Any]:
+        """Decision: only a key given with ``identity_path`` opens the sealed metadata, never
+        this node's own (unlike get and share): ``info`` without an identity shows what anyone
+        holding the CID sees, which for an encrypted version 3 model is no exact size, name,
+        creation time or parent (docs/format.md 13.6), even when the node could read it."""
         manifest = await self.manifest(cid)
-        return describe(cid, manifest, self.identities(identity_path))
+        identities = read_identities(Path(identity_path)) if identity_path else []
+        return describe(cid, manifest, identities)
 
     # -- provenance ----------------------------------------------------------------------------
     async def provenance(self, cid: str, identity_path: str | None) -> dict[str, Any]:

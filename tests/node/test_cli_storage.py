@@ -113,6 +113,23 @@ def test_other_recipient_and_identity(repo, model, tmp_path):
     assert out.read_bytes() == model.read_bytes()
 
 
+def test_info_hides_the_sealed_fields_of_a_model_the_node_itself_can_read(repo, model):
+    """A plain put is sealed to the node's own key; info without --identity still shows only
+    what any CID holder sees. The node's key opens the rest when given."""
+    import json
+
+    cid = put(repo, model)
+    info = json.loads(ok(fusenode("info", cid, "--repo", repo, "--json")).stdout)
+    assert info["encrypted"] and info["size_hidden"] and not info["readable"]
+    assert info["metadata"] is None and info["created"] is None and info["parent"] is None
+    text = json.dumps(info)
+    assert str(model.stat().st_size) not in text and model.name not in text
+    own = repo / "identity.txt"
+    info = json.loads(ok(fusenode("info", cid, "--repo", repo, "--json", "--identity", own)).stdout)
+    assert info["readable"] and info["metadata"]["size"] == model.stat().st_size
+    assert info["metadata"]["name"] == model.name and info["created"]
+
+
 def test_post_quantum_keygen_put_get_share_and_info(repo, model, tmp_path):
     """The issue's contract: keygen --pq, put --recipient age1pq1..., get --identity with a PQ
     key, share to a PQ recipient, and info without a key shows no exact size, name,

@@ -120,7 +120,7 @@ def test_info_shows_provenance(net, keys, model, stored, optimized):
         prov["report"]["n_fused"] == prov["report"]["nodes_before"] - prov["report"]["nodes_after"]
     )
     assert sorted(meta["recipients"]) == sorted([keys["user"][1], keys["optimizer"][1]])
-    sealed = json.loads(ok(net.cli(2, "info", optimized, "--json")).stdout)  # node2's own key
+    sealed = json.loads(ok(net.cli(2, "info", optimized, "--json")).stdout)  # no key given
     assert sealed["readable"] is False and sealed["metadata"] is None
     # Format version 3: without a key, neither the parent nor the creation time shows.
     assert sealed["parent"] is None and sealed["created"] is None and sealed["size_hidden"]
