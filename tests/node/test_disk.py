@@ -2,14 +2,17 @@
 ``fusenode rm`` releasing a model on every holder, a non-owner's release refused.
 
 One 4-node network (k=2, n=4: every node holds one fragment of each segment); the tests run
-in order: get + gc on node 3, a stranger's release refused, rm by node 0 + gc on the holders.
+in order: get + gc on node 3, a stranger's release refused, rm by node 0 + gc on the holders,
+rm while a holder is down (released once it is back).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ CONFIG = {
     ("storage", "n"): "4",
     ("storage", "fetch_timeout"): "20.0",
     ("storage", "gc_interval"): "0.0",  # only the gc runs the tests ask for
+    ("repair", "interval"): "2.0",  # pending releases are retried by the repair pass
 }
 ok = assert_ok
 
@@ -153,3 +157,24 @@ def test_rm_releases_the_model_everywhere_and_gc_reclaims_it(net, stored):
         for frag in fragments.get(i, ()):
             assert not flatfs_path(net.nodes[i].repo / "kubo", frag).exists()
     print("\nblockstore after rm + gc: " + "; ".join(lines))
+
+
+def test_rm_while_a_holder_is_down_releases_there_once_it_is_back(net, tmp_path):
+    src = tmp_path / "second.bin"
+    src.write_bytes(os.urandom(2 * MiB))
+    cid = ok(net.cli(0, "put", str(src), "--public")).stdout.strip().splitlines()[-1]
+    owner, away = net.nodes[0].peer_id, net.nodes[2].peer_id
+    kept = held(net.nodes[2].repo, owner)
+    assert cid in kept
+    net.kill(2, signal.SIGTERM)
+
+    reply = json.loads(ok(net.cli(0, "rm", cid, "--json")).stdout)
+    assert set(reply["pending"]) == {away}
+    assert set(reply["released"]) == {net.nodes[1].peer_id, net.nodes[3].peer_id}
+    assert held(net.nodes[2].repo, owner) == kept  # it was down: nothing could change there
+
+    net.start_node(2)
+    deadline = time.monotonic() + 120
+    while held(net.nodes[2].repo, owner) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert held(net.nodes[2].repo, owner) == {}
