@@ -35,6 +35,7 @@ from fusenode import defaults
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError
 from fusenode.node.state import now_iso
+from fusenode.storage.errors import BackendTimeout
 
 __all__ = ["GarbageCollector", "Gate", "GcBusy", "GcReport"]
 
@@ -140,7 +141,10 @@ class GarbageCollector:
             started, t0 = now_iso(), time.monotonic()
             # Read once the node is quiet: every hold a finished operation made is in it.
             roots = self.roots()
-            swept = await blocks.bridge.run(blocks.sync.collect_garbage, roots)
+            try:
+                swept = await blocks.bridge.run(blocks.sync.collect_garbage, roots)
+            except BackendTimeout as e:  # Kubo calls that write blocks did not drain
+                raise GcBusy(f"garbage collection did not run: {e}") from e
         report = GcReport(
             started=started,
             seconds=round(time.monotonic() - t0, 3),

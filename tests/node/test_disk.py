@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from fusenode.defaults import MIN_HOLD_BYTES
 from fusenode.storage.kubo import flatfs_path
 from tests.support.attacker import Attacker
-from tests.support.cli import assert_ok
+from tests.support.cli import assert_ok, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -178,3 +180,40 @@ def test_rm_while_a_holder_is_down_releases_there_once_it_is_back(net, tmp_path)
     while held(net.nodes[2].repo, owner) and time.monotonic() < deadline:
         time.sleep(1.0)
     assert held(net.nodes[2].repo, owner) == {}
+
+
+def test_a_gc_asked_for_during_a_get_waits_for_it(net, tmp_path):
+    """The gate: a gc requested while a get is transferring runs once the get is done (the
+    get succeeds, and the gc then removes everything it fetched), never in the middle of it
+    (blocks fetched after a sweep would stay on disk, unpinned)."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(48 * MiB))
+    cid = ok(net.cli(0, "put", str(src), "--public")).stdout.strip().splitlines()[-1]
+    repo = net.nodes[3].repo
+    ok(net.cli(3, "gc"))  # start from the pins alone
+    baseline = blockstore_bytes(repo)
+    get = subprocess.Popen(
+        [*net_cli(net, 3, "get", cid, "-o", str(tmp_path / "out.bin"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while blockstore_bytes(repo) < baseline + 2 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)  # the get is fetching
+        assert get.poll() is None, "the get ended before the gc could be asked for"
+        report = gc(net, 3)
+    finally:
+        _, err = get.communicate(timeout=300)
+    assert get.returncode == 0, err
+    assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+    after = blockstore_bytes(repo)
+    assert report["removed_bytes"] >= 24 * MiB - 2 * MiB  # what the get fetched from others
+    assert abs(after - report["pinned_after"]) <= 0.01 * report["pinned_after"]
+    assert after == report["blockstore_after"]
+
+
+def net_cli(net, i: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "fusenode.node.cli", *args, "--repo", str(net.nodes[i].repo)]
