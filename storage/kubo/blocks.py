@@ -31,7 +31,12 @@ from fusenode.storage.backend import (
     validate_cid,
     validate_peer_multiaddr,
 )
-from fusenode.storage.errors import BackendTimeout, IntegrityError, InvalidArgument
+from fusenode.storage.errors import (
+    BackendError,
+    BackendTimeout,
+    IntegrityError,
+    InvalidArgument,
+)
 from fusenode.storage.kubo import gc
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.kubo.transport import KuboTransport
@@ -302,7 +307,13 @@ class KuboNode(IpfsBackend):
         extra = {validate_cid(c) for c in roots}
 
         def pins(child: _Child) -> set[str]:
-            listed = child.submit("pins", ()).result(timeout=self._process.call_timeout)
+            timeout = self._process.call_timeout
+            try:
+                listed = child.submit("pins", ()).result(timeout=timeout)
+            except TimeoutError:
+                raise BackendTimeout(f"listing the pins took over {timeout:.0f} s") from None
+            except ChildGone:
+                raise BackendError("the Kubo node exited while its pins were listed") from None
             return {*listed, *extra}
 
         kubo_dir = self._process.layout.kubo

@@ -363,6 +363,8 @@ class KuboProcess:
         self._restart_thread.start()
 
     def _restart(self, old: _Child | None) -> None:
+        """Replace ``old`` (None: it is gone already); let waiting calls in, whatever
+        happened."""
         new: _Child | None = None
         error: BackendError | None = None
         try:
@@ -429,30 +431,9 @@ class KuboProcess:
             return work(prepared)
         finally:
             if stopped:
-                self._restart_now()
+                self._restart(None)  # stopped above: only the new child is left to start
             else:
                 self._ready.set()
-
-    def _restart_now(self) -> None:
-        """Start a new child after `maintain` stopped the old one; let waiting calls in."""
-        new: _Child | None = None
-        error: BackendError | None = None
-        try:
-            if not self._closed:
-                new = self._spawn(None)
-                for hook in self._hooks:
-                    hook(new)
-        except BackendError as exc:
-            error = exc
-        except Exception as exc:  # keep waiters from hanging on a bug
-            error = BackendError(f"restarting the Kubo node failed: {exc!r}")
-        with self._life_lock:
-            if self._closed and new is not None:
-                new.stop(STOP_GRACE_S)
-                new = None
-            self._child = new
-            self._last_start_error = error
-            self._ready.set()
 
     def current(self, deadline: float, what: str) -> _Child:
         """The live child, starting or waiting for a replacement if needed."""

@@ -88,3 +88,38 @@ def test_an_empty_or_missing_blockstore(tmp_path: Path) -> None:
         == 0
     )
     assert sweep(tmp_path / "nothing", []).removed_blocks == 0
+
+
+def test_collect_garbage_on_a_running_node(tmp_path: Path) -> None:
+    """On a real embedded Kubo: what no pin reaches goes, what a pin reaches stays readable,
+    a call made while the node is stopped for the sweep waits and then succeeds, and the node
+    comes back with the same identity."""
+    import os
+    import threading
+
+    from fusenode.storage.kubo import KuboNode
+
+    with KuboNode(tmp_path / "repo") as kubo:
+        identity = kubo.identity()
+        kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+        kept.write_bytes(os.urandom(700_000))
+        dropped.write_bytes(os.urandom(600_000))
+        a, b = kubo.add(kept), kubo.add(dropped)
+        kubo.unpin(b)
+        assert kubo.disk_usage([a]).pinned < kubo.disk_usage([a]).blockstore
+        results: list[str] = []
+        waiting = threading.Thread(target=lambda: results.append(kubo.add_bytes(b"late")))
+        original = kubo._process._spawn
+
+        def slow_spawn(port):  # the call below is made while no child runs
+            waiting.start()
+            return original(port)
+
+        kubo._process._spawn = slow_spawn  # type: ignore[method-assign]
+        swept = kubo.collect_garbage()
+        waiting.join(30)
+        assert results and kubo.has_block(results[0])
+        assert swept.removed_bytes >= 600_000 and swept.after.blockstore == swept.after.pinned
+        assert not kubo.has_block(b) and kubo.has_block(a)
+        assert kubo.fetch_bytes(a, 10.0) == kept.read_bytes()
+        assert kubo.identity() == identity
