@@ -79,6 +79,20 @@ AUTO_QUOTA_FRACTION: Final = 0.5
 #: whatever the payload), so a flood of tiny stores still meets the quota.
 MIN_HOLD_BYTES: Final = 4096
 
+# -- disk: garbage collection and leases (docs/design.md, "Disk") ---------------------------------
+#: ``[storage] gc_interval``: seconds between automatic garbage collections of the blockstore
+#: (0: only `fusenode gc`). An hour: a get's fetched blocks stay at most that long.
+GC_INTERVAL: Final = 3600.0
+#: How long a gc waits for a moment with no transfer in flight before giving up (409).
+GC_QUIET_WAIT: Final = 120.0
+#: ``[storage] lease_days``: a holder releases what an owner placed on it once the owner has
+#: not renewed it for this long (Tahoe-LAFS's leases are 31 days). Owners renew every
+#: `LEASE_RENEW_FRACTION` of it, so a lease survives three missed renewals.
+LEASE_DAYS: Final = 30.0
+LEASE_RENEW_FRACTION: Final = 0.25
+#: Renewal and expiry passes run at least this often (seconds), whatever the lease.
+LEASE_PASS_MAX: Final = 6 * 3600.0
+
 # -- the optimizer -------------------------------------------------------------------------------
 #: Largest model an optimizer node accepts, and the limits of its fuse + verify child process
 #: (seconds of wall time; address space, 0 = "auto": 6x the model plus 2 GiB, at most 3/4 of

@@ -40,6 +40,8 @@ beside what raises them (borg's style); the whole family, with exit code / HTTP 
         ├── BadPeerRequest             1 / 400   a peer's request is malformed
         ├── OverCapacity               1 / 507   this node will not hold more for that peer
         ├── StoreTooSlow               1 / 408   a store's body did not arrive in time
+        ├── NotOwner                   1 / 403   a peer asked to release what it did not place
+        ├── GcBusy                     1 / 409   the node stayed busy: no gc ran
         ├── PeerAuthError              1 / 401   a peer request's signature is not valid
         ├── FuseJobError               1 / 409   the fuse child failed or hit a limit
         ├── JobError                   1 / 409   an optimization job cannot complete

@@ -72,6 +72,9 @@ SERVICE_KEY = web.AppKey("service", UseCases)
 TOKEN_KEY = web.AppKey("token", bytes)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 OPENAPI_KEY = web.AppKey("openapi", bytes)
+GATE_KEY = web.AppKey("gate", object)
+#: Operations that do not wait for a garbage collection: gc itself, and what transfers nothing.
+_UNGATED = frozenset({"gc", "health", "openapi", "identity", "jobs", "job"})
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -272,7 +275,13 @@ def _handler(op: Operation) -> Callable[[web.Request], Awaitable[web.Response]]:
         }
         if op.body is not None:
             args.update(await _json_body(request, op.body))
-        result = await getattr(request.app[SERVICE_KEY], op.name)(**args)
+        run = getattr(request.app[SERVICE_KEY], op.name)
+        gate = request.app.get(GATE_KEY)
+        if gate is None or op.name in _UNGATED:
+            result = await run(**args)
+        else:
+            async with gate.op():  # type: ignore[attr-defined]
+                result = await run(**args)
         return web.json_response(result, status=op.status)
 
     return handle
@@ -305,7 +314,9 @@ def _page(name: str, kind: str) -> Callable[[web.Request], Awaitable[web.Respons
     return page
 
 
-def create_app(service: UseCases, *, token: str, max_body_bytes: int) -> web.Application:
+def create_app(
+    service: UseCases, *, token: str, max_body_bytes: int, gate: object | None = None
+) -> web.Application:
     """The API application around ``service``; the caller binds it to 127.0.0.1.
 
     ``token`` guards every route but health and openapi.json (see the module docstring); ``max_body_bytes`` caps request
@@ -322,6 +333,8 @@ def create_app(service: UseCases, *, token: str, max_body_bytes: int) -> web.App
     app[TOKEN_KEY] = token.encode("utf-8")
     app[MAX_BODY_KEY] = max_body_bytes
     app[OPENAPI_KEY] = json.dumps(openapi(), indent=1).encode()
+    if gate is not None:  # fusenode.node.gc.Gate: operations wait while a gc runs
+        app[GATE_KEY] = gate
     for op in OPERATIONS:
         handler = _SPECIAL.get(op.name) or _handler(op)
         # allow_head=False: the routes are exactly those of openapi.json.

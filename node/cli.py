@@ -325,6 +325,36 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- disk: rm, gc -----------------------------------------------------------------------------
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    return _show(args, _node(args).rm(args.cid), _print_rm)
+
+
+def _print_rm(reply: dict[str, Any]) -> None:
+    released = sum(reply["released"].values())
+    print(
+        f"removed {reply['cid']}: {released} hold(s) released on {len(reply['released'])} "
+        f"peer(s), {reply['local']} here; blocks are reclaimed at the next gc"
+    )
+    for peer, why in reply["pending"].items():
+        print(f"  {peer}: not released yet ({why}); asked again when it answers")
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    return _show(args, _node(args).gc(), _print_gc)
+
+
+def _print_gc(r: dict[str, Any]) -> None:
+    mib = 2**20
+    print(
+        f"removed {r['removed_blocks']} block(s), {r['removed_bytes'] / mib:.1f} MiB in "
+        f"{r['seconds']:.2f} s; blockstore {r['blockstore_before'] / mib:.1f} -> "
+        f"{r['blockstore_after'] / mib:.1f} MiB, pinned {r['pinned_after'] / mib:.1f} MiB"
+    )
+
+
 # -- optimize, jobs, share, info --------------------------------------------------------------
 
 
@@ -640,6 +670,21 @@ def build_parser() -> argparse.ArgumentParser:
         json_flag=True,
     )
     _command(sub, "repair", cmd_repair, "run a repair pass now (needs a running daemon)")
+    _command(
+        sub,
+        "rm",
+        cmd_rm,
+        "delete a model this node placed (its holders release it; gc reclaims the disk)",
+        json_flag=True,
+        cid=True,
+    )
+    _command(
+        sub,
+        "gc",
+        cmd_gc,
+        "delete the blocks no pin of this node reaches (fetched blocks, released data)",
+        json_flag=True,
+    )
 
     op = _command(
         sub, "optimize", cmd_optimize, "fuse a stored model by CID and republish it", cid=True

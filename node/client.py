@@ -71,11 +71,12 @@ class DaemonClient:
     exits with the same code through a daemon as without one.
 
     ``timeout`` (seconds) bounds each wait on the socket for the quick calls. ``put``,
-    ``get`` and ``verify`` move whole files and answer only when done, so they wait as long
-    as they take unless given their own ``timeout`` (the user can interrupt).
+    ``get`` and ``verify`` move whole files and answer only when done, ``gc`` waits for a
+    quiet moment and ``rm`` for its holders, so they wait as long as they take unless given
+    their own ``timeout`` (the user can interrupt).
     """
 
-    _LONG = frozenset({"put", "get", "verify"})
+    _LONG = frozenset({"put", "get", "verify", "gc", "rm"})
 
     def __init__(self, base_url: str, token: str | None, timeout: float) -> None:
         parts = urllib.parse.urlsplit(base_url)

@@ -50,6 +50,8 @@ class StorageSection:
     hedge_after: float = defaults.HEDGE_AFTER
     capacity: int | None = None  # None: "auto" (fusenode.node.holder)
     peer_quota: int | None = None
+    gc_interval: float = defaults.GC_INTERVAL
+    lease_days: float = defaults.LEASE_DAYS
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config: [storage] segment_size {s.segment_size} out of range")
     if s.fetch_timeout <= 0 or s.hedge_after <= 0:
         raise ConfigError("config: [storage] fetch_timeout and hedge_after must be positive")
+    if s.gc_interval < 0:
+        raise ConfigError("config: [storage] gc_interval cannot be negative (0: off)")
+    if not s.lease_days > 0:
+        raise ConfigError("config: [storage] lease_days must be positive")
     for what, value in (
         ("[placement] pin_timeout", config.placement.pin_timeout),
         ("[repair] interval", config.repair.interval),

@@ -6,7 +6,7 @@ process, until SIGINT or SIGTERM.
 process) -> serve the peer API on a private loopback port and expose it over libp2p -> serve
 the local API -> write REPO/api.token (0600, kept across restarts) and REPO/api.json (how
 clients find us) -> print peer ID, swarm multiaddr and API URL -> join bootstrap peers
-(retried until they answer) -> repair, audit, keep-connected and optimizer loops. Shutdown reverses
+(retried until they answer) -> repair, audit, keep-connected, optimizer, lease and gc loops. Shutdown reverses
 it and removes api.json, so a stale file never points at a dead daemon for long (clients
 also check the pid).
 """
@@ -34,6 +34,7 @@ from fusenode.node.config import swarm_settings
 from fusenode.node.context import NodeContext
 from fusenode.node.domains import domain_function
 from fusenode.node.holder import Holder, Limits
+from fusenode.node.leases import Leases
 from fusenode.node.monitor import AddressPolicy, PeerMonitor
 from fusenode.node.network import PeerNetwork
 from fusenode.node.optimizer import Announcer, Optimizer
@@ -59,6 +60,7 @@ class Components:
     auditor: Auditor
     optimizer: Optimizer
     client: PeerClient
+    leases: Leases
 
 
 def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components:
@@ -72,7 +74,7 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     identity = kubo.identity()
     ctx = NodeContext(identity.peer_id, blocks, state, repo.files.tmp)
     key = load_private_key(repo.files.kubo)
-    client = PeerClient(transport, key)
+    client = PeerClient(transport, key, ctx.gate)
     addresses = AddressPolicy(swarm.loopback, config.network.deny)
     unreachable_after = config.repair.unreachable_after
     monitor = PeerMonitor(ctx, client, unreachable_after=unreachable_after, addresses=addresses)
@@ -97,8 +99,9 @@ def wire(repo: Repo, kubo: KuboNode, state: State, bridge: Bridge) -> Components
     auditor.run = metrics.instrument("audit", auditor.run)  # type: ignore[method-assign]
     service.auditor = auditor
     kubo.on_restart(metrics.kubo_restarted)
+    leases = Leases(ctx, client, holder, lease_days=config.storage.lease_days)
     return Components(
-        service, holder, monitor, service.repairer, auditor, service.optimizer, client
+        service, holder, monitor, service.repairer, auditor, service.optimizer, client, leases
     )
 
 
@@ -174,14 +177,15 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         if legacy := await parts.holder.account_legacy_holds():
             log.info("accounted %d holds recorded before quotas", legacy)
         peer_port = free_loopback_port()
-        peer_app = create_peer_app(parts.holder, config.network.accept_from)
+        gate = service.collector.ctx.gate
+        peer_app = create_peer_app(parts.holder, config.network.accept_from, gate=gate)
         runners.append(await _serve(peer_app, "127.0.0.1", peer_port))
         await service.blocks.bridge.run(
             kubo.transport.p2p_listen, PROTOCOL, f"/ip4/127.0.0.1/tcp/{peer_port}"
         )
 
         token = load_or_create_token(repo)
-        app = create_app(service, token=token, max_body_bytes=config.api.max_body_bytes)
+        app = create_app(service, token=token, max_body_bytes=config.api.max_body_bytes, gate=gate)
         api_port = config.api.port
         try:
             runners.append(await _serve(app, config.api.host, api_port))
@@ -210,6 +214,9 @@ async def run_daemon(repo: Repo, bootstrap: list[str]) -> int:
         tasks.append(asyncio.create_task(parts.monitor.keep_connected(stop)))
         tasks.append(asyncio.create_task(parts.optimizer.run_forever(stop)))
         tasks.append(asyncio.create_task(parts.optimizer.listen(stop)))
+        tasks.append(asyncio.create_task(parts.leases.run_forever(stop)))
+        gc_every = config.storage.gc_interval
+        tasks.append(asyncio.create_task(service.collector.run_forever(stop, gc_every)))
         await stop.wait()
         print("stopping", flush=True)
         return 0

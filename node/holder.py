@@ -15,6 +15,12 @@ own holds (its models, owner = itself) count against neither.
 
 Nothing a peer sends here makes this node fetch anything from the network: a store carries its
 bytes, and the rest are lookups in the state database or the local blockstore.
+
+Leases (``[storage] lease_days``, as Tahoe-LAFS's): a hold for another node lasts while its
+owner renews it (``/peer/v1/renew``, `renew_for`); `expire` releases the holds not renewed
+for a lease. Only the owner recorded at store time may release a hold early
+(``/peer/v1/release``, `release_for`: `NotOwner` for anyone else). Released blocks stay on
+disk until the next garbage collection (`fusenode.node.gc`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from fusenode.node.protocol import (
     MAX_STORES_IN_FLIGHT,
     BadPeerRequest,
     Health,
+    NotOwner,
     OverCapacity,
     PeerList,
     Receipt,
@@ -223,3 +230,30 @@ class Holder:
                 await self.blocks.unpin(cid)
             released.append(cid)
         return released
+
+    async def release_for(self, owner: str, cids: list[str]) -> list[str]:
+        """``owner``'s release of its holds (``fusenode rm``): refused as a whole
+        (`NotOwner`) when it names a CID held here only for other nodes; CIDs not held here
+        at all are already released (the request is idempotent)."""
+        owners = self.state.owners(cids)
+        foreign = sorted(c for c, who in owners.items() if owner not in who)
+        if foreign:
+            raise NotOwner(
+                f"{len(foreign)} of the CIDs named ({foreign[0]}, ...) were not placed here "
+                f"by {owner}: only the node that placed them may release them"
+            )
+        return await self.unpin_for(owner, cids)
+
+    def renew_for(self, owner: str, cids: list[str]) -> list[str]:
+        """Renew ``owner``'s leases on those of ``cids`` it holds here; which ones (the
+        owner learns from the others that this node no longer holds them)."""
+        return sorted(self.state.renew(owner, cids))
+
+    async def expire(self, lease_seconds: float) -> int:
+        """Release every hold for another node whose lease was not renewed for
+        ``lease_seconds``; how many holds went."""
+        expired = self.state.expired(lease_seconds, besides=self.peer_id)
+        for cid, owner in expired:
+            if self.state.release(cid, owner):
+                await self.blocks.unpin(cid)
+        return len(expired)

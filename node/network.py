@@ -21,7 +21,7 @@ from fusenode.node.blockread import read_file
 from fusenode.node.context import NodeContext
 from fusenode.node.monitor import PeerMonitor
 from fusenode.node.placement import Placed, Placer
-from fusenode.node.protocol import PeerError
+from fusenode.node.protocol import PeerError, PeerUnreachable
 
 __all__ = ["Announcer", "Network", "Offline", "PeerNetwork"]
 
@@ -58,6 +58,10 @@ class Network(Protocol):
     async def announce(self, cid: str, kind: str, encrypted: bool) -> None: ...
 
     async def report(self) -> list[dict[str, Any]]: ...
+
+    async def release(self, peer: str, cids: list[str]) -> set[str]:
+        """Ask ``peer`` to drop this node's holds of ``cids`` (`PeerError` when it cannot)."""
+        ...
 
 
 class PeerNetwork:
@@ -115,6 +119,9 @@ class PeerNetwork:
     async def report(self) -> list[dict[str, Any]]:
         return await self.monitor.report()
 
+    async def release(self, peer: str, cids: list[str]) -> set[str]:
+        return await self.client.release(peer, cids)
+
 
 class Offline:
     networked = False
@@ -147,3 +154,6 @@ class Offline:
 
     async def report(self) -> list[dict[str, Any]]:
         return []
+
+    async def release(self, peer: str, cids: list[str]) -> set[str]:
+        raise PeerUnreachable(f"no daemon runs here: peer {peer} is asked when one does")

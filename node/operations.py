@@ -460,6 +460,38 @@ VERIFY_RESULT = Object(
     closed=False,
 )
 
+GC_REPORT = Object(
+    {
+        "started": Field(_TEXT, description="when it started (UTC)"),
+        "seconds": Field(Free(("number",)), description="how long it took"),
+        "removed_blocks": Field(_COUNT),
+        "removed_bytes": Field(_COUNT),
+        "blockstore_before": Field(_COUNT, description="bytes of every block file"),
+        "blockstore_after": Field(_COUNT),
+        "pinned_before": Field(_COUNT, description="bytes of the blocks the pins reach"),
+        "pinned_after": Field(_COUNT),
+    },
+    name="GcReport",
+    closed=False,
+)
+RM_RESULT = Object(
+    {
+        "cid": Field(_TEXT),
+        "released": Field(
+            Object(extra=_COUNT, closed=False),
+            description="peer ID -> holds it released now (fragments and the manifest)",
+        ),
+        "pending": Field(
+            Object(extra=_TEXT, closed=False),
+            description="peer ID -> why it could not be asked now (asked again when it "
+            "answers; its lease runs out anyway)",
+        ),
+        "local": Field(_COUNT, description="holds this node released itself"),
+    },
+    name="RmResult",
+    closed=False,
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "health",
@@ -565,6 +597,22 @@ OPERATIONS: tuple[Operation, ...] = (
             },
             name="ShareRequest",
         ),
+    ),
+    Operation(
+        "rm",
+        "POST",
+        "/rm",
+        "Delete a model this node placed: its holders release it (blocks go at the next gc)",
+        RM_RESULT,
+        body=Object(_CID_ONLY, name="RmRequest"),
+    ),
+    Operation(
+        "gc",
+        "POST",
+        "/gc",
+        "Delete every block of the blockstore this node's pins do not reach",
+        GC_REPORT,
+        body=Object({}, name="GcRequest", description="no options; the body may be absent"),
     ),
     Operation(
         "info",

@@ -16,7 +16,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout, TCPConnector
 from yarl import URL
@@ -43,6 +43,9 @@ from fusenode.node.protocol import (
     Receipt,
 )
 from fusenode.system import free_loopback_port
+
+if TYPE_CHECKING:
+    from fusenode.node.gc import Gate
 
 __all__ = ["PeerClient", "SignedReceipt"]
 
@@ -91,9 +94,10 @@ class _Reply:
 class PeerClient:
     """Calls other daemons' peer APIs, signed with this node's libp2p key."""
 
-    def __init__(self, transport: AsyncTransport, key: PeerKey) -> None:
+    def __init__(self, transport: AsyncTransport, key: PeerKey, gate: Gate | None = None) -> None:
         self.transport = transport
         self.key = key
+        self.gate = gate  # the node's: no call starts while a garbage collection runs
         self._ports: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._session: ClientSession | None = None
@@ -116,6 +120,15 @@ class PeerClient:
 
     async def unpin(self, peer_id: str, cids: list[str]) -> set[str]:
         return await self._cid_lists(peer_id, protocol.UNPIN, cids, "released")
+
+    async def release(self, peer_id: str, cids: list[str]) -> set[str]:
+        """Ask ``peer_id`` to drop our holds of ``cids`` (refused for a CID we did not place
+        there); which ones it released."""
+        return await self._cid_lists(peer_id, protocol.RELEASE, cids, "released")
+
+    async def renew(self, peer_id: str, cids: list[str]) -> set[str]:
+        """Renew our leases on ``cids`` at ``peer_id``; which ones it holds for us."""
+        return await self._cid_lists(peer_id, protocol.RENEW, cids, "renewed")
 
     async def _cid_lists(self, peer_id: str, path: str, cids: list[str], key: str) -> set[str]:
         """POST ``cids`` in requests of at most `protocol.MAX_CIDS`; the union of the replies'
@@ -194,6 +207,12 @@ class PeerClient:
         return self._checked(peer_id, path, await self._retrying(peer_id, request, attempts))
 
     async def _retrying(self, peer_id: str, request: _Request, attempts: int) -> _Reply:
+        if self.gate is None:
+            return await self._attempts(peer_id, request, attempts)
+        async with self.gate.op():
+            return await self._attempts(peer_id, request, attempts)
+
+    async def _attempts(self, peer_id: str, request: _Request, attempts: int) -> _Reply:
         for attempt in range(attempts):
             try:
                 return await self._call_once(peer_id, request)

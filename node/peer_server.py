@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -53,6 +53,9 @@ from fusenode.node.protocol import (
 )
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from fusenode.node.gc import Gate
 
 __all__ = ["PeerHandler", "create_peer_app"]
 
@@ -84,6 +87,12 @@ class PeerHandler(Protocol):
     def held(self, cids: list[str]) -> set[str]: ...
 
     async def unpin_for(self, owner: str, cids: list[str]) -> list[str]: ...
+
+    async def release_for(self, owner: str, cids: list[str]) -> list[str]:
+        """Raise `protocol.NotOwner` when ``cids`` name a hold of another node."""
+        ...
+
+    def renew_for(self, owner: str, cids: list[str]) -> list[str]: ...
 
     def admit(self, owner: str, cid: str, size: int) -> None:
         """Raise `protocol.OverCapacity` unless ``owner`` may store ``cid`` (``size`` bytes)."""
@@ -127,9 +136,13 @@ async def _read_body(request: web.Request) -> bytes:
 
 
 def create_peer_app(
-    node: PeerHandler, accept_from: tuple[str, ...], nonces: NonceCache | None = None
+    node: PeerHandler,
+    accept_from: tuple[str, ...],
+    nonces: NonceCache | None = None,
+    gate: Gate | None = None,
 ) -> web.Application:
-    """The peer API of ``node``; ``accept_from`` is ``[network] accept_from``."""
+    """The peer API of ``node``; ``accept_from`` is ``[network] accept_from``; ``gate``: the
+    node's (a request waits while a garbage collection runs)."""
     nonces = nonces or NonceCache()
 
     def signed_reply(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
@@ -185,7 +198,11 @@ def create_peer_app(
         request[SIGNED] = signed  # type: ignore[index]
         request[LENGTH] = length or 0  # type: ignore[index]
         try:
-            resp = await handler(request)
+            if gate is None:
+                resp = await handler(request)
+            else:
+                async with gate.op():
+                    resp = await handler(request)
         except web.HTTPException as e:
             return refuse(request, e.status, type(e).__name__, e.reason)
         except Error as e:
@@ -217,6 +234,14 @@ def create_peer_app(
     async def unpin(request: web.Request) -> web.Response:
         released = await node.unpin_for(request[REQUESTER], await cids_of(request))  # type: ignore[index]
         return web.json_response(CidList(tuple(released)).body("released"))
+
+    async def release(request: web.Request) -> web.Response:
+        released = await node.release_for(request[REQUESTER], await cids_of(request))  # type: ignore[index]
+        return web.json_response(CidList(tuple(released)).body("released"))
+
+    async def renew(request: web.Request) -> web.Response:
+        renewed = node.renew_for(request[REQUESTER], await cids_of(request))  # type: ignore[index]
+        return web.json_response(CidList(tuple(renewed)).body("renewed"))
 
     async def store(request: web.Request) -> web.Response:
         expected = query_cid(request)
@@ -250,6 +275,8 @@ def create_peer_app(
     app.router.add_get(protocol.PEERS, peers)
     app.router.add_post(protocol.HAS, has)
     app.router.add_post(protocol.UNPIN, unpin)
+    app.router.add_post(protocol.RELEASE, release)
+    app.router.add_post(protocol.RENEW, renew)
     app.router.add_post(protocol.STORE, store)
     app.router.add_get(protocol.BLOCK, block)
     return app

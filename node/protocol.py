@@ -23,6 +23,12 @@ Messages (JSON unless said otherwise; every request and reply signed)::
                                              fusenode peers that answered lately (exchange)
     POST /peer/v1/has    CidList {"cids"} -> CidList  {"held": [...]}     which ones held here
     POST /peer/v1/unpin  CidList {"cids"} -> CidList  {"released": [...]} drop caller's holds
+    POST /peer/v1/release CidList {"cids"} -> CidList {"released": [...]} drop the caller's
+                                             holds (``fusenode rm``); 403 when it names a
+                                             CID held here only for another node: only the
+                                             owner recorded at store time may release it
+    POST /peer/v1/renew  CidList {"cids"} -> CidList  {"renewed": [...]}  renew the caller's
+                                             leases on them (those it holds here)
     POST /peer/v1/store?cid=CID  raw bytes -> Receipt {"cid", "size", "time"}  add + pin +
                                              hold, within the caller's quota and the node's
                                              capacity (507 when over); refused unless the
@@ -32,7 +38,8 @@ Messages (JSON unless said otherwise; every request and reply signed)::
                                              and bounded manifest fetches read through it
     errors: any status >= 400 with {"error": {"type", "message"}}; the status is the error
             class's own (`fusenode.errors`), 401 for a bad signature or a replay (unsigned:
-            the requester is not known), 403 for a peer not accepted, 400 for a malformed
+            the requester is not known), 403 for a peer not accepted (or not the owner of
+            what it releases), 400 for a malformed
             request, 408 a store too slow, 411 without Content-Length, 413 over the route's
             limit, 415 a compressed body, 507 over capacity, quota or stores in flight
 
@@ -72,6 +79,10 @@ PEERS: Final = "/peer/v1/peers"
 HAS: Final = "/peer/v1/has"
 #: Drop the caller's holds.
 UNPIN: Final = "/peer/v1/unpin"
+#: Drop the caller's holds, refused for a CID held only for others (fusenode rm).
+RELEASE: Final = "/peer/v1/release"
+#: Renew the caller's leases on its holds (batched per holder).
+RENEW: Final = "/peer/v1/renew"
 #: Hold these bytes (the receipt is the signed reply).
 STORE: Final = "/peer/v1/store"
 #: One block of the callee's own blockstore (audits, bounded manifest reads).
@@ -90,7 +101,7 @@ MAX_STORES_IN_FLIGHT: Final = 8
 #: Largest reply read from a peer: JSON answers, and a block.
 MAX_REPLY: Final = defaults.PEER_MAX_BODY
 MAX_BLOCK_REPLY: Final = MAX_BLOCK_SIZE
-#: CIDs one /has or /unpin may name.
+#: CIDs one /has, /unpin, /release or /renew may name.
 MAX_CIDS: Final = 4096
 #: Request bytes each route reads at most (after the signed headers were checked).
 BODY_LIMITS: Final = {
@@ -99,6 +110,8 @@ BODY_LIMITS: Final = {
     ("GET", BLOCK): 0,
     ("POST", HAS): MAX_BODY,
     ("POST", UNPIN): MAX_BODY,
+    ("POST", RELEASE): MAX_BODY,
+    ("POST", RENEW): MAX_BODY,
     ("POST", STORE): MAX_FRAGMENT,
 }
 
@@ -127,6 +140,10 @@ class OverCapacity(NodeError, http_status=507):
     """This node will not hold more for that peer: over its capacity or the peer's quota."""
 
 
+class NotOwner(NodeError, http_status=403):
+    """A peer asked to release what another node placed here (only its owner may)."""
+
+
 class PeerOverCapacity(PeerRefused):
     """A peer refused to hold more for us (507): place it on another node."""
 
@@ -146,7 +163,7 @@ def _object(data: bytes | dict[str, Any], what: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class CidList:
     """A list of CIDs under one key: requests use ``cids``; replies ``pinned``, ``held``,
-    ``released``."""
+    ``released``, ``renewed``."""
 
     cids: tuple[str, ...]
 

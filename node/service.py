@@ -1,5 +1,5 @@
-"""The node's use cases: put, get, status, share, info, optimize (and identity, peers, jobs,
-repair). The daemon's HTTP API and the CLI without a daemon call these same methods, so each
+"""The node's use cases: put, get, status, share, info, optimize, rm, gc (and identity, peers,
+jobs, repair). The daemon's HTTP API and the CLI without a daemon call these same methods, so each
 default and each policy is decided here once:
 
 - k and n: the request's, else ``[storage] k/n`` of the repo's config;
@@ -23,7 +23,7 @@ import functools
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -37,6 +37,7 @@ from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError, PlacementError
 from fusenode.node.holder import Limits, offered
 from fusenode.node.metrics import Metrics
+from fusenode.node.gc import GarbageCollector
 from fusenode.node.network import Network
 from fusenode.node.protocol import PeerError, PeerOverCapacity
 from fusenode.node.repo import Repo, read_identities
@@ -90,6 +91,7 @@ class NodeService:
         self.metrics = Metrics()
         self._usage: tuple[float, tuple[int, int]] | None = None  # (when, storage_usage)
         self.limits = Limits(self.config.storage.capacity, self.config.storage.peer_quota)
+        self.collector = GarbageCollector(ctx)
         # The daemon's own components, wired by the daemon (None in a command without one).
         self.optimizer: Optimizer | None = None
         self.repairer: Repairer | None = None
@@ -584,6 +586,66 @@ class NodeService:
         summary = await repairer.run()
         summary["audit"] = audit
         return summary
+
+    # -- disk: rm and gc -----------------------------------------------------------------------
+    async def rm(self, cid: str) -> dict[str, Any]:
+        """Delete a model this node placed: every holder is asked to release its fragments and
+        its copy of the manifest (``/peer/v1/release``: only this node may), this node
+        releases its own, and the model is forgotten (repair and leases stop at once). A
+        holder that does not answer now is asked again whenever it answers (the ``surplus``
+        rule of repair); its lease runs out anyway. Blocks go at the next gc."""
+        validate_cid(cid)
+        if self.state.model(cid) is None:
+            raise NotFoundError(
+                f"{cid} is not a model this node placed: only the node that placed a model "
+                "can delete it"
+            )
+        placements = self.state.placements(cid)
+        # A fragment another model of ours placed on the same peer (a public file put twice)
+        # stays: it still counts there.
+        still = {(p.cid, p.peer) for p in self.state.placements() if p.manifest != cid}
+        by_peer: dict[str, list[str]] = defaultdict(list)
+        for p in placements:
+            if (p.cid, p.peer) not in still:
+                by_peer[p.peer].append(p.cid)
+        for peer in {p.peer for p in placements}:
+            by_peer[peer].append(cid)  # every holder got a copy of the manifest
+        own = by_peer.pop(self.peer_id, [cid])
+        self.state.forget_model(cid)
+        released: dict[str, int] = {}
+        pending: dict[str, str] = {}
+
+        async def ask(peer: str, cids: list[str]) -> None:
+            try:
+                released[peer] = len(await self.network.release(peer, cids))
+            except PeerError as e:
+                for c in cids:
+                    self.state.add_surplus(cid, c, peer)
+                pending[peer] = str(e)
+
+        await asyncio.gather(*(ask(peer, cids) for peer, cids in sorted(by_peer.items())))
+        local = 0
+        for c in dict.fromkeys([*own, cid]):
+            if not self.state.holds(c, self.peer_id):
+                continue
+            if self.state.release(c, self.peer_id):
+                await self.blocks.unpin(c)
+            local += 1
+        return {
+            "cid": cid,
+            "released": dict(sorted(released.items())),
+            "pending": dict(sorted(pending.items())),
+            "local": local,
+        }
+
+    async def gc(self) -> dict[str, Any]:
+        """Delete every block of the blockstore this node's pins do not reach
+        (`fusenode.node.gc`)."""
+        return (await self.collector.run("cli")).to_dict()
+
+    async def disk_usage(self) -> tuple[int, int]:
+        """(blockstore bytes, pinned bytes) of this node's Kubo repo, for the status summary."""
+        return await self.collector.usage()
 
 
 def describe(cid: str, manifest: Manifest, identities: list[age.KeyIdentity]) -> dict[str, Any]:

