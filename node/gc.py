@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,9 +118,19 @@ class Gate:
 
 
 class GarbageCollector:
-    def __init__(self, ctx: NodeContext, *, wait: float = defaults.GC_QUIET_WAIT) -> None:
+    """Runs gc passes. ``on_run(seconds, report, error)`` hears of each pass, done or failed
+    (the node's metrics and its cached disk usage)."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        *,
+        wait: float = defaults.GC_QUIET_WAIT,
+        on_run: Callable[[float, GcReport | None, str | None], None] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.wait = wait
+        self.on_run = on_run
         self._lock = asyncio.Lock()
 
     def roots(self) -> set[str]:
@@ -136,6 +146,18 @@ class GarbageCollector:
 
     async def run(self, trigger: str = "cli") -> GcReport:
         """One garbage collection (see the module docstring); recorded in the state."""
+        t0 = time.monotonic()
+        try:
+            report = await self._run(trigger)
+        except Exception as e:
+            if self.on_run is not None:
+                self.on_run(time.monotonic() - t0, None, f"{type(e).__name__}: {e}")
+            raise
+        if self.on_run is not None:
+            self.on_run(report.seconds, report, None)
+        return report
+
+    async def _run(self, trigger: str) -> GcReport:
         blocks = self.ctx.blocks
         async with self._lock, self.ctx.gate.exclusive(self.wait):
             started, t0 = now_iso(), time.monotonic()

@@ -16,8 +16,6 @@ counts fewer than k.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable
@@ -26,48 +24,7 @@ from typing import Any
 
 from fusenode.node.state import Placement, State
 
-__all__ = ["blockstore_bytes", "held_for_others", "models", "storage_usage"]
-
-
-def blockstore_bytes(kubo_dir: Path) -> int:
-    """Bytes of the block files of the Kubo repo's flatfs blockstore (``kubo/blocks``)."""
-    total = 0
-    root = Path(kubo_dir) / "blocks"
-    try:
-        shards = list(os.scandir(root))
-    except FileNotFoundError:
-        return 0
-    for shard in shards:
-        if not shard.is_dir(follow_symlinks=False):
-            continue
-        with os.scandir(shard.path) as files:
-            for f in files:
-                if f.name.endswith(".data"):
-                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile (gc)
-                        total += f.stat(follow_symlinks=False).st_size
-    return total
-
-
-def pinned_bytes(state: State, peer_id: str) -> int:
-    """Bytes this node's pins keep, from what the state records: the bytes held for others,
-    plus this node's share of its own models (their fragment bytes, in proportion to the
-    fragments placed here). Manifests are not counted (a few KiB each)."""
-    total = state.held_bytes(besides=peer_id)
-    info = state.model_info()
-    mine: dict[str, int] = defaultdict(int)
-    for p in state.placements():
-        if p.peer == peer_id:
-            mine[p.manifest] += 1
-    for cid, _k, n, segments, _placement, _created in state.models():
-        stored = info.get(cid, {}).get("stored")
-        if stored and mine.get(cid):
-            total += stored * mine[cid] // max(1, segments * n)
-    return total
-
-
-def storage_usage(kubo_dir: Path, state: State, peer_id: str) -> tuple[int, int]:
-    """(blockstore bytes, pinned bytes): the one place both come from (gc may give its own)."""
-    return blockstore_bytes(kubo_dir), pinned_bytes(state, peer_id)
+__all__ = ["disk", "held_for_others", "model_totals", "models"]
 
 
 def disk(path: Path) -> tuple[int, int]:

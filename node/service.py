@@ -35,9 +35,9 @@ from fusenode.node.allocator import Allocator, PutPlan, SegmentAllocation
 from fusenode.node.auditor import Auditor, distrusted
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import NodeError, NotFoundError, PlacementError
+from fusenode.node.gc import GarbageCollector, GcReport
 from fusenode.node.holder import Limits, offered
 from fusenode.node.metrics import Metrics
-from fusenode.node.gc import GarbageCollector
 from fusenode.node.network import Network
 from fusenode.node.protocol import PeerError, PeerOverCapacity
 from fusenode.node.repo import Repo, read_identities
@@ -91,7 +91,7 @@ class NodeService:
         self.metrics = Metrics()
         self._usage: tuple[float, tuple[int, int]] | None = None  # (when, storage_usage)
         self.limits = Limits(self.config.storage.capacity, self.config.storage.peer_quota)
-        self.collector = GarbageCollector(ctx)
+        self.collector = GarbageCollector(ctx, on_run=self._gc_ran)
         # The daemon's own components, wired by the daemon (None in a command without one).
         self.optimizer: Optimizer | None = None
         self.repairer: Repairer | None = None
@@ -491,14 +491,25 @@ class NodeService:
         each time. `forget_usage` (after a gc) makes the next call walk again."""
         now = time.monotonic()
         if self._usage is None or now - self._usage[0] > defaults.USAGE_MAX_AGE:
-            usage = await asyncio.to_thread(
-                observe.storage_usage, self.repo.files.kubo, self.state, self.peer_id
-            )
-            self._usage = (now, usage)
+            self._usage = (now, await self.collector.usage())
         return self._usage[1]
 
     def forget_usage(self) -> None:
         self._usage = None
+
+    def _gc_ran(self, seconds: float, report: GcReport | None, error: str | None) -> None:
+        """Each gc pass, the API's or the daemon's own: counted, and the disk walked anew."""
+        if report is None:
+            self.metrics.record_gc(seconds, 0, error=error)
+            return
+        self.metrics.record_gc(
+            seconds,
+            report.removed_bytes,
+            removed_blocks=report.removed_blocks,
+            blockstore_after=report.blockstore_after,
+            pinned_after=report.pinned_after,
+        )
+        self.forget_usage()
 
     async def metrics_text(self) -> bytes:
         """The Prometheus exposition, its levels read now."""
@@ -642,10 +653,6 @@ class NodeService:
         """Delete every block of the blockstore this node's pins do not reach
         (`fusenode.node.gc`)."""
         return (await self.collector.run("cli")).to_dict()
-
-    async def disk_usage(self) -> tuple[int, int]:
-        """(blockstore bytes, pinned bytes) of this node's Kubo repo, for the status summary."""
-        return await self.collector.usage()
 
 
 def describe(cid: str, manifest: Manifest, identities: list[age.KeyIdentity]) -> dict[str, Any]:

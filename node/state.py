@@ -467,13 +467,11 @@ class State:
                 )
                 self._db.execute("DELETE FROM placements WHERE manifest = ?", (cid,))
                 self._db.execute("DELETE FROM models WHERE cid = ?", (cid,))
+                self._db.execute("DELETE FROM meta WHERE key = ?", (self._INFO_KEY + cid,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-
-    def models(self) -> list[str]:
-        return [r[0] for r in self._run("SELECT cid FROM models ORDER BY created")]
 
     # -- garbage collection ------------------------------------------------------------------
     def record_gc(self, trigger: str, report: dict) -> None:

@@ -15,14 +15,12 @@ import json
 import os
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fusenode import defaults
-from tests.support.cli import assert_ok
+from tests.support.cli import assert_ok, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +48,6 @@ def wait_for(check, timeout: float, every: float = 0.5):
 
 def cli_json(net, i: int, *args: str):
     return json.loads(assert_ok(net.cli(i, *args, "--json")).stdout)
-
-
-def scrape(net, i: int) -> dict[tuple[str, tuple], float]:
-    """GET /metrics without the token, parsed: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(net.nodes[i].api_url + "/metrics", timeout=30) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from fusenode.defaults import MIN_HOLD_BYTES
 from fusenode.storage.kubo import flatfs_path
 from tests.support.attacker import Attacker
-from tests.support.cli import assert_ok, clean_env
+from tests.support.cli import assert_ok, clean_env, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +93,17 @@ def test_gc_after_a_get_brings_the_blockstore_back_to_its_pins(net, stored, tmp_
     assert report["blockstore_after"] == after_gc
     assert report["removed_bytes"] == after_get - after_gc > 4 * MiB
     assert abs(after_gc - report["pinned_after"]) <= 0.01 * report["pinned_after"]
+    # The summary and /metrics count the run, and read the disk again after it; the planned
+    # Kubo restart of the sweep is no crash restart.
+    summary = json.loads(ok(net.cli(3, "status", "--json")).stdout)
+    assert summary["storage"]["blockstore_bytes"] == after_gc
+    assert summary["storage"]["pinned_bytes"] == report["pinned_after"]
+    assert summary["activity"]["gc"]["runs"] == 1
+    assert summary["activity"]["gc"]["last"]["summary"]["freed_bytes"] == report["removed_bytes"]
+    got = scrape(net, 3)
+    assert got[("fusenode_operation_seconds_count", (("operation", "gc"),))] == 1
+    assert got[("fusenode_gc_freed_bytes_total", ())] == report["removed_bytes"]
+    assert got[("fusenode_kubo_restarts_total", ())] == 0
     # What node 3 holds is all still there: its fragments (and the manifest) are pinned.
     mine = held(repo)  # (a manifest is accounted at least MIN_HOLD_BYTES, more than it has)
     assert sum(v for v in mine.values() if v > MIN_HOLD_BYTES) < report["pinned_after"]

@@ -172,8 +172,11 @@ def test_a_version_2_database_is_brought_forward(tmp_path):
     assert s.gc_runs() == [] and s.last_gc() is None and s.gc_total() == 0
     s.record_gc("cli", {"started": "t", "removed_blocks": 3})
     assert s.last_gc() == {"started": "t", "removed_blocks": 3, "trigger": "cli"}
+    s.record_model_info("QmM", {"name": "m.onnx", "size": 10})
+    s.record_model_info("QmOther", {"name": "o.onnx", "size": 20})
     s.forget_model("QmM")
     assert s.model("QmM") is None and s.placements("QmM") == []
+    assert s.model_info() == {"QmOther": {"name": "o.onnx", "size": 20}}  # its name went too
     assert s.owners(["QmOld", "QmM", "QmX"]) == {"QmOld": {"alice"}, "QmM": {"me"}}
     s.close()
 

@@ -12,6 +12,7 @@ from fusenode import defaults
 from fusenode.node.protocol import Health, PeerList, PeerUnreachable
 from fusenode.storage.backend import IpfsBackend, NodeIdentity, validate_cid
 from fusenode.storage.errors import BackendTimeout
+from fusenode.storage.kubo.gc import Usage
 from fusenode.storage.unixfs import file_cid
 
 
@@ -66,6 +67,13 @@ class FakeBackend(IpfsBackend):
 
     def identity(self) -> NodeIdentity:
         return NodeIdentity("12D3KooWFake", ())
+
+    def disk_usage(self, roots) -> Usage:
+        """Like the Kubo backend's (blocks read from its store): every block, and the roots."""
+        stored = sum(len(b) for b in self.blocks.values())
+        reached = {cid for cid in roots if cid in self.blocks}
+        pinned = sum(len(self.blocks[cid]) for cid in reached)
+        return Usage(stored, pinned, len(self.blocks), len(reached))
 
     def close(self) -> None:
         pass
