@@ -194,15 +194,22 @@ def crowded(host_network):
 
 
 def test_two_nodes_on_one_machine_never_hold_one_segment_twice(crowded, tmp_path):
-    src = tmp_path / "m.bin"
-    src.write_bytes(os.urandom(1_500_000))  # 6 segments
+    src = tmp_path / "m.bin"  # 1.5 MB: 6 segments
     everyone = {n.peer_id for n in crowded.nodes}
     assert wait_for(lambda: connected(crowded, 1) >= everyone - {crowded.nodes[1].peer_id}, 30)
-    cid = last_line(crowded.cli(1, "put", str(src), "-k", "4", "-n", "6"))
     same_machine = {crowded.nodes[0].peer_id, crowded.nodes[6].peer_id}
-    used = set()
-    for seg in status(crowded, 1, cid)["segments"]:
-        peers = {f["peer"] for f in seg["fragments"]}
-        assert len(peers) == 6 and not same_machine <= peers, peers
-        used |= peers
+    used: set[str] = set()
+    # A put places on the peers whose daemon answers a health check at that moment (3 s): on
+    # a loaded machine one of the seven may miss it and sit that put out. Every put's every
+    # segment is checked; a second or third put (bounded) is made only if one of the pair
+    # was left out, so that both are seen used.
+    for _ in range(3):
+        src.write_bytes(os.urandom(1_500_000))
+        cid = last_line(crowded.cli(1, "put", str(src), "-k", "4", "-n", "6"))
+        for seg in status(crowded, 1, cid)["segments"]:
+            peers = {f["peer"] for f in seg["fragments"]}
+            assert len(peers) == 6 and not same_machine <= peers, peers
+            used |= peers
+        if same_machine <= used:
+            break
     assert same_machine <= used  # both are used, just never for the same segment
