@@ -58,6 +58,9 @@ BOOTSTRAP_RETRY: Final = 5.0
 #: A peer counts as live in the node's summary, ls and metrics when its daemon answered a check
 #: within this many seconds (the daemon checks every KEEP_CONNECTED_EVERY: three missed).
 LIVE_WINDOW: Final = 3 * KEEP_CONNECTED_EVERY
+#: How long a put waits for peers that answered within LIVE_WINDOW but do not now (their Kubo
+#: restarting after a gc sweep takes a second or two) before it places without them.
+AWAY_WAIT: Final = 10.0
 #: The blockstore's size (a walk of its files) is reused for this many seconds by the summary,
 #: /metrics and the dashboard.
 USAGE_MAX_AGE: Final = 5.0

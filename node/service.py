@@ -296,10 +296,34 @@ class NodeService:
         try:
             first = plan(await self.network.live_peers())
         except PlacementError:
-            return plan(await self.network.discover())
+            return await self._plan_again(plan, await self.network.discover())
         if first.mode == "weak":
-            return plan(await self.network.discover())
+            return await self._plan_again(plan, await self.network.discover())
         return first
+
+    async def _plan_again(
+        self, plan: Callable[[list[str]], PutPlan], live: list[str]
+    ) -> PutPlan:
+        """``plan(live)``, waiting (at most `defaults.AWAY_WAIT` seconds) while peers that
+        answered within `defaults.LIVE_WINDOW` do not answer now and the plan is short of
+        distinct nodes: a peer is away for a second or two while its Kubo restarts after a gc
+        sweep or a crash, and a put must not fail, nor go weak, for that. A network that is
+        simply too small fails at once (no peer was live lately that is not live now)."""
+        deadline = time.monotonic() + defaults.AWAY_WAIT
+        while True:
+            try:
+                result: PutPlan | PlacementError = plan(live)
+            except PlacementError as e:
+                result = e
+            short = isinstance(result, PlacementError) or result.mode == "weak"
+            away = (self._live() or set()) - set(live) - {self.peer_id}
+            if not short or not away or time.monotonic() >= deadline:
+                if isinstance(result, PlacementError):
+                    raise result
+                return result
+            log.info("put: waiting for %d peer(s) briefly away: %s", len(away), sorted(away))
+            await asyncio.sleep(1.0)
+            live = await self.network.live_peers()
 
     # -- get ---------------------------------------------------------------------------------
     async def get(

@@ -228,3 +228,35 @@ def test_a_gc_asked_for_during_a_get_waits_for_it(net, tmp_path):
 
 def net_cli(net, i: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "fusenode.node.cli", *args, "--repo", str(net.nodes[i].repo)]
+
+
+def test_a_put_while_a_holder_sweeps_still_places_on_n_nodes(net, tmp_path):
+    """A gc stops its node's Kubo for a second or two. On a network of exactly n nodes, a put
+    made meanwhile waits for that peer (live a moment ago) instead of failing for want of n
+    distinct nodes; the put is started at several points of the sweep."""
+    for i, delay in enumerate((0.2, 0.6, 1.0)):
+        src = tmp_path / f"p{i}.bin"
+        src.write_bytes(os.urandom(300_000))
+        sweep = subprocess.Popen(
+            net_cli(net, 3, "gc"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+        try:
+            time.sleep(delay)
+            proc = net.cli(0, "put", str(src), "--public")
+        finally:
+            _, err = sweep.communicate(timeout=120)
+        assert sweep.returncode == 0, err
+        cid = ok(proc).stdout.strip().splitlines()[-1]
+        status = json.loads(ok(net.cli(0, "status", cid, "--json")).stdout)
+        for seg in status["segments"]:
+            assert len({f["peer"] for f in seg["fragments"]}) == 4, (delay, seg)
+        [model] = [
+            m
+            for m in json.loads(ok(net.cli(0, "ls", "--json")).stdout)["models"]
+            if m["cid"] == cid
+        ]
+        assert model["placement"] == "distinct", model
