@@ -294,6 +294,8 @@ def _print_ls(listing: dict[str, Any]) -> None:
             f"{m['created'][:19]}Z  {name}"
         )
     print(f"{len(models)} model(s) placed by this node", file=sys.stderr)
+    for sh in listing.get("shares", []):
+        print(f"{sh['cid']}  share of {sh['source']}  {sh['created'][:19]}Z")
     for h in held:
         print(f"held for {h['peer']}: {h['fragments']} CIDs, {_size(h['bytes'])}")
     total = sum(h["bytes"] for h in held)
@@ -340,6 +342,8 @@ def _print_rm(reply: dict[str, Any]) -> None:
     )
     for peer, why in reply["pending"].items():
         print(f"  {peer}: not released yet ({why}); asked again when it answers")
+    for share in reply.get("shares", []):
+        print(f"  removed with it: the share {share}")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -320,6 +320,20 @@ LISTING = Object(
     {
         "models": Field(Array(MODEL), description="models this node placed (it repairs them)"),
         "held": Field(Array(HELD), description="what this node holds for other peers"),
+        "shares": Field(
+            Array(
+                Object(
+                    {
+                        "cid": Field(_TEXT),
+                        "source": Field(_TEXT, description="the model it grants access to"),
+                        "created": Field(_TEXT),
+                    },
+                    name="Share",
+                    closed=False,
+                )
+            ),
+            description="shares this node made (new keys for a model; `rm` deletes one)",
+        ),
     },
     name="Listing",
     closed=False,
@@ -487,6 +501,10 @@ RM_RESULT = Object(
             "answers; its lease runs out anyway)",
         ),
         "local": Field(_COUNT, description="holds this node released itself"),
+        "shares": Field(
+            Array(_TEXT),
+            description="the shares this node made of the model, removed with it",
+        ),
     },
     name="RmResult",
     closed=False,
@@ -602,7 +620,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "rm",
         "POST",
         "/rm",
-        "Delete a model this node placed: its holders release it (blocks go at the next gc)",
+        "Delete a model this node placed, or a share it made: its holders release it "
+        "(blocks go at the next gc)",
         RM_RESULT,
         body=Object(_CID_ONLY, name="RmRequest"),
     ),

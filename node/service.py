@@ -301,9 +301,7 @@ class NodeService:
             return await self._plan_again(plan, await self.network.discover())
         return first
 
-    async def _plan_again(
-        self, plan: Callable[[list[str]], PutPlan], live: list[str]
-    ) -> PutPlan:
+    async def _plan_again(self, plan: Callable[[list[str]], PutPlan], live: list[str]) -> PutPlan:
         """``plan(live)``, waiting (at most `defaults.AWAY_WAIT` seconds) while peers that
         answered within `defaults.LIVE_WINDOW` do not answer now and the plan is short of
         distinct nodes: a peer is away for a second or two while its Kubo restarts after a gc
@@ -446,6 +444,10 @@ class NodeService:
         return {
             "models": observe.models(self.state, self.peer_id, self._live()),
             "held": observe.held_for_others(self.state, self.peer_id),
+            "shares": [
+                {"cid": c, "source": info["source"], "created": info["created"]}
+                for c, info in sorted(self.state.shares().items())
+            ],
         }
 
     async def node_status(self) -> dict[str, Any]:
@@ -557,7 +559,9 @@ class NodeService:
         if new_cid == cid:  # every key already had access: nothing new was written
             return {"cid": cid, "source": cid, "added": 0}
         self.state.hold([new_cid], self.peer_id)
-        await self.network.distribute(await self.network.live_peers(), new_cid, shared.to_bytes())
+        peers = await self.network.live_peers()
+        await self.network.distribute(peers, new_cid, shared.to_bytes())
+        self.state.record_share(new_cid, cid, peers)
         await self.network.announce(new_cid, "shared", True)
         return {"cid": new_cid, "source": cid, "added": len(parsed)}
 
@@ -630,10 +634,13 @@ class NodeService:
         holder that does not answer now is asked again whenever it answers (the ``surplus``
         rule of repair); its lease runs out anyway. Blocks go at the next gc."""
         validate_cid(cid)
+        shares = self.state.shares()
         if self.state.model(cid) is None:
+            if cid in shares:
+                return await self._rm_share(cid, shares[cid])
             raise NotFoundError(
-                f"{cid} is not a model this node placed: only the node that placed a model "
-                "can delete it"
+                f"{cid} is not a model this node placed or shared: only the node that placed "
+                "a model (or made a share of it) can delete it"
             )
         placements = self.state.placements(cid)
         # A fragment another model of ours placed on the same peer (a public file put twice)
@@ -666,11 +673,45 @@ class NodeService:
             if self.state.release(c, self.peer_id):
                 await self.blocks.unpin(c)
             local += 1
+        # The shares this node made of the model name its fragments, now released: they go
+        # too (a share made by another node stops opening; that node removes its manifest).
+        gone = [c for c, info in shares.items() if info["source"] == cid]
+        for share in gone:
+            await self._rm_share(share, shares[share])
         return {
             "cid": cid,
             "released": dict(sorted(released.items())),
             "pending": dict(sorted(pending.items())),
             "local": local,
+            "shares": gone,
+        }
+
+    async def _rm_share(self, cid: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Delete a share this node made: its manifest, copied to ``info["peers"]``, is
+        released there and here; the model's fragments stay (they are the model's)."""
+        self.state.forget_share(cid)
+        released: dict[str, int] = {}
+        pending: dict[str, str] = {}
+
+        async def ask(peer: str) -> None:
+            try:
+                released[peer] = len(await self.network.release(peer, [cid]))
+            except PeerError as e:
+                self.state.add_surplus(cid, cid, peer)  # asked again when it answers
+                pending[peer] = str(e)
+
+        await asyncio.gather(*(ask(p) for p in info["peers"] if p != self.peer_id))
+        local = 0
+        if self.state.holds(cid, self.peer_id):
+            if self.state.release(cid, self.peer_id):
+                await self.blocks.unpin(cid)
+            local = 1
+        return {
+            "cid": cid,
+            "released": dict(sorted(released.items())),
+            "pending": dict(sorted(pending.items())),
+            "local": local,
+            "shares": [],
         }
 
     async def gc(self) -> dict[str, Any]:

@@ -301,6 +301,28 @@ class State:
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", [self._INFO_KEY + cid, json.dumps(info)]
         )
 
+    _SHARE_KEY = "share:"
+
+    def record_share(self, cid: str, source: str, peers: list[str]) -> None:
+        """A manifest this node wrote by ``share`` (new keys for ``source``'s data) and the
+        peers it was copied to: ``fusenode rm`` of either asks them to release it. Kept in
+        ``meta`` under ``share:<cid>``."""
+        info = {"source": source, "peers": sorted(set(peers)), "created": now_iso()}
+        self._run(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [self._SHARE_KEY + cid, json.dumps(info)]
+        )
+
+    def shares(self) -> dict[str, dict]:
+        """cid -> {source, peers, created} of every share this node made and still keeps."""
+        rows = self._run(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            [self._SHARE_KEY, self._SHARE_KEY[:-1] + ";"],
+        )
+        return {key[len(self._SHARE_KEY) :]: json.loads(value) for key, value in rows}
+
+    def forget_share(self, cid: str) -> None:
+        self._run("DELETE FROM meta WHERE key = ?", [self._SHARE_KEY + cid])
+
     def model_info(self) -> dict[str, dict]:
         """cid -> what `record_model_info` kept."""
         rows = self._run(

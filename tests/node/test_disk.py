@@ -22,7 +22,7 @@ import pytest
 from fusenode.defaults import MIN_HOLD_BYTES
 from fusenode.storage.kubo import flatfs_path
 from tests.support.attacker import Attacker
-from tests.support.cli import assert_ok, clean_env, scrape
+from tests.support.cli import Cli, assert_ok, clean_env, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +260,48 @@ def test_a_put_while_a_holder_sweeps_still_places_on_n_nodes(net, tmp_path):
             if m["cid"] == cid
         ]
         assert model["placement"] == "distinct", model
+
+
+def test_rm_of_a_share_and_of_the_model_it_shares(net, tmp_path):
+    """A share (new keys, same fragments) is deleted by the node that made it, on every node
+    it was copied to, and the model stays; deleting the model deletes its shares too."""
+    owner = net.nodes[0].peer_id
+    src = tmp_path / "shared.bin"
+    src.write_bytes(os.urandom(MiB))
+    cid = ok(net.cli(0, "put", str(src))).stdout.strip().splitlines()[-1]
+    key = tmp_path / "friend.txt"
+    friend = Cli().ok("keygen", "-o", key).stdout.strip().splitlines()[-1]
+
+    def share() -> str:
+        return ok(net.cli(0, "share", cid, "--recipient", friend)).stdout.strip().splitlines()[-1]
+
+    first = share()
+    assert all(first in held(net.nodes[i].repo, owner) for i in range(4))
+    reply = json.loads(ok(net.cli(0, "rm", first, "--json")).stdout)
+    assert reply["pending"] == {} and reply["local"] == 1 and reply["shares"] == []
+    assert all(first not in held(net.nodes[i].repo) for i in range(4))
+    ok(
+        net.cli(
+            2,
+            "get",
+            cid,
+            "-o",
+            str(tmp_path / "still.bin"),
+            "--identity",
+            str(net.nodes[0].repo / "identity.txt"),
+        )
+    )
+    assert (tmp_path / "still.bin").read_bytes() == src.read_bytes()
+
+    second = share()
+    listing = json.loads(ok(net.cli(0, "ls", "--json")).stdout)
+    assert [(sh["cid"], sh["source"]) for sh in listing["shares"]] == [(second, cid)]
+    ok(net.cli(1, "get", second, "-o", str(tmp_path / "friend.bin"), "--identity", str(key)))
+    reply = json.loads(ok(net.cli(0, "rm", cid, "--json")).stdout)
+    assert reply["shares"] == [second]
+    assert all(
+        second not in held(net.nodes[i].repo) and cid not in held(net.nodes[i].repo)
+        for i in range(4)
+    )
+    proc = net.cli(0, "rm", second)
+    assert proc.returncode == 4 and "not a model this node placed or shared" in proc.stderr
