@@ -95,6 +95,10 @@ LEASE_DAYS: Final = 30.0
 LEASE_RENEW_FRACTION: Final = 0.25
 #: Renewal and expiry passes run at least this often (seconds), whatever the lease.
 LEASE_PASS_MAX: Final = 6 * 3600.0
+#: A holder says how long its leases last (the renew reply's ``lease_seconds``): an owner
+#: renews there at LEASE_RENEW_FRACTION of it too, but never more often than this (a peer
+#: claiming a tiny lease must not make its owners spin).
+LEASE_PEER_FLOOR: Final = 60.0
 
 # -- the optimizer -------------------------------------------------------------------------------
 #: Largest model an optimizer node accepts, and the limits of its fuse + verify child process

@@ -244,6 +244,9 @@ class Holder:
             )
         return await self.unpin_for(owner, cids)
 
+    #: Set by the node's `fusenode.node.leases.Leases`; told to owners in renew replies.
+    lease_seconds: float | None = None
+
     def renew_for(self, owner: str, cids: list[str]) -> list[str]:
         """Renew ``owner``'s leases on those of ``cids`` it holds here; which ones (the
         owner learns from the others that this node no longer holds them)."""

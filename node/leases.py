@@ -7,6 +7,10 @@ count, and the manifests this node keeps (each holder got a copy at put or share
 those it holds). A fragment its holder says it no longer holds is marked lost: repair
 rebuilds it elsewhere. Copies that no longer count (surplus) are not renewed: they lapse.
 
+A holder's renew reply says how long its leases last (``lease_seconds``): an owner renews a
+holder whose lease is shorter than its own at the same fraction of that lease (no more often
+than `defaults.LEASE_PEER_FLOOR`), so operators need not agree on ``lease_days``.
+
 Holder: the same pass releases the holds for other nodes not renewed for ``lease_days``
 (`fusenode.node.holder.Holder.expire`); their blocks go at the next garbage collection.
 """
@@ -38,16 +42,26 @@ def lease_seconds(lease_days: float) -> float:
 
 class Leases:
     def __init__(
-        self, ctx: NodeContext, client: PeerClient, holder: Holder, *, lease_days: float
+        self, ctx: NodeContext, client: PeerClient, holder: Holder | None, *, lease_days: float
     ) -> None:
         self.peer_id, self.state = ctx.peer_id, ctx.state
         self.client = client
         self.holder = holder
         self.lease = lease_seconds(lease_days)
+        if holder is not None:  # told to owners: they renew in time
+            holder.lease_seconds = self.lease
+        #: Holder -> the lease it said it keeps (its renew reply). A holder whose lease is
+        #: shorter than ours is renewed at the same fraction of its own, no more often than
+        #: `defaults.LEASE_PEER_FLOOR`.
+        self.peer_leases: dict[str, float] = {}
 
     @property
     def interval(self) -> float:
-        return min(self.lease * defaults.LEASE_RENEW_FRACTION, defaults.LEASE_PASS_MAX)
+        own = min(self.lease * defaults.LEASE_RENEW_FRACTION, defaults.LEASE_PASS_MAX)
+        if not self.peer_leases:
+            return own
+        theirs = min(self.peer_leases.values()) * defaults.LEASE_RENEW_FRACTION
+        return min(own, max(theirs, defaults.LEASE_PEER_FLOOR))
 
     def wanted(self) -> dict[str, list[str]]:
         """Peer -> the CIDs this node renews there (its fragments there that count, and the
@@ -68,13 +82,17 @@ class Leases:
 
         async def one(peer: str, cids: list[str]) -> None:
             try:
-                renewed = await self.client.renew(peer, cids)
+                renewed, lease = await self.client.renew(peer, cids)
             except PeerError as e:
                 log.info("lease renewal on %s: %s", peer, e)
                 summary["unanswered"].append(peer)
                 return
             summary["holders"] += 1
             summary["renewed"] += len(renewed)
+            if lease is not None:
+                self.peer_leases[peer] = lease
+            else:
+                self.peer_leases.pop(peer, None)
             for cid in cids:
                 if cid not in renewed and (cid, peer) in fragments:
                     why = "the holder no longer holds it (lease renewal)"

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -126,9 +127,20 @@ class PeerClient:
         there); which ones it released."""
         return await self._cid_lists(peer_id, protocol.RELEASE, cids, "released")
 
-    async def renew(self, peer_id: str, cids: list[str]) -> set[str]:
-        """Renew our leases on ``cids`` at ``peer_id``; which ones it holds for us."""
-        return await self._cid_lists(peer_id, protocol.RENEW, cids, "renewed")
+    async def renew(self, peer_id: str, cids: list[str]) -> tuple[set[str], float | None]:
+        """Renew our leases on ``cids`` at ``peer_id``: which ones it holds for us, and how
+        long its leases last (None when it did not say, or said nonsense)."""
+        renewed: set[str] = set()
+        lease: float | None = None
+        for i in range(0, len(cids), protocol.MAX_CIDS):
+            chunk = CidList(tuple(cids[i : i + protocol.MAX_CIDS])).body()
+            reply = await self.call(peer_id, "POST", protocol.RENEW, chunk)
+            renewed |= set(CidList.parse(reply, "renewed").cids)
+            said = reply.get("lease_seconds") if isinstance(reply, dict) else None
+            number = isinstance(said, int | float) and not isinstance(said, bool)
+            if number and math.isfinite(said) and said > 0:  # type: ignore[arg-type]
+                lease = float(said)  # type: ignore[arg-type]
+        return renewed, lease
 
     async def _cid_lists(self, peer_id: str, path: str, cids: list[str], key: str) -> set[str]:
         """POST ``cids`` in requests of at most `protocol.MAX_CIDS`; the union of the replies'

@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -93,6 +93,10 @@ class PeerHandler(Protocol):
         ...
 
     def renew_for(self, owner: str, cids: list[str]) -> list[str]: ...
+
+    #: How long this node keeps a hold without renewal (told to owners in renew replies, so
+    #: they renew in time); None: not told.
+    lease_seconds: float | None
 
     def admit(self, owner: str, cid: str, size: int) -> None:
         """Raise `protocol.OverCapacity` unless ``owner`` may store ``cid`` (``size`` bytes)."""
@@ -241,7 +245,10 @@ def create_peer_app(
 
     async def renew(request: web.Request) -> web.Response:
         renewed = node.renew_for(request[REQUESTER], await cids_of(request))  # type: ignore[index]
-        return web.json_response(CidList(tuple(renewed)).body("renewed"))
+        body: dict[str, Any] = dict(CidList(tuple(renewed)).body("renewed"))
+        if node.lease_seconds is not None:
+            body["lease_seconds"] = node.lease_seconds
+        return web.json_response(body)
 
     async def store(request: web.Request) -> web.Response:
         expected = query_cid(request)

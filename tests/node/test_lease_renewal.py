@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from fusenode import defaults
 from fusenode.node.context import NodeContext
 from fusenode.node.leases import Leases
 from fusenode.node.protocol import PeerUnreachable
@@ -18,12 +19,13 @@ class FakeClient:
     def __init__(self, holds: dict[str, set[str]], down: set[str]) -> None:
         self.holds, self.down = holds, down
         self.asked: dict[str, list[str]] = {}
+        self.leases: dict[str, float] = {}
 
-    async def renew(self, peer: str, cids: list[str]) -> set[str]:
+    async def renew(self, peer: str, cids: list[str]) -> tuple[set[str], float | None]:
         self.asked[peer] = cids
         if peer in self.down:
             raise PeerUnreachable(f"peer {peer} did not answer")
-        return self.holds.get(peer, set()) & set(cids)
+        return self.holds.get(peer, set()) & set(cids), self.leases.get(peer)
 
 
 def test_renewals_are_batched_per_holder_and_missing_fragments_marked_lost(tmp_path):
@@ -51,4 +53,25 @@ def test_renewals_are_batched_per_holder_and_missing_fragments_marked_lost(tmp_p
     assert lost[("QmG1", "dave")] is None  # no answer is not a "no longer held"
     assert leases.interval == 6 * 3600.0  # passes at least every 6 h
     assert Leases(ctx, client, None, lease_days=0.0002).interval == 0.0002 * 86400 / 4  # type: ignore[arg-type]
+    state.close()
+
+
+def test_a_holder_with_a_shorter_lease_is_renewed_in_time(tmp_path):
+    """Holders say how long they keep a hold; an owner renews a shorter-lease holder at a
+    quarter of that lease, but a peer claiming a tiny lease cannot make it spin."""
+    state = State(tmp_path / "s.db")
+    state.record_model("QmM", 1, 2, 1, "distinct", [(0, 0, "QmF0", "bob"), (0, 1, "QmF1", "carol")])
+    client = FakeClient({"bob": {"QmF0"}, "carol": {"QmF1"}}, down=set())
+    ctx = NodeContext(ME, None, state, tmp_path)  # type: ignore[arg-type]
+    leases = Leases(ctx, client, None, lease_days=30)  # type: ignore[arg-type]
+    assert leases.interval == 6 * 3600.0
+    client.leases = {"bob": 3600.0}  # bob keeps a hold an hour without renewal
+    asyncio.run(leases.renew())
+    assert leases.interval == 900.0
+    client.leases = {"bob": 3600.0, "carol": 1.0}  # carol claims one second
+    asyncio.run(leases.renew())
+    assert leases.interval == defaults.LEASE_PEER_FLOOR == 60.0
+    client.leases = {}  # they stopped saying: our own interval again
+    asyncio.run(leases.renew())
+    assert leases.interval == 6 * 3600.0
     state.close()

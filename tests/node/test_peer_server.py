@@ -41,6 +41,7 @@ class FakeHolder:
 
     peer_id = SELF
     key = SERVER_KEY
+    lease_seconds: float | None = None
 
     def __init__(self, room: int = 10**9) -> None:
         self.holds: set[tuple[str, str]] = set()
@@ -303,6 +304,10 @@ async def test_release_and_renew_act_for_the_signed_requester_only(aiohttp_clien
     headers = _signed(key, "POST", protocol.RENEW, body, "application/json")
     resp = await client.post(protocol.RENEW, data=body, headers=headers)
     assert json.loads(await _checked(resp, headers)) == {"renewed": [a]}
+    holder.lease_seconds = 86400.0  # a holder tells owners how long its leases last
+    headers = _signed(key, "POST", protocol.RENEW, body, "application/json")
+    resp = await client.post(protocol.RENEW, data=body, headers=headers)
+    assert json.loads(await _checked(resp, headers)) == {"renewed": [a], "lease_seconds": 86400.0}
 
     headers = _signed(key, "POST", protocol.RELEASE, body, "application/json")
     resp = await client.post(protocol.RELEASE, data=body, headers=headers)
