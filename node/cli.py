@@ -760,6 +760,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # Output piped into a closed reader (e.g. `| head`): not an error worth a message.
+        # (Before `Exception`: a BrokenPipeError is one.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_UNFORESEEN
     except Exception as e:
         if isinstance(e, Error):
             print(f"fusenode: error: {e}", file=sys.stderr)
@@ -775,10 +780,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusenode: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # Output piped into a closed reader (e.g. `| head`): not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_UNFORESEEN
 
 
 if __name__ == "__main__":

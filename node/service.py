@@ -285,13 +285,22 @@ class NodeService:
         bad = distrusted(self.state)  # holders that failed audits get no new fragments
 
         def plan(live: list[str]) -> PutPlan:
-            return self.allocator.plan(
-                self.peer_id,
-                [p for p in live if p not in bad],
-                n,
-                networked=self.network.networked,
-                allow_weak=self.config.placement.allow_weak,
-            )
+            try:
+                return self.allocator.plan(
+                    self.peer_id,
+                    [p for p in live if p not in bad],
+                    n,
+                    networked=self.network.networked,
+                    allow_weak=self.config.placement.allow_weak,
+                )
+            except PlacementError as e:
+                out = sorted(set(live) & bad)
+                if not out:
+                    raise
+                raise PlacementError(
+                    f"{e}. Left out: {len(out)} live peer(s) distrusted after failed audits "
+                    f"({', '.join(out)})"
+                ) from None
 
         try:
             first = plan(await self.network.live_peers())
@@ -480,6 +489,13 @@ class NodeService:
             activity[operation] = {"runs": runs, "errors": errors}
             if operation in self.metrics.last:
                 activity[operation]["last"] = self.metrics.last[operation]
+        if activity["gc"].get("last") is None and (done := self.state.last_gc()):
+            # No gc since this process started (or no daemon): the last one the state kept.
+            activity["gc"]["last"] = {
+                "time": done.get("started"),
+                "seconds": done.get("seconds"),
+                "summary": {"freed_bytes": done.get("removed_bytes"), **done},
+            }
         uptime = time.time() - self.metrics.started
         return {
             "peer_id": self.peer_id,

@@ -339,5 +339,26 @@ def test_gc_and_rm_without_a_daemon(tmp_path):
     assert on_disk() == first["blockstore_after"]  # rm unpins; the blocks wait for gc
     human = ok(fusenode("gc", "--repo", path)).stdout
     assert human.startswith("removed ") and on_disk() == 4  # Kubo's own root
+    # The summary without a daemon shows the last gc the state kept.
+    summary = json.loads(ok(fusenode("status", "--repo", path, "--json")).stdout)
+    last = summary["activity"]["gc"]["last"]
+    assert last["summary"]["blockstore_after"] == 4 and last["summary"]["freed_bytes"] > 1_500_000
+    assert summary["storage"]["blockstore_bytes"] == 4
     clean_error(fusenode("rm", cid, "--repo", path), "not a model this node placed", 4)
     clean_error(fusenode("rm", "not-a-cid", "--repo", path), "malformed CID", 2)
+
+
+def test_output_into_a_closed_pipe_is_quiet(repo):
+    """`fusenode ls --json | head -1` style: the reader is gone before the output is written:
+    no error message, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusenode.node.cli", "status", "--repo", str(repo), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    proc.stdout.close()  # type: ignore[union-attr]
+    with proc.stderr:  # type: ignore[union-attr]
+        err = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert proc.wait(60) != 0
+    assert "error" not in err.lower() and "Traceback" not in err, err

@@ -226,6 +226,19 @@ def test_too_few_nodes_refuse_before_anything_is_stored(repo: Repo) -> None:
     run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2"]), scenario)
 
 
+def test_too_few_trusted_nodes_name_the_distrusted_ones(repo: Repo) -> None:
+    src = model(repo)
+
+    async def scenario(service, network, state):
+        for _ in range(10):
+            state.update_score("p2", passed=False, forget=0.5)  # audits failed there
+        with pytest.raises(PlacementError, match=r"distrusted after failed audits \(p2\)"):
+            await service.put(str(src), 2, 4, [], False)
+        assert network.placed == []
+
+    run(repo, lambda backend, ctx: FakeNetwork(backend, ["p1", "p2", "p3"]), scenario)
+
+
 @pytest.mark.parametrize(
     ("path", "k", "n", "recipients", "error", "message"),
     [
