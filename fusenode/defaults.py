@@ -107,6 +107,9 @@ LEASE_PEER_FLOOR: Final = 60.0
 MAX_MODEL_BYTES: Final = 4 * GiB
 OPTIMIZE_TIMEOUT: Final = 1800.0
 OPTIMIZE_MEMORY: Final = 0
+#: `fusenode verify --recheck` generates inputs at the shapes the signed evidence names: at most
+#: this many elements over all inputs (2^26: 256 MiB of float32), else it refuses to run.
+RECHECK_MAX_ELEMENTS: Final = 1 << 26
 
 # -- sizes of messages ------------------------------------------------------------------------
 #: Local API request bodies carry paths and options, never file contents.

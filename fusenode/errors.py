@@ -54,7 +54,9 @@ beside what raises them (borg's style); the whole family, with exit code / HTTP 
             ├── SourceMissing         14 / 422   the source does not resolve or open here
             ├── SourceMismatch        15 / 422   the source's bytes are not the signed ones
             ├── UntrustedSigner       16 / 422   valid signature, signer not trusted
-            └── RecheckFailed         17 / 422   run here, the outputs differ (--recheck)
+            ├── RecheckFailed         17 / 422   run here, the outputs differ (--recheck)
+            └── RecheckNotRun         18 / 422   --recheck could not run here (shapes over
+                                                 the bound, a limit): outputs not judged
 
 Why 409 and not 400 for a value that cannot be used: the local API answers 400 only for a
 request that breaks its published schema (`fusenode.node.schema`), so a client (or a fuzzer)
@@ -63,9 +65,10 @@ holding openapi.json can tell its own mistakes from the node's refusals.
 Exit codes, as the CLI documents them: 0 success, 1 error, 2 usage (the command line or an
 argument is wrong), 3 verification failed, 4 not found, 5 no key opens the model, 6 stored
 data damaged, 7 not enough of the network reachable now (retry later), 8 repo or
-configuration, 9 the daemon cannot be reached, 10-17 a model's provenance does not verify
+configuration, 9 the daemon cannot be reached, 10-18 a model's provenance does not verify
 (`fusenode verify`: 11 none, 12 bad signature, 13 wrong subject, 14 source missing, 15 source
-differs, 16 untrusted signer, 17 recheck failed, 10 any other), 130 interrupted.
+differs, 16 untrusted signer, 17 recheck: outputs differ, 18 recheck could not run here, 10 any
+other), 130 interrupted.
 
 Why a registry by class name: the daemon answers ``{"error": {"type": NAME, "message"}}``
 and the CLI's client raises the same class again (:meth:`Error.named`), so a command exits

@@ -10,7 +10,7 @@ arguments into a call and a result into lines.
 Exit codes: 0 success; an error prints one line on stderr (no traceback) and exits with its
 class's code (`fusenode.errors`: 1 error, 2 usage, 3 verification failed, 4 not found, 5 no
 key opens the model, 6 stored data damaged, 7 not enough of the network reachable, 8 repo or
-configuration, 9 the daemon cannot be reached; 10-17 ``verify``: a provenance failure, see
+configuration, 9 the daemon cannot be reached; 10-18 ``verify``: a provenance failure, see
 `fusenode.node.provenance`); 130 interrupted.
 """
 
@@ -469,20 +469,35 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     from fusenode.node.provenance import dumps
 
     reply = _node(args).provenance(args.cid, args.identity)
-    try:  # 0600: an encrypted model's provenance was sealed; the export stays private
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dumps(reply["envelope"]))
-    except OSError as e:
-        raise CommandError(f"{args.output}: cannot write: {e.strerror}") from e
+    where = "stdout" if args.output == "-" else args.output
+    if args.output == "-":  # stdout, for a pipe into DSSE tooling
+        sys.stdout.write(dumps(reply["envelope"]))
+        sys.stdout.flush()
+    else:
+        try:  # 0600: an encrypted model's provenance was sealed; the export stays private
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(dumps(reply["envelope"]))
+        except OSError as e:
+            raise CommandError(f"{args.output}: cannot write: {e.strerror}") from e
     if reply.get("signer"):
-        print(f"wrote {args.output}: DSSE envelope signed by {reply['signer']}", file=sys.stderr)
+        print(f"wrote {where}: DSSE envelope signed by {reply['signer']}", file=sys.stderr)
     else:
         print(
-            f"wrote {args.output}, but its signature does not verify: {reply.get('problem')}",
+            f"wrote {where}, but its signature does not verify: {reply.get('problem')}",
             file=sys.stderr,
         )
     return 0
+
+
+def _peer_id(text: str) -> str:
+    """argparse type of ``--trust``: a peer ID, else a usage error (exit 2)."""
+    from fusenode.node.peerkeys import PeerAuthError, check_peer_id
+
+    try:
+        return check_peer_id(text)
+    except PeerAuthError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -725,7 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export a model's signed provenance (a DSSE envelope) to a file",
         cid=True,
     )
-    pv.add_argument("-o", "--output", required=True, help="where to write the envelope (JSON)")
+    pv.add_argument(
+        "-o", "--output", required=True, help="where to write the envelope (JSON); - for stdout"
+    )
     _identity(pv)
 
     vf = _command(
@@ -740,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument(
         "--trust",
         action="append",
+        type=_peer_id,
         metavar="PEER_ID",
         help="a signer to trust (repeatable; with those in [trust] signers of config.toml)",
     )

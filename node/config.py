@@ -253,9 +253,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config: {what} must be positive")
     if config.optimizer.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config: [optimizer] device {config.optimizer.device!r}: auto|cpu|cuda")
+    from fusenode.node.peerkeys import PeerAuthError, check_peer_id
+
     for signer in config.trust.signers:
-        if not 1 <= len(signer) <= 128 or not signer.isalnum():
-            raise ConfigError(f"config: [trust] signers: {signer[:80]!r} is not a peer ID")
+        try:
+            check_peer_id(signer)
+        except PeerAuthError as e:
+            raise ConfigError(f"config: [trust] signers: {e}") from None
     if config.api.max_body_bytes < 1024:
         raise ConfigError("config: [api] max_body_bytes must be at least 1024")
     if config.placement.domain not in DOMAINS:

@@ -87,13 +87,22 @@ async def run_verify_job(
     shapes: dict[str, list[int]] | None,
     rtol: float | None,
     atol: float | None,
+    at_most_default: bool = False,
     max_seconds: float,
     max_memory: int,
 ) -> dict[str, Any]:
     """`fusenode.passes.verify.verify` of two models in a child process under the same limits
     (``fusenode verify --recheck``: both models come from the network); its result as a dict.
     Raises `FuseJobError` when the models cannot be run or a limit stopped the child."""
-    options = json.dumps({"seed": seed, "shapes": shapes, "rtol": rtol, "atol": atol})
+    options = json.dumps(
+        {
+            "seed": seed,
+            "shapes": shapes,
+            "rtol": rtol,
+            "atol": atol,
+            "at_most_default": at_most_default,
+        }
+    )
     return await _run_child(
         ["verify", str(original), str(optimized), options], optimized, max_seconds, max_memory
     )
@@ -182,6 +191,9 @@ def _main(argv: list[str]) -> int:
         code = 0
     except PassError as e:
         report = {"error": {"type": type(e).__name__, "message": str(e)}}
+        code = 1
+    except MemoryError:  # numpy could not allocate: a resource limit, not a verdict
+        report = {"error": {"type": "Limit", "message": "out of memory"}}
         code = 1
     Path(report_path).write_text(json.dumps(report), encoding="utf-8")
     return code

@@ -40,6 +40,7 @@ __all__ = [
     "PeerAuthError",
     "PeerKey",
     "PublicKey",
+    "check_peer_id",
     "load_private_key",
     "peer_id_from_public_key",
     "private_key_from_protobuf",
@@ -255,6 +256,15 @@ def public_key(proto: bytes) -> PublicKey:
         name = _KEY_NAMES.get(key_type, f"type {key_type}")
         raise PeerAuthError(f"{name} keys are not supported (only RSA and Ed25519)")
     return PublicKey(peer_id_from_public_key(proto), public)
+
+
+def check_peer_id(peer_id: str) -> str:
+    """``peer_id`` when it is a peer ID: base58btc of a sha2-256 multihash (a key's hash,
+    ``Qm...``) or an identity multihash of a supported public key (``12D3KooW...``), in its
+    canonical spelling. Raises `PeerAuthError` with the reason otherwise (a typo in a trusted
+    signer must not read as a stranger)."""
+    public_key_from_peer_id(peer_id)
+    return peer_id
 
 
 def public_key_from_peer_id(peer_id: str) -> PublicKey | None:

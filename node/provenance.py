@@ -46,6 +46,7 @@ __all__ = [
     "NoProvenance",
     "ProvenanceError",
     "RecheckFailed",
+    "RecheckNotRun",
     "SourceMismatch",
     "SourceMissing",
     "SubjectMismatch",
@@ -103,6 +104,11 @@ class UntrustedSigner(ProvenanceError, exit_code=16):
 
 class RecheckFailed(ProvenanceError, exit_code=17):
     """Run again here, the model's outputs differ from its source's (``--recheck``)."""
+
+
+class RecheckNotRun(ProvenanceError, exit_code=18):
+    """``--recheck`` could not run here (signed input shapes too large, a time or memory
+    limit, a model this node cannot run): nothing is known about the outputs either way."""
 
 
 # -- DSSE --------------------------------------------------------------------------------------

@@ -10,39 +10,50 @@ provenance of its own:
 4. the source: its CID resolves, opens with the identities given, and its bytes (fetched and
    hashed here) are the ones the statement names;
 5. with ``recheck``: the source and the model run here on fresh seeded inputs (in a child
-   process under the optimizer's limits) and agree within the signed tolerances.
+   process under the optimizer's limits) and agree within this node's own tolerances for the
+   dtype (signed tolerances may only tighten them; signed shapes are used when bounded).
 
 The first failure ends the walk; it is returned in the result (``failure``: its error class,
 one-line message and exit code) rather than raised, so that ``--json`` prints what was
 checked either way, and the CLI exits with that class's code. A model whose metadata has no
 envelope is reported as `NoProvenance`; a source without one is the origin of the chain.
-Failures that are not about provenance (the model itself not found, no key opens it, the
-network down) are raised as usual.
+A model that no key given opens is reported as `NoProvenance` too (no provenance this node
+can read). Failures that are not about provenance (the model itself not found, a bad
+``--trust`` or ``--identity``, the network down) are raised as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from fusenode.defaults import RECHECK_MAX_ELEMENTS
 from fusenode.node.fusejob import FuseJobError, auto_memory_limit, run_verify_job
+from fusenode.node.peerkeys import PeerAuthError, check_peer_id
 from fusenode.node.provenance import (
     Link,
     NoProvenance,
     ProvenanceError,
     RecheckFailed,
+    RecheckNotRun,
     SourceMismatch,
     SourceMissing,
     SubjectMismatch,
     UntrustedSigner,
     open_envelope,
 )
-from fusenode.storage.errors import NoIdentityMatch, NotEnoughFragments, StorageError
+from fusenode.storage.errors import (
+    InvalidArgument,
+    NoIdentityMatch,
+    NotEnoughFragments,
+    StorageError,
+)
 from fusenode.storage.manifest import Metadata
 from fusenode.storage.store import open_metadata
 
@@ -75,13 +86,22 @@ def _shapes(value: object) -> dict[str, list[int]] | None:
     return value
 
 
+#: How `fusenode.passes.verify` says it could not run the source here (not a verdict).
+_CANNOT_RUN: Final = ("cannot run the models", "the original model fails to run")
+
+
 class _Walk:
     def __init__(
-        self, service: NodeService, identity_path: str | None, trust: list[str], work: Path
+        self,
+        service: NodeService,
+        identity_path: str | None,
+        identities: list[Any],
+        trust: list[str],
+        work: Path,
     ):
         self.service = service
         self.identity_path = identity_path
-        self.identities = service.identities(identity_path)
+        self.identities = identities
         self.trusted = set(trust) | set(service.config.trust.signers)
         self.work = work
         self.fetched = 0
@@ -117,10 +137,30 @@ class _Walk:
         return metadata, path
 
     async def recheck(self, link: Link, source: Path, model: Path) -> dict[str, Any]:
+        """Run ``source`` and ``model`` here on fresh inputs and judge them by this node's own
+        tolerances (`fusenode.passes.verify.TOLERANCES` for the output dtype; signed ones are
+        used only where tighter). The signed input shapes are used when they are bounded
+        (`RECHECK_MAX_ELEMENTS`); a run that cannot happen here is `RecheckNotRun`, never
+        "outputs differ"."""
         evidence = link.verification
         shapes = _shapes(evidence.get("inputs"))
-        rtol, atol = evidence.get("rtol"), evidence.get("atol")
-        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (rtol, atol))
+        if shapes is not None:
+            elements = sum(math.prod(dims) for dims in shapes.values())
+            if elements > RECHECK_MAX_ELEMENTS:
+                raise RecheckNotRun(
+                    f"the recheck could not run here: the signed input shapes ask for "
+                    f"{elements} input elements, over the {RECHECK_MAX_ELEMENTS} this node "
+                    "generates"
+                )
+        signed = {key: evidence.get(key) for key in ("rtol", "atol")}
+        tighter = {  # the signer may only tighten this node's own tolerances, never loosen
+            key: float(value)
+            for key, value in signed.items()
+            if isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        }
         limits = self.service.config.optimizer
         size = max(source.stat().st_size, model.stat().st_size)
         seed = secrets.randbelow(2**31)
@@ -130,13 +170,17 @@ class _Walk:
                 model,
                 seed=seed,
                 shapes=shapes,
-                rtol=rtol if numbers else None,
-                atol=atol if numbers else None,
+                rtol=tighter.get("rtol"),
+                atol=tighter.get("atol"),
+                at_most_default=True,
                 max_seconds=limits.max_seconds,
                 max_memory=limits.max_memory or auto_memory_limit(size),
             )
         except FuseJobError as e:
-            raise RecheckFailed(f"re-running the models here failed: {e}") from None
+            cannot = str(e).startswith(_CANNOT_RUN)
+            if e.kind == "VerificationError" and not cannot:  # ran, and disagree
+                raise RecheckFailed(f"run here, the models do not agree: {e}") from None
+            raise RecheckNotRun(f"the recheck could not run here: {e}") from None
         outcome = {
             key: result.get(key)
             for key in ("engine", "seed", "rtol", "atol", "max_abs_error", "max_rel_error", "ok")
@@ -145,7 +189,7 @@ class _Walk:
             raise RecheckFailed(
                 f"run here on fresh inputs (seed {seed}), the model's outputs differ from its "
                 f"source's: max abs error {result.get('max_abs_error')}, over rtol "
-                f"{result.get('rtol')} / atol {result.get('atol')}"
+                f"{result.get('rtol')} / atol {result.get('atol')} (this node's tolerances)"
             )
         return outcome
 
@@ -158,17 +202,29 @@ async def verify_model(
     recheck: bool,
 ) -> dict[str, Any]:
     """The verification of ``cid``'s provenance chain; see the module docstring."""
+    for signer in trust:
+        try:
+            check_peer_id(signer)
+        except PeerAuthError as e:
+            raise InvalidArgument(f"trust: {e}") from None
     manifest = await service.manifest(cid)
-    work = Path(tempfile.mkdtemp(prefix=".verify-", dir=service.repo.files.tmp))
-    walk = _Walk(service, identity_path, trust, work)
-    try:
-        _key, metadata = open_metadata(manifest, walk.identities)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    identities = service.identities(identity_path)  # a bad --identity fails before any folder
     links: list[dict[str, Any]] = []
     failure: dict[str, Any] | None = None
     current = cid
+    try:
+        _key, metadata = open_metadata(manifest, identities)
+    except NoIdentityMatch as e:
+        # Sealed metadata (where the provenance lives) that no key given opens: for this
+        # node the model has no provenance it can read (exit 11, as for a plain put).
+        error = NoProvenance(
+            f"{cid}: no provenance this node can read: no key given opens it ({e}); give "
+            "--identity with a key it is sealed to"
+        )
+        failure = {"type": "NoProvenance", "message": str(error), "exit_code": error.exit_code}
+        return _result(cid, recheck, links, failure, current)
+    work = Path(tempfile.mkdtemp(prefix=".verify-", dir=service.repo.files.tmp))
+    walk = _Walk(service, identity_path, identities, trust, work)
     try:
         if metadata.attestation is None:
             raise NoProvenance(
@@ -204,6 +260,16 @@ async def verify_model(
         failure = {"type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return _result(cid, recheck, links, failure, current)
+
+
+def _result(
+    cid: str,
+    recheck: bool,
+    links: list[dict[str, Any]],
+    failure: dict[str, Any] | None,
+    current: str,
+) -> dict[str, Any]:
     return {
         "cid": cid,
         "verified": failure is None,

@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from fusenode.errors import Error
 from fusenode.node.aio import AsyncBlocks, Bridge
 from fusenode.node.config import Config, StorageSection, TrustSection
 from fusenode.node.context import NodeContext
@@ -29,6 +30,7 @@ from fusenode.node.provenance import (
     NoProvenance,
     ProvenanceError,
     RecheckFailed,
+    RecheckNotRun,
     SourceMismatch,
     SourceMissing,
     SubjectMismatch,
@@ -44,6 +46,7 @@ from fusenode.node.service import NodeService
 from fusenode.node.state import State
 from fusenode.passes.fuse import fuse_file
 from fusenode.storage import age
+from fusenode.storage.errors import InvalidArgument
 from fusenode.storage.manifest import Metadata
 from tests.support.fakes import FakeBackend, fake_cid
 from tests.support.keys import ed25519_protobuf
@@ -497,3 +500,144 @@ def test_a_public_model_verifies_without_a_key(
         assert result["verified"] and result["links"][0]["recheck"]["ok"]
 
     run(repo, scenario)
+
+
+# -- the reviewer's findings: recheck by local judgement, unreadable models, bad inputs -------
+
+
+def attest_with(key: PeerKey, made: Path, source_cid: str, source_sha: str, **evidence: Any):
+    """`attest` whose signed verification evidence has ``evidence`` written over it."""
+    report = json.loads((made.parent / "report.json").read_text())["verify"]
+    verification = {k: report[k] for k in ("engine", "rtol", "atol", "seed", "inputs")}
+    verification.update(evidence)
+    st = make_statement(
+        subject_name=made.name,
+        subject_sha256=sha256(made),
+        source_cid=source_cid,
+        source_sha256=source_sha,
+        pass_name="fuse_bn",
+        pass_version="test",
+        options={"device": "cpu", "verify": True},
+        signer=key.peer_id,
+        tool_version="0.0.test",
+        report={"n_fused": 1},
+        verification=verification,
+        started="2026-01-01T00:00:00Z",
+        finished="2026-01-01T00:00:01Z",
+        invocation="job-1",
+    )
+    return sign(st, key)
+
+
+def test_recheck_judges_by_this_nodes_tolerances_not_the_signed_ones(
+    repo: Repo, models: dict[str, Path], ed_key: PeerKey
+) -> None:
+    async def scenario(service: NodeService) -> None:
+        src = await store(service, models["source"])
+        src_sha = sha256(models["source"])
+        wrong = models["wrong"]
+        loose = attest_with(ed_key, wrong, src, src_sha, rtol=1e9, atol=1e9)
+        bad = await store(service, wrong, loose)
+        kind, code, message = failure(await service.verify(bad, None, [ed_key.peer_id], True))
+        assert (kind, code) == ("RecheckFailed", 17)
+        assert "outputs differ" in message and "this node's tolerances" in message
+        assert "1e-05" in message  # float32's own atol, not the signed 1e9
+        # Tighter signed tolerances are kept (the signer may only tighten).
+        fused = models["fused"]
+        tight = attest_with(ed_key, fused, src, src_sha, rtol=1e-5, atol=1e-6)
+        good = await store(service, fused, tight)
+        result = await service.verify(good, None, [ed_key.peer_id], True)
+        assert result["verified"], result["failure"]
+        assert result["links"][0]["recheck"]["atol"] == 1e-6
+
+    run(repo, scenario)
+
+
+def test_recheck_that_cannot_run_here_is_not_outputs_differ(
+    repo: Repo, models: dict[str, Path], ed_key: PeerKey
+) -> None:
+    async def scenario(service: NodeService) -> None:
+        src = await store(service, models["source"])
+        src_sha = sha256(models["source"])
+        fused = models["fused"]
+        inputs = json.loads((fused.parent / "report.json").read_text())["verify"]["inputs"]
+        huge = {name: [1, 4, 1 << 14, 1 << 14] for name in inputs}  # 2^30 elements
+        cid = await store(service, fused, attest_with(ed_key, fused, src, src_sha, inputs=huge))
+        kind, code, message = failure(await service.verify(cid, None, [], True))
+        assert (kind, code) == ("RecheckNotRun", RecheckNotRun.exit_code) == (kind, 18)
+        assert "could not run here" in message and "input elements" in message
+        assert "differ" not in message
+        # A memory limit hit while running: not a verdict on the outputs either.
+        good = await store(service, fused, attest(ed_key, fused, src, src_sha))
+        optimizer = dataclasses.replace(service.config.optimizer, max_memory=1 << 20)
+        service.config = dataclasses.replace(service.config, optimizer=optimizer)
+        kind, code, message = failure(await service.verify(good, None, [], True))
+        assert (kind, code) == ("RecheckNotRun", 18)
+        assert "could not run here" in message and "max_memory" in message
+
+    run(repo, scenario)
+
+
+def test_a_model_no_key_opens_has_no_provenance_this_node_can_read(
+    repo: Repo, models: dict[str, Path], ed_key: PeerKey, tmp_path: Path
+) -> None:
+    stranger = age.X25519Identity.generate()
+
+    async def scenario(service: NodeService) -> None:
+        reply = await service.store(
+            models["source"], None, None, [stranger.recipient.to_string()], False
+        )
+        cid = reply["cid"]
+        kind, code, message = failure(await service.verify(cid, None, [], False))
+        assert (kind, code) == ("NoProvenance", 11)
+        assert message.startswith(f"{cid}: no provenance this node can read: no key given opens")
+        assert "recipient stanza" in message
+        # With the key it is sealed to: a plain put, so still no provenance (but readable).
+        key_file = tmp_path / "stranger.txt"
+        write_private(key_file, identity_text(stranger))
+        kind, code, message = failure(await service.verify(cid, str(key_file), [], False))
+        assert (kind, code) == ("NoProvenance", 11) and "has no provenance" in message
+
+    run(repo, scenario)
+
+
+def test_a_bad_identity_or_trust_leaves_no_temp_folder(
+    repo: Repo, models: dict[str, Path], tmp_path: Path
+) -> None:
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("hello\n")
+
+    async def scenario(service: NodeService) -> None:
+        cid = await store(service, models["source"])
+        before = sorted(repo.files.tmp.iterdir())
+        for path in (str(tmp_path / "missing.txt"), str(not_a_key)):
+            with pytest.raises(Error):
+                await service.verify(cid, path, [], False)
+        for bad in ("garbage", "12D3KooW", "Qm" + "1" * 44):
+            with pytest.raises(InvalidArgument, match="peer ID"):
+                await service.verify(cid, None, [bad], False)
+        assert sorted(repo.files.tmp.iterdir()) == before
+        assert not [p for p in repo.files.tmp.iterdir() if p.name.startswith(".verify-")]
+
+    run(repo, scenario)
+
+
+@pytest.mark.parametrize("bad", ["garbage", "12D3KooW", "QmNotAPeerId"])
+def test_trust_must_name_peer_ids(bad: str, tmp_path: Path, ed_key: PeerKey) -> None:
+    from fusenode.node.cli import main
+    from fusenode.node.config import load_config
+    from fusenode.node.errors import ConfigError
+    from fusenode.node.peerkeys import PeerAuthError, check_peer_id
+
+    with pytest.raises(PeerAuthError):
+        check_peer_id(bad)
+    assert check_peer_id(ed_key.peer_id) == ed_key.peer_id
+    path = tmp_path / "config.toml"
+    path.write_text(f'[trust]\nsigners = ["{ed_key.peer_id}", "{bad}"]\n')
+    with pytest.raises(ConfigError, match=r"\[trust\] signers: .*not"):
+        load_config(path, env={})
+    path.write_text(f'[trust]\nsigners = ["{ed_key.peer_id}"]\n')
+    assert load_config(path, env={}).trust.signers == (ed_key.peer_id,)
+    with pytest.raises(SystemExit) as stop:
+        main(["verify", fake_cid(b"x"), "--trust", bad, "--repo", str(tmp_path / "r")])
+    assert stop.value.code == 2

@@ -101,6 +101,18 @@ def test_an_untrusted_signer_and_a_plain_put_are_refused(net, user, model, store
     assert json.loads(proc.stdout)["failure"]["type"] == "NoProvenance"
 
 
+def test_a_plain_put_no_key_here_opens_has_no_provenance_this_node_can_read(net, model):
+    """A plain put on node0 (sealed to node0's own key), verified on node2 with its own key:
+    no provenance this node can read (11), not a bare "no identity matches" (5)."""
+    plain = last_line(net.cli(0, "put", str(model), "-k", "2", "-n", "3"))
+    proc = net.cli(2, "verify", plain)
+    assert_clean_error(proc, "no provenance this node can read", 11)
+    assert f"{plain}: no provenance this node can read: no key given opens it" in proc.stderr
+    # A --trust that is not a peer ID is a usage error, not a distrusted signer.
+    proc = net.cli(2, "verify", plain, "--trust", "12D3KooW")
+    assert proc.returncode == 2 and "not a peer ID" in proc.stderr, proc.stderr
+
+
 def test_recheck_runs_the_models_on_the_receiver(net, user, optimized):
     signer = net.nodes[1].peer_id
     result = json.loads(
@@ -129,6 +141,9 @@ def test_the_exported_provenance_checks_with_standard_dsse_tooling(net, user, op
     out = tmp_path / "provenance.json"
     ok(net.cli(2, "provenance", optimized, "--identity", str(user[0]), "-o", str(out)))
     envelope = json.loads(out.read_text())
+    # "-o -": the same envelope on stdout (and no file named "-").
+    piped = ok(net.cli(2, "provenance", optimized, "--identity", str(user[0]), "-o", "-"))
+    assert json.loads(piped.stdout) == envelope and "wrote stdout" in piped.stderr
     # The optimizer's public key, from its own Kubo config (not from the envelope).
     key = load_private_key(net.nodes[1].repo)
     assert key.peer_id == net.nodes[1].peer_id

@@ -365,3 +365,56 @@ def test_cli_fuse_folds_the_new_patterns(tmp_path):
         "(BatchNormalization+Conv: 1, Conv+BatchNormalization: 1, MatMul+Add+BatchNormalization: 1)"
         in text
     )
+
+
+# -- 16-bit verification: judged at the output's scale, still catching a wrong fold ----------
+
+
+def _shifted_bn_conv(dtype, seed):
+    """BN (mean and beta ~ N(0, 1): large shifts) -> Conv 6x4x3x3, no padding, all ``dtype``:
+    outputs near zero are sums of large terms, where two 16-bit computations round apart."""
+    rng = np.random.default_rng(seed)
+    opset = 22 if np.dtype(dtype) == BF16 else 17
+    model, _feeds = bn_conv(dtype=dtype, rng=rng, opset=opset)
+    for t in model.graph.initializer:
+        if t.name in ("bn_bias", "bn_mean"):
+            t.CopyFrom(tensor(t.name, rng.standard_normal(4).astype(dtype)))
+    return model
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=["bfloat16", "float16"])
+def test_16bit_fold_with_large_shifts_passes_its_verification(dtype, seed, tmp_path):
+    """Sound folds that an elementwise 16-bit tolerance refused (bfloat16: 4 of 6 seeds)."""
+    _, report = fuse(_shifted_bn_conv(dtype, seed), tmp_path, verify=True)
+    assert report["n_fused"] == 1, report["skipped"]
+    check = report["verify"]["outputs"][0]
+    assert check["ok"] and check["atol"] > report["verify"]["atol"]  # scaled to the output
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("wrong", ["one channel's weights x1.1", "shift dropped from bias"])
+def test_a_wrong_bfloat16_fold_is_caught(wrong, seed, tmp_path):
+    from fusenode.passes.verify import verify
+
+    model = _shifted_bn_conv(BF16, seed)
+    fused, _ = fuse(model, tmp_path, verify=True)
+    conv = only_conv(fused)
+    init = {t.name: t for t in fused.graph.initializer}
+    if wrong.startswith("one channel"):
+        name = conv.input[1]
+        arr = onnx.numpy_helper.to_array(init[name]).astype(np.float32)
+        arr[0] *= 1.1
+    else:  # the bias the Conv had, as if t = beta - mean * s were forgotten
+        name = conv.input[2]
+        arr = np.asarray(
+            onnx.numpy_helper.to_array(
+                next(t for t in model.graph.initializer if t.name == "B")
+            ).astype(np.float32)
+        )
+    init[name].CopyFrom(tensor(name, arr.astype(BF16)))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(fused, bad)
+    result = verify(tmp_path / "in.onnx", bad)
+    assert not result.ok, result.to_dict()
+    assert result.max_abs_error > result.outputs[0].atol  # caught by the scaled tolerance
