@@ -126,6 +126,15 @@ def browser():
         if os.environ.get("CI") == "true":
             pytest.fail(f"the dashboard's browser test is required under CI: {why}")
         pytest.skip(why)
+    # Network rule: nothing but 127.0.0.1. Selenium Manager (which would look up drivers and
+    # send usage statistics) stays off: the driver is named and offline mode is set; chromium's
+    # background services (updates, metrics, sync, safe browsing...) are off, and every host
+    # name but 127.0.0.1 fails to resolve. (Checked with strace -e connect,sendto: every TCP
+    # connection goes to 127.0.0.1 or ::1; chromedriver's network stack also connects a UDP
+    # socket to 2001:4860:4860::8888, Chromium's IPv6 reachability probe, which only asks the
+    # kernel for a route and sends no packet.)
+    os.environ["SE_OFFLINE"] = "true"
+    os.environ["SE_AVOID_STATS"] = "true"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -137,7 +146,16 @@ def browser():
         "--disable-dev-shm-usage",
         "--window-size=1400,1300",
         "--no-first-run",
+        "--no-default-browser-check",
         "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-domain-reliability",
+        "--disable-client-side-phishing-detection",
+        "--disable-features=OptimizationHints,MediaRouter,Translate",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
