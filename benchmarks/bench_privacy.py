@@ -42,7 +42,7 @@ from common import MiB, human, parse_size, sha256_file, write_random_file  # noq
 
 from fusenode.storage import age  # noqa: E402
 from fusenode.storage.kubo import KuboNode  # noqa: E402
-from fusenode.storage.manifest import padme  # noqa: E402
+from fusenode.storage.manifest import padded_size  # noqa: E402
 from fusenode.storage.store import get_file, put_file  # noqa: E402
 
 VARIANTS = ("v2 x25519", "v3 x25519", "v2 pq", "v3 pq")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "v2 pq": (2, pq),
         "v3 pq": (None, pq),
     }
-    cases = {"no padding": padme(args.size), "most padding": worst_size(args.size)}
+    cases = {"no padding": padded_size(args.size), "most padding": worst_size(args.size)}
     status = 0
     with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="bench-privacy-") as tmp:
         work = Path(tmp)
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 base_get = min(get_s["v2 x25519"])
                 base_stored = shape["v2 x25519"][0]
                 print(
-                    f"\n{case}: {human(size)} ({size} bytes, padded to {padme(size)}: "
-                    f"+{(padme(size) - size) / size:.2%}), k={args.k} n={args.n}, "
+                    f"\n{case}: {human(size)} ({size} bytes, padded to {padded_size(size)}: "
+                    f"+{(padded_size(size) - size) / size:.2%}), k={args.k} n={args.n}, "
                     f"{args.repeat} repeats"
                 )
                 print(

@@ -117,9 +117,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CommandError(f"{args.output}: cannot write: {e.strerror}") from e
         print(f"wrote identity to {args.output} (mode 0600)", file=sys.stderr)
+        print(recipient)  # the -o contract: the recipient is stdout's last line
     else:
+        # As age-keygen: stdout is an identity file (`keygen > key.txt` is one --identity
+        # reads; the recipient is its "# public key:" line), the recipient also on stderr.
         sys.stdout.write(text)
-    print(recipient)
+        print(f"Public key: {recipient}", file=sys.stderr)
     return 0
 
 
@@ -629,7 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     kg = _command(sub, "keygen", cmd_keygen, "create an age identity (key pair)", repo=False)
-    kg.add_argument("-o", "--output", help="write the identity here (mode 0600)")
+    kg.add_argument(
+        "-o",
+        "--output",
+        help="write the identity here (mode 0600) and print the recipient; without it, "
+        "stdout is the identity file and the recipient goes to stderr (as age-keygen)",
+    )
     kg.add_argument(
         "--pq",
         action="store_true",

@@ -116,6 +116,7 @@ class Operation:
 RECIPIENT = String(
     pattern=r"^age1[0-9a-z]{6,8000}$",
     description="an age recipient (age1..., Bech32); whether it decodes is the use case's check",
+    mismatch="not an age recipient: a recipient is an age1... or age1pq1... key in lower case",
 )
 _RECIPIENTS = Array(RECIPIENT, max_items=1000)
 _IDENTITY_PATH = Field(

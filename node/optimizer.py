@@ -55,7 +55,7 @@ from fusenode.passes import fuse_bn
 from fusenode.storage.backend import validate_cid
 from fusenode.storage.errors import NoIdentityMatch, StorageError
 from fusenode.storage.manifest import format_time, utc_now
-from fusenode.storage.store import open_metadata
+from fusenode.storage.store import check_recipients, open_metadata
 
 if TYPE_CHECKING:
     from fusenode.node.service import NodeService
@@ -101,8 +101,10 @@ class Optimizer:
         from fusenode.storage import age
 
         validate_cid(cid)
-        for r in recipients:
-            age.parse_recipient(r)  # HeaderError -> 400 before anything is queued
+        # Refused before anything is queued, as put refuses them (HeaderError, InvalidArgument:
+        # 409): a key that does not decode, post-quantum and classic keys mixed, or more keys
+        # than a manifest's header holds.
+        check_recipients([age.parse_recipient(r) for r in recipients])
         job, changed = self.state.submit_job(
             "optimize",
             cid,

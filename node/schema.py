@@ -65,6 +65,9 @@ class String(Type):
     max_length: int | None = None
     description: str = ""
     enum: tuple[str, ...] = ()
+    #: The sentence a value that does not match ``pattern`` is refused with (instead of the
+    #: pattern itself), for a pattern no user should have to read.
+    mismatch: str = ""
 
     def schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "string"}
@@ -85,6 +88,9 @@ class String(Type):
         if self.max_length is not None and len(value) > self.max_length:
             raise BadRequest(f"{where} is longer than {self.max_length} characters")
         if self.pattern and not _search(self.pattern, value):
+            if self.mismatch:
+                shown = f"{value[:20]}...{value[-6:]}" if len(value) > 40 else value
+                raise BadRequest(f"{where} {shown!r}: {self.mismatch}")
             raise BadRequest(f"{where} {value[:100]!r} does not match {self.pattern}")
         if self.enum and value not in self.enum:
             raise BadRequest(f"{where} must be one of {', '.join(self.enum)}")

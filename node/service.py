@@ -49,6 +49,7 @@ from fusenode.storage.manifest import MAX_MANIFEST_SIZE, Manifest
 from fusenode.storage.share import share_cid
 from fusenode.storage.store import (
     check_input,
+    check_recipients,
     check_space,
     get_file,
     load_manifest,
@@ -109,11 +110,16 @@ class NodeService:
         validate_parameters(k, n)
         return k, n
 
-    def recipients(self, given: list[str], public: bool) -> list[age.KeyRecipient]:
-        """Who may read a put: the recipients given, else this node (unless public)."""
+    def recipients(
+        self, given: list[str], public: bool, *, mixed: bool = False
+    ) -> list[age.KeyRecipient]:
+        """Who may read a put: the recipients given, else this node (unless public); checked
+        as `put_file` checks them (`check_recipients`), before any placement is planned."""
         parsed = [age.parse_recipient(r) for r in given]
         if not parsed and not public:
             parsed = [self.repo.identities()[0].recipient]
+        if not public:
+            check_recipients(parsed, mixed=mixed)
         return parsed
 
     async def manifest(self, cid: str) -> Manifest:
@@ -178,7 +184,7 @@ class NodeService:
         # Everything this node can check alone comes before asking the network.
         size = await self.blocks.bridge.run(check_input, path)
         k, n = self.erasure(k, n)
-        readers = self.recipients(recipients, public)
+        readers = self.recipients(recipients, public, mixed=mixed_recipients)
         plan = await self._plan(n)
         allocation = SegmentAllocation(self.allocator, plan, n)
         placements: list[tuple[int, int, str, str]] = []

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from fusenode import strictjson
 from fusenode.defaults import MAX_SEGMENT_SIZE
-from fusenode.storage.age import parse_recipient
+from fusenode.storage.age import decode_header, parse_recipient
 from fusenode.storage.erasure import ALGORITHM, fragment_size, validate_parameters
 from fusenode.storage.errors import InvalidArgument, ManifestError, StorageError
 from fusenode.storage.multiformats import DAG_PB, IDENTITY, RAW, SHA2_256, parse_cid
@@ -47,6 +47,7 @@ __all__ = [
     "FORMAT_VERSION_SEALED",
     "MAX_MANIFEST_SIZE",
     "METADATA_MIN_BUCKET",
+    "PAYLOAD_MIN_BUCKET",
     "ErasureParams",
     "FragmentRef",
     "Manifest",
@@ -54,10 +55,12 @@ __all__ = [
     "SegmentRef",
     "age_plaintext_size",
     "canonical_json",
+    "check_header_fits",
     "format_time",
     "is_valid_cid",
     "metadata_bucket",
     "pad_metadata",
+    "padded_size",
     "padme",
     "parse_time",
     "unpad_metadata",
@@ -80,9 +83,13 @@ ENCRYPTION_NONE = "none"
 MAX_MANIFEST_SIZE = 64 * 1024 * 1024
 MAX_AGE_HEADER_SIZE = 64 * 1024
 MAX_METADATA_SIZE = 1024 * 1024
-#: Version 3 sealed metadata is padded to padme(max(length, this)): everything up to 4 KiB
-#: (a name, an X25519 recipient list, a provenance report) looks the same.
+#: Version 3 sealed metadata is padded to padme(max(length, this + the length of its
+#: recipient list)): everything up to 4 KiB besides the recipients (a name, a provenance
+#: report) looks the same, whatever the number and kind of recipients (docs/format.md 13.4).
 METADATA_MIN_BUCKET = 4096
+#: Version 3 pads the age plaintext to padme(max(size, this)) (`padded_size`): below it a
+#: Padmé bucket is a few bytes wide, so a small file would show its size (docs/format.md 13.1).
+PAYLOAD_MIN_BUCKET = 4096
 MAX_JSON_INT = 2**53 - 1
 """Larger integers are not exact in every JSON implementation (IEEE doubles)."""
 
@@ -311,28 +318,77 @@ def padme(length: int) -> int:
     return (length + mask) & ~mask
 
 
-def metadata_bucket(json_length: int) -> int:
-    """The padded plaintext length of version 3 sealed metadata whose JSON is this long."""
-    return padme(max(json_length, METADATA_MIN_BUCKET))
+def padded_size(size: int) -> int:
+    """The padded age plaintext size of a version 3 payload of ``size`` real bytes: its
+    Padmé bucket, and never under :data:`PAYLOAD_MIN_BUCKET` (docs/format.md 13.1)."""
+    return padme(max(size, PAYLOAD_MIN_BUCKET))
+
+
+def recipients_allowance(recipients: Any) -> int:
+    """How many bytes the ``recipients`` list adds to version 3's minimum metadata bucket:
+    the length of its canonical JSON (0 without one). Recipient strings have one length per
+    type and the header shows every stanza's type, so this is public information, and two
+    models to the same kinds of keys get the same minimum whatever else they record."""
+    if not isinstance(recipients, list) or not recipients:
+        return 0
+    return len(canonical_json(recipients))
+
+
+def metadata_bucket(json_length: int, allowance: int = 0) -> int:
+    """The padded plaintext length of version 3 sealed metadata whose JSON is this long and
+    whose recipient list takes ``allowance`` bytes (`recipients_allowance`)."""
+    return padme(max(json_length, METADATA_MIN_BUCKET + allowance))
 
 
 def pad_metadata(json_bytes: bytes) -> bytes:
     """Version 3 sealed metadata plaintext: the canonical JSON, then ASCII spaces (JSON
     whitespace, so ``age -d`` still gives valid JSON) up to :func:`metadata_bucket`."""
-    return json_bytes + b" " * (metadata_bucket(len(json_bytes)) - len(json_bytes))
+    obj = _parse_json(json_bytes, "metadata")
+    allowance = recipients_allowance(obj.get("recipients") if isinstance(obj, dict) else None)
+    return json_bytes + b" " * (metadata_bucket(len(json_bytes), allowance) - len(json_bytes))
 
 
 def unpad_metadata(plaintext: bytes) -> bytes:
-    """The JSON of version 3 sealed metadata; ManifestError if the padding is not exactly what
-    :func:`pad_metadata` writes (a different amount or other bytes would be a second
-    spelling of one metadata object, and a side channel)."""
+    """The JSON of version 3 sealed metadata; ManifestError if it is not exactly what
+    :func:`pad_metadata` writes: canonical JSON from the first byte (no whitespace before
+    it or inside it), then spaces only, up to its bucket. Anything else would be a second
+    spelling of one metadata object, and a side channel."""
     body = plaintext.rstrip(b" ")
-    if not body.endswith(b"}") or len(plaintext) != metadata_bucket(len(body)):
+    try:
+        obj = _parse_json(body, "sealed metadata") if body.startswith(b"{") else None
+        canonical = isinstance(obj, dict) and canonical_json(obj) == body
+    except ManifestError:
+        canonical = False
+    if not canonical:
+        raise ManifestError(
+            "sealed metadata padding is wrong: not canonical JSON followed by spaces only "
+            "(whitespace before or inside the JSON, other padding bytes, or another spelling)"
+        )
+    bucket = metadata_bucket(len(body), recipients_allowance(obj.get("recipients")))
+    if len(plaintext) != bucket:
         raise ManifestError(
             f"sealed metadata padding is wrong: {len(plaintext)} bytes for {len(body)} bytes "
-            f"of JSON (expected {metadata_bucket(len(body))}, spaces only)"
+            f"of JSON (expected {bucket}, spaces only)"
         )
     return body
+
+
+def check_header_fits(header: bytes) -> None:
+    """InvalidArgument, naming how many recipients fit, when a header a writer has just
+    built is over :data:`MAX_AGE_HEADER_SIZE`: called before any data is encoded or placed
+    (a manifest would refuse it only at the end)."""
+    if len(header) <= MAX_AGE_HEADER_SIZE:
+        return
+    parsed = decode_header(header).stanzas
+    stanzas = [s.encode() for s in parsed]
+    largest = max(len(s) for s in stanzas)
+    fit = (MAX_AGE_HEADER_SIZE - (len(header) - sum(len(s) for s in stanzas))) // largest
+    kind = "post-quantum " if any(s.type == "mlkem768x25519" for s in parsed) else ""
+    raise InvalidArgument(
+        f"{len(stanzas)} {kind}recipients make a {len(header)}-byte age header, over the "
+        f"{MAX_AGE_HEADER_SIZE}-byte limit of a manifest: at most {fit} {kind}recipients fit "
+        "(store the model again for the others)"
+    )
 
 
 def _check_age_header(header: Any) -> None:
@@ -780,10 +836,11 @@ class Manifest:
                 raise ManifestError(
                     f"payload_size {self.payload_size} is not a possible age payload length"
                 )
-            if self.version >= FORMAT_VERSION_SEALED and padme(plain) != plain:
+            if self.version >= FORMAT_VERSION_SEALED and padded_size(plain) != plain:
                 raise ManifestError(
                     f"payload_size {self.payload_size} holds {plain} plaintext bytes, which is "
-                    f"not a Padmé size (version {self.version} pads to padme(size))"
+                    f"not a padded size (version {self.version} pads to "
+                    f"padme(max(size, {PAYLOAD_MIN_BUCKET})))"
                 )
         elif self.encryption == ENCRYPTION_NONE:
             if self.age_header is not None:

@@ -22,7 +22,7 @@ from fusenode.defaults import FETCH_TIMEOUT
 from fusenode.storage import age
 from fusenode.storage.backend import IpfsBackend
 from fusenode.storage.errors import InvalidArgument
-from fusenode.storage.manifest import Manifest
+from fusenode.storage.manifest import Manifest, check_header_fits
 from fusenode.storage.store import load_manifest, open_metadata, seal_metadata
 
 __all__ = ["share", "share_cid"]
@@ -90,6 +90,7 @@ def share(
         return manifest
 
     new_header = age.rewrap_header(header, identities, additions.values())
+    check_header_fits(new_header)
     extended = None if recorded is None else (*recorded, *additions)
     # A fresh random nonce (a new payload key), padded as the manifest's version pads it.
     sealed = seal_metadata(

@@ -69,8 +69,9 @@ from fusenode.storage.manifest import (
     Manifest,
     Metadata,
     SegmentRef,
+    check_header_fits,
     pad_metadata,
-    padme,
+    padded_size,
     unpad_metadata,
     utc_now,
 )
@@ -270,12 +271,17 @@ def put_file(
         raise InvalidArgument("no recipient: give at least one age recipient, or store public")
     if not public and not mixed_recipients:
         check_recipient_mix(recipients)
+    recipients = unique_recipients(recipients)
     sealed_format = not public and format_version != FORMAT_VERSION
     fd, size = _open_input(path)
     _tune_allocator_once()
     work = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
     sink = sink or _local_sink(backend)
     file_key = age.new_file_key() if not public else b""
+    # Built first: a header no manifest can hold is refused before a byte is encoded or placed.
+    header = age.encode_header(file_key, recipients) if not public else None
+    if header is not None:
+        check_header_fits(header)
     encryptor = age.PayloadEncryptor(file_key) if not public else None
     digest = hashlib.sha256()
     segments: list[SegmentRef] = []
@@ -346,8 +352,8 @@ def put_file(
                 if progress:
                     progress(len(chunk))
             if encryptor:
-                # Zeros up to the Padmé bucket, inside the age plaintext (docs/format.md 13).
-                padding = padme(read) - read if sealed_format else 0
+                # Zeros up to the padded size, inside the age plaintext (docs/format.md 13.1).
+                padding = padded_size(read) - read if sealed_format else 0
                 zeros = bytes(min(padding, _READ_CHUNK))
                 while padding:
                     take = min(padding, len(zeros))
@@ -376,9 +382,7 @@ def put_file(
     )
     if public:
         sealed: bytes | Metadata = metadata
-        header = None
     else:
-        header = age.encode_header(file_key, recipients)
         sealed = seal_metadata(
             file_key, metadata, FORMAT_VERSION_SEALED if sealed_format else FORMAT_VERSION
         )
@@ -409,6 +413,33 @@ def check_recipient_mix(recipients: Sequence[object]) -> None:
             "post-quantum (age1pq1...) and classic (age1...) recipients cannot share a model: "
             "the classic key would undo the post-quantum protection; store it twice instead"
         )
+
+
+def check_recipients(recipients: Sequence[age.Recipient], *, mixed: bool = False) -> None:
+    """What `put_file` refuses about ``recipients``, checked without a file: for a caller
+    that has work to do before it (placement plans, a queued job). InvalidArgument for
+    post-quantum and classic keys mixed (unless ``mixed``), or more keys than a manifest's
+    header holds (the message says how many fit)."""
+    if not mixed:
+        check_recipient_mix(recipients)
+    recipients = unique_recipients(recipients)
+    if recipients:
+        check_header_fits(age.encode_header(age.new_file_key(), recipients))
+
+
+def unique_recipients(recipients: Sequence[age.Recipient]) -> list[age.Recipient]:
+    """``recipients`` with each key once (by its ``age1...`` string), in the order given: the
+    same key twice would only write two stanzas for one reader."""
+    seen: set[str] = set()
+    out: list[age.Recipient] = []
+    for r in recipients:
+        text = r.to_string() if hasattr(r, "to_string") else None
+        if text is not None and text in seen:
+            continue
+        if text is not None:
+            seen.add(text)
+        out.append(r)
+    return out
 
 
 def seal_metadata(file_key: bytes, metadata: Metadata, version: int) -> bytes:
@@ -617,10 +648,11 @@ def open_metadata(manifest: Manifest, identities: Sequence[age.Identity]) -> tup
     metadata = Metadata.from_json(unpad_metadata(plain), extensible=True)
     # The declared size must be the one the padded payload was made from: authenticated by
     # the AEAD of both (one file key), and checked here before a byte is fetched.
-    if padme(metadata.size) != manifest.plaintext_size():
+    if padded_size(metadata.size) != manifest.plaintext_size():
         raise IntegrityError(
             f"the sealed metadata declares {metadata.size} bytes, but the payload holds "
-            f"{manifest.plaintext_size()}, not padme({metadata.size}) = {padme(metadata.size)}"
+            f"{manifest.plaintext_size()}, not the padded size of {metadata.size}, "
+            f"{padded_size(metadata.size)}"
         )
     return file_key, metadata
 
@@ -861,9 +893,11 @@ __all__ = [
     "StorageError",
     "check_input",
     "check_recipient_mix",
+    "check_recipients",
     "get_file",
     "load_manifest",
     "open_metadata",
     "put_file",
     "seal_metadata",
+    "unique_recipients",
 ]

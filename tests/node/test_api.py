@@ -372,7 +372,11 @@ async def test_malformed_json(client: Any, service: FakeService, data: bytes, me
             "'recipients'[1] must be a string, not integer",
         ),
         ("/put", {"path": "/a", "public": 1}, "'public' must be a boolean, not integer"),
-        ("/put", {"path": "/a", "recipients": ["age1x"]}, "'recipients'[0] 'age1x' does not match"),
+        (
+            "/put",
+            {"path": "/a", "recipients": ["age1x"]},
+            "'recipients'[0] 'age1x': not an age recipient",
+        ),
         ("/put", {"path": "/a", "k": 0}, "'k' must be at least 1, not 0"),
         ("/put", {"path": "/a", "n": 65}, "'n' must be at most 64, not 65"),
         ("/put", {"path": "/a", "public": None}, "'public' must be a boolean, not null"),

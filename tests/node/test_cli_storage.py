@@ -88,9 +88,11 @@ def test_keygen(tmp_path):
     rage = pyrage.x25519.Identity.from_str(identity)
     assert str(rage.to_public()) == recipient
     clean_error(fusenode("keygen", "-o", key), "already exists")
+    # Without -o, as age-keygen: stdout is an identity file, the recipient on stderr too.
     proc = ok(fusenode("keygen"))
-    assert proc.stdout.splitlines()[-1].startswith("age1")
-    assert "AGE-SECRET-KEY-1" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith("AGE-SECRET-KEY-1") and all(x.startswith("#") for x in lines[:-1])
+    assert f"# public key: {proc.stderr.split('Public key: ')[1].strip()}" in lines
 
 
 def test_put_get_round_trip(repo, model, tmp_path):
@@ -167,6 +169,39 @@ def test_post_quantum_keygen_put_get_share_and_info(repo, model, tmp_path):
     )
     ok(fusenode("get", shared, "-o", tmp_path / "o2", "--repo", repo, "--identity", friend))
     assert (tmp_path / "o2").read_bytes() == model.read_bytes()
+
+
+def test_post_quantum_keygen_to_stdout_tiny_file_and_recipient_mistakes(repo, tmp_path):
+    """`keygen --pq > FILE` is an identity file; a 1-byte model's info shows only the
+    4096-byte minimum bucket; the same key twice is one stanza; an upper-case key, a PQ +
+    classic mix and too many PQ keys are refused at once with a plain sentence (rc 2)."""
+    import json
+
+    proc = ok(fusenode("keygen", "--pq"))
+    key = tmp_path / "pq.txt"
+    key.write_text(proc.stdout)
+    recipient = proc.stderr.split("Public key: ")[1].strip()
+    assert recipient.startswith("age1pq1") and f"# public key: {recipient}\n" in proc.stdout
+    tiny = tmp_path / "tiny.bin"
+    tiny.write_bytes(b"x")
+    cid = put(repo, tiny, "--recipient", recipient, "--recipient", recipient)
+    info = json.loads(ok(fusenode("info", cid, "--repo", repo, "--json")).stdout)
+    assert info["payload_size"] == 16 + 4096 + 16  # the minimum bucket: every file <= 4 KiB
+    assert info["metadata"] is None and "tiny.bin" not in json.dumps(info)
+    ok(fusenode("get", cid, "-o", tmp_path / "o", "--repo", repo, "--identity", key))
+    assert (tmp_path / "o").read_bytes() == b"x"
+
+    proc = clean_error(fusenode("put", tiny, "--repo", repo, "--recipient", recipient.upper()))
+    assert "lower case" in proc.stderr and "does not match" not in proc.stderr
+    assert proc.returncode == 2
+    classic = ok(fusenode("keygen", "-o", tmp_path / "c.txt")).stdout.strip().splitlines()[-1]
+    mix = ("--recipient", recipient, "--recipient", classic)
+    clean_error(fusenode("put", tiny, "--repo", repo, *mix), "cannot share a model", code=2)
+    from fusenode.storage import age
+
+    many = [age.MLKEM768X25519Identity.generate().recipient.to_string() for _ in range(46)]
+    args = [a for r in many for a in ("--recipient", r)]
+    clean_error(fusenode("put", tiny, "--repo", repo, *args), "post-quantum recipients fit", code=2)
 
 
 def test_post_quantum_node_identity(tmp_path, model):

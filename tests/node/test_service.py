@@ -16,6 +16,7 @@ from fusenode.node.config import Config, PlacementSection, StorageSection
 from fusenode.node.context import NodeContext
 from fusenode.node.errors import PlacementError
 from fusenode.node.network import Offline
+from fusenode.node.optimizer import Optimizer
 from fusenode.node.placement import Placed
 from fusenode.node.protocol import PeerOverCapacity, PeerUnreachable
 from fusenode.node.repo import Repo, identity_text, write_private
@@ -26,6 +27,7 @@ from fusenode.storage.errors import HeaderError, InvalidArgument
 from tests.support.fakes import FakeBackend
 
 SELF = "self"
+CID = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
 
 
 class FakeNetwork:
@@ -255,6 +257,31 @@ def test_refusals_come_before_the_network_is_asked(repo, path, k, n, recipients,
         with pytest.raises(error, match=message):
             await service.put(str(repo.path / path), k, n, recipients, False)
         assert network.asked_live == 0 and network.placed == []
+
+    run(repo, lambda backend, ctx: FakeNetwork(backend, []), scenario)
+
+
+def _pq() -> str:
+    return age.MLKEM768X25519Identity.generate().recipient.to_string()
+
+
+def test_recipients_put_cannot_use_are_refused_before_the_network_is_asked(repo: Repo) -> None:
+    """A post-quantum + classic mix, or more keys than a manifest's 64 KiB header holds, is
+    refused by the put (and by an optimize request) before any placement or queueing."""
+    model(repo)
+    classic = age.X25519Identity.generate().recipient.to_string()
+    many = [_pq() for _ in range(50)]
+
+    async def scenario(service, network, state):
+        for recipients, message in (([_pq(), classic], "cannot share a model"), (many, "at most")):
+            with pytest.raises(InvalidArgument, match=message):
+                await service.put(str(repo.path / "model.onnx"), None, None, recipients, False)
+            assert network.asked_live == 0 and network.placed == []
+            with pytest.raises(InvalidArgument, match=message):
+                await Optimizer(service, None).submit(CID, recipients)
+            assert state.jobs() == []
+        job = await Optimizer(service, None).submit(CID, many[:2])  # what fits is queued
+        assert state.jobs() == [job]
 
     run(repo, lambda backend, ctx: FakeNetwork(backend, []), scenario)
 

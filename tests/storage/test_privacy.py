@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import pyrage
 import pytest
@@ -19,10 +20,14 @@ from fusenode.storage import age
 from fusenode.storage.erasure import ErasureCoder
 from fusenode.storage.errors import IntegrityError, InvalidArgument, ManifestError
 from fusenode.storage.manifest import (
+    MAX_AGE_HEADER_SIZE,
     METADATA_MIN_BUCKET,
+    PAYLOAD_MIN_BUCKET,
     Manifest,
     Metadata,
+    canonical_json,
     pad_metadata,
+    padded_size,
     padme,
     unpad_metadata,
 )
@@ -79,6 +84,32 @@ def test_metadata_padding_round_trips_and_is_strict() -> None:
             unpad_metadata(bad)
 
 
+def test_metadata_has_no_second_spelling() -> None:
+    """Whitespace before the JSON, or inside it, is another spelling of the same object in a
+    bucket of the same length (a key holder's side channel): refused."""
+    padded = pad_metadata(b'{"name":"x"}')
+    for bad in (b" " + padded[:-1], b"\n" + padded[:-1], b'{"name": "x"}' + padded[13:]):
+        assert len(bad) == len(padded) and json.loads(bad) == {"name": "x"}
+        with pytest.raises(ManifestError, match="canonical"):
+            unpad_metadata(bad)
+
+
+def test_the_metadata_minimum_grows_by_the_recipient_list_only() -> None:
+    """The minimum bucket is 4096 bytes plus the recipient list's length (public: one length
+    per key type, types and count in the header), so whatever else the JSON holds up to
+    4096 bytes looks the same."""
+    keys = [age.MLKEM768X25519Identity.generate().recipient.to_string() for _ in range(2)]
+    listed = len(canonical_json(keys))
+    sizes = set()
+    for name in ("m", "n" * 300):
+        body = canonical_json({"name": name, "recipients": keys, "size": 1})
+        assert len(body) > METADATA_MIN_BUCKET or name == "m"
+        padded = pad_metadata(body)
+        assert unpad_metadata(padded) == body
+        sizes.add(len(padded))
+    assert sizes == {padme(METADATA_MIN_BUCKET + listed)}
+
+
 # -- one bucket, one shape ---------------------------------------------------------------------
 
 
@@ -109,6 +140,48 @@ def test_sizes_in_one_bucket_give_identical_manifest_and_fragment_sizes(
     # A size in the next bucket has another shape.
     put = _put(backend, tmp_path, os.urandom(top + 1), [owner.recipient], name="m9.onnx")
     assert put.manifest.payload_size > next(iter(shapes))[1]
+
+
+def test_tiny_files_share_the_minimum_bucket(backend, owner, tmp_path) -> None:
+    """Below 4096 bytes a Padmé bucket is a few bytes wide (a 1-byte file would be a 33-byte
+    payload): every file up to 4096 bytes is padded to 4096 and looks the same."""
+    assert padded_size(1) == padded_size(PAYLOAD_MIN_BUCKET) == PAYLOAD_MIN_BUCKET
+    shapes = set()
+    for i, size in enumerate((1, 100, 333, PAYLOAD_MIN_BUCKET)):
+        data = os.urandom(size)
+        put = _put(backend, tmp_path, data, [owner.recipient], name=f"t{i}.onnx")
+        m = put.manifest
+        assert m.plaintext_size() == PAYLOAD_MIN_BUCKET
+        frags = tuple(len(backend.blocks[f.cid]) for s in m.segments for f in s.fragments)
+        shapes.add((len(backend.blocks[put.cid]), m.payload_size, len(m.metadata), frags))
+        got = get_file(put.cid, tmp_path / f"o{i}", backend, identities=[owner])
+        assert got.metadata.size == size and (tmp_path / f"o{i}").read_bytes() == data
+    assert len(shapes) == 1, shapes
+    # A version 3 manifest with an unpadded tiny payload is not one a writer makes.
+    put = _put(backend, tmp_path, b"x", [owner.recipient], format_version=2)
+    obj = json.loads(backend.blocks[put.cid])
+    del obj["created"]
+    obj["version"] = 3
+    with pytest.raises(ManifestError, match="not a padded size"):
+        Manifest.from_bytes(json.dumps(obj).encode())
+
+
+def test_two_post_quantum_recipients_keep_one_shape_per_bucket(backend, tmp_path) -> None:
+    """Two age1pq1 keys make a recipient list of ~3900 bytes: the name's length must still not
+    move the metadata (or anything else) to another bucket."""
+    keys = [age.MLKEM768X25519Identity.generate() for _ in range(2)]
+    recipients = [k.recipient for k in keys]
+    shapes = set()
+    for i, (size, name) in enumerate(((5000, "a.onnx"), (5100, "b" * 250 + ".onnx"))):
+        src = tmp_path / f"p{i}.onnx"
+        src.write_bytes(os.urandom(size))
+        put = put_file(src, backend, recipients=recipients, segment_size=SEG, name=name)
+        m = put.manifest
+        frags = tuple(len(backend.blocks[f.cid]) for s in m.segments for f in s.fragments)
+        shapes.add((len(backend.blocks[put.cid]), m.payload_size, len(m.metadata), frags))
+        _, metadata = open_metadata(m, [keys[i]])
+        assert metadata.name == name and metadata.size == size
+    assert len(shapes) == 1, shapes
 
 
 def test_created_name_and_parent_are_sealed(backend, owner, tmp_path) -> None:
@@ -197,7 +270,7 @@ def test_payload_size_must_be_a_padme_size_in_version_3(backend, owner, tmp_path
     obj = json.loads(backend.blocks[put.cid])
     del obj["created"]
     obj["version"] = 3
-    with pytest.raises(ManifestError, match="not a Padmé size"):
+    with pytest.raises(ManifestError, match="not a padded size"):
         Manifest.from_bytes(json.dumps(obj).encode())
 
 
@@ -239,6 +312,34 @@ def test_post_quantum_put_get_and_standard_age_file(backend, pq, tmp_path) -> No
 def test_post_quantum_and_classic_recipients_are_not_mixed(backend, owner, pq, tmp_path) -> None:
     with pytest.raises(InvalidArgument, match="post-quantum"):
         _put(backend, tmp_path, b"x" * 100, [pq.recipient, owner.recipient])
+
+
+def test_too_many_post_quantum_recipients_are_refused_before_anything_is_stored(
+    backend, pq, tmp_path
+) -> None:
+    many = [pq.recipient] + [
+        age.MLKEM768X25519Identity.generate().recipient for _ in range(MAX_AGE_HEADER_SIZE // 1500)
+    ]
+    with pytest.raises(InvalidArgument, match=r"at most (\d+) post-quantum recipients fit") as e:
+        _put(backend, tmp_path, os.urandom(5000), many)
+    assert backend.blocks == {}  # nothing encoded or placed
+    fit = int(re.search(r"at most (\d+)", str(e.value)).group(1))
+    assert 10 < fit < len(many)
+    put = _put(backend, tmp_path, os.urandom(5000), many[:fit])  # the number is right
+    assert len(put.manifest.age_header) <= MAX_AGE_HEADER_SIZE
+    with pytest.raises(InvalidArgument, match="at most"):
+        _put(backend, tmp_path, os.urandom(5000), many[: fit + 1])
+    # share checks the same limit (before writing a manifest)
+    small = _put(backend, tmp_path, os.urandom(5000), [pq.recipient])
+    with pytest.raises(InvalidArgument, match="at most"):
+        share(small.manifest, [pq], many[1:])
+
+
+def test_the_same_key_twice_is_one_stanza(backend, owner, tmp_path) -> None:
+    put = _put(backend, tmp_path, os.urandom(5000), [owner.recipient, owner.recipient])
+    assert len(age.decode_header(put.manifest.age_header).stanzas) == 1
+    _, metadata = open_metadata(put.manifest, [owner])
+    assert metadata.recipients == (owner.recipient.to_string(),)
 
 
 def test_share_to_post_quantum_keys(backend, owner, pq, tmp_path) -> None:
