@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,21 @@ class Attacker:
             conn.close()
 
     def call(self, peer_id: str, method: str, path: str, body: bytes = b"") -> Reply:
-        """A properly signed request, as an honest peer would send it."""
-        headers = self.signed(peer_id, method, path, body)
-        if body:
-            headers["Content-Type"] = "application/octet-stream"
-        return self.request(peer_id, method, path, body, headers=headers)
+        """A properly signed request, as an honest peer would send it. Like the daemon's own
+        client, it tries again (signed afresh, at most twice) when the stream through Kubo
+        closes before any answer: on a loaded machine the first stream over a connection
+        just made can be reset before it reaches the node."""
+        for attempt in range(3):
+            headers = self.signed(peer_id, method, path, body)
+            if body:
+                headers["Content-Type"] = "application/octet-stream"
+            try:
+                return self.request(peer_id, method, path, body, headers=headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError):
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
 
     def stream(
         self,
