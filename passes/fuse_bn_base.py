@@ -213,20 +213,9 @@ class FuseBatchNormRule:
     # -- rewrite -----------------------------------------------------------------------------
     def rewrite(self, m: BnMatch, scope: Scope, plan: Plan) -> Fused:
         bn, op = m.bn, m.op
-        store, backend = scope.model.store, self.backend
-        w, factor = plan.w, plan.fold.factor
-        source = store.extent(plan.weight.tensor) if plan.weight.tensor is not None else None
-
-        def fused_weight() -> np.ndarray:
-            # Runs while the output is written: the weight is read once more, scaled and
-            # written out, never held beside the others.
-            out = backend.scale(w, factor)
-            store.release(source)
-            return out
-
         label = op.name or op.output[0]
         fused = Fused(f"{op.op_type}+{self.anchor}", node_key(bn), node_key(op), scope.path)
-        scope.replace_input(op, 1, Computed(w.shape, w.dtype, fused_weight), f"{label}_bnfused_W")
+        scope.replace_input(op, 1, scaled_weight(scope, plan, self.backend), f"{label}_bnfused_W")
         scope.replace_input(op, 2, plan.fold.bias, f"{label}_bnfused_B")
         self.rewrite_attributes(op)
         old_out = op.output[0]
@@ -275,6 +264,22 @@ def bn_affine(bn: NodeProto, scope: Scope) -> tuple[np.ndarray, np.ndarray, np.n
             return f"BatchNormalization parameter {why}"
         params.append(const)
     return _scale(bn, params)
+
+
+def scaled_weight(scope: Scope, plan: Plan, backend: Backend) -> Computed:
+    """The fused weight W * factor as a tensor computed while the output is written: the
+    original weight is read once more, scaled by ``backend`` and written out, never held
+    beside the others."""
+    store = scope.model.store
+    w, factor = plan.w, plan.fold.factor
+    source = store.extent(plan.weight.tensor) if plan.weight.tensor is not None else None
+
+    def fused_weight() -> np.ndarray:
+        out = backend.scale(w, factor)
+        store.release(source)
+        return out
+
+    return Computed(w.shape, w.dtype, fused_weight)
 
 
 def release_bn(bn: NodeProto, scope: Scope) -> None:

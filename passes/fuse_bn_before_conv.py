@@ -42,11 +42,11 @@ from fusenode.passes.fuse_bn_base import (
     bn_affine,
     inference_form,
     release_bn,
+    scaled_weight,
     weight_overflow,
 )
 from fusenode.passes.numerics import float_max, is_bfloat16, is_float, round_to
 from fusenode.passes.onnxproto import NodeProto
-from fusenode.passes.tensorstore import Computed
 
 #: Weight elements summed per step for b' (2 MiB of float64).
 _CHUNK_ELEMENTS = 1 << 18
@@ -162,18 +162,10 @@ class FuseBatchNormIntoNextConv(FuseBatchNormRule):
     # -- rewrite -----------------------------------------------------------------------------
     def rewrite(self, m: ConvReaderMatch, scope: Scope, plan: Plan) -> Fused:
         bn, conv = m.bn, m.op
-        store, backend = scope.model.store, self.backend
-        w, factor = plan.w, plan.fold.factor
-        source = store.extent(plan.weight.tensor) if plan.weight.tensor is not None else None
-
-        def fused_weight() -> np.ndarray:
-            out = backend.scale(w, factor)
-            store.release(source)
-            return out
-
         label = conv.name or conv.output[0]
         fused = Fused("BatchNormalization+Conv", node_key(bn), node_key(conv), scope.path)
-        scope.replace_input(conv, 1, Computed(w.shape, w.dtype, fused_weight), f"{label}_bnfused_W")
+        weight = scaled_weight(scope, plan, self.backend)
+        scope.replace_input(conv, 1, weight, f"{label}_bnfused_W")
         scope.replace_input(conv, 2, plan.fold.bias, f"{label}_bnfused_B")
         y = bn.output[0]
         conv.input[0] = bn.input[0]  # the BatchNormalization's use of it becomes the Conv's

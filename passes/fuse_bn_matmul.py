@@ -50,11 +50,11 @@ from fusenode.passes.fuse_bn_base import (
     bn_affine,
     inference_form,
     release_bn,
+    scaled_weight,
     weight_overflow,
 )
 from fusenode.passes.numerics import float_max, is_float, round_to
 from fusenode.passes.onnxproto import NodeProto, make_int_attribute
-from fusenode.passes.tensorstore import Computed
 
 #: Ops whose output is 2-D whatever their input: enough to know a MatMul input's rank.
 _RANK_2_OPS = ("Flatten", "Gemm")
@@ -223,21 +223,12 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
     # -- rewrite -----------------------------------------------------------------------------
     def rewrite(self, m: MatMulMatch, scope: Scope, plan: MatMulPlan) -> Fused:
         bn, op, add = m.bn, m.op, m.add
-        store, backend = scope.model.store, self.backend
-        w, factor = plan.w, plan.fold.factor
-        source = store.extent(plan.weight.tensor) if plan.weight.tensor is not None else None
-
-        def fused_weight() -> np.ndarray:
-            out = backend.scale(w, factor)
-            store.release(source)
-            return out
-
         label = op.name or op.output[0]
         pattern = (
             "MatMul+Add+BatchNormalization" if add is not None else "MatMul+BatchNormalization"
         )
         fused = Fused(pattern, node_key(bn), node_key(op), scope.path)
-        scope.replace_input(op, 1, Computed(w.shape, w.dtype, fused_weight), f"{label}_bnfused_W")
+        scope.replace_input(op, 1, scaled_weight(scope, plan, self.backend), f"{label}_bnfused_W")
         out = op.output[0]
         if add is not None:
             scope.remove_node(add)
