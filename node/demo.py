@@ -33,11 +33,8 @@ def _step(n: int, text: str) -> None:
 
 
 def _sha(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _run(net, i: int, *args: str) -> str:

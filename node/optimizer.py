@@ -262,10 +262,8 @@ class Optimizer:
         from fusenode.node.peerkeys import load_private_key
         from fusenode.node.provenance import ProvenanceError, make_statement, sign
 
-        digest = hashlib.sha256()
         with open(fused, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
+            digest = hashlib.file_digest(f, "sha256")
         key = load_private_key(self.service.repo.files.kubo)
         checked = report["verify"]
 

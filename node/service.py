@@ -674,8 +674,29 @@ class NodeService:
                 by_peer[p.peer].append(p.cid)
         for peer in {p.peer for p in placements}:
             by_peer[peer].append(cid)  # every holder got a copy of the manifest
-        own = by_peer.pop(self.peer_id, [cid])
+        own = by_peer.pop(self.peer_id, [])
         self.state.forget_model(cid)
+        reply = await self._release(cid, by_peer, [*own, cid])
+        # The shares this node made of the model name its fragments, now released: they go
+        # too (a share made by another node stops opening; that node removes its manifest).
+        gone = [c for c, info in shares.items() if info["source"] == cid]
+        for share in gone:
+            await self._rm_share(share, shares[share])
+        return {**reply, "shares": gone}
+
+    async def _rm_share(self, cid: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Delete a share this node made: its manifest, copied to ``info["peers"]``, is
+        released there and here; the model's fragments stay (they are the model's)."""
+        self.state.forget_share(cid)
+        by_peer = {p: [cid] for p in info["peers"] if p != self.peer_id}
+        return {**await self._release(cid, by_peer, [cid]), "shares": []}
+
+    async def _release(
+        self, manifest: str, by_peer: dict[str, list[str]], own: list[str]
+    ) -> dict[str, Any]:
+        """Ask each peer to release its CIDs (one signed request each; a peer that does not
+        answer now is asked again when it does: the ``surplus`` rule of repair), then drop
+        this node's own holds of ``own``; the ``rm`` reply."""
         released: dict[str, int] = {}
         pending: dict[str, str] = {}
 
@@ -684,56 +705,22 @@ class NodeService:
                 released[peer] = len(await self.network.release(peer, cids))
             except PeerError as e:
                 for c in cids:
-                    self.state.add_surplus(cid, c, peer)
+                    self.state.add_surplus(manifest, c, peer)
                 pending[peer] = str(e)
 
         await asyncio.gather(*(ask(peer, cids) for peer, cids in sorted(by_peer.items())))
         local = 0
-        for c in dict.fromkeys([*own, cid]):
+        for c in dict.fromkeys(own):
             if not self.state.holds(c, self.peer_id):
                 continue
             if self.state.release(c, self.peer_id):
                 await self.blocks.unpin(c)
             local += 1
-        # The shares this node made of the model name its fragments, now released: they go
-        # too (a share made by another node stops opening; that node removes its manifest).
-        gone = [c for c, info in shares.items() if info["source"] == cid]
-        for share in gone:
-            await self._rm_share(share, shares[share])
         return {
-            "cid": cid,
+            "cid": manifest,
             "released": dict(sorted(released.items())),
             "pending": dict(sorted(pending.items())),
             "local": local,
-            "shares": gone,
-        }
-
-    async def _rm_share(self, cid: str, info: dict[str, Any]) -> dict[str, Any]:
-        """Delete a share this node made: its manifest, copied to ``info["peers"]``, is
-        released there and here; the model's fragments stay (they are the model's)."""
-        self.state.forget_share(cid)
-        released: dict[str, int] = {}
-        pending: dict[str, str] = {}
-
-        async def ask(peer: str) -> None:
-            try:
-                released[peer] = len(await self.network.release(peer, [cid]))
-            except PeerError as e:
-                self.state.add_surplus(cid, cid, peer)  # asked again when it answers
-                pending[peer] = str(e)
-
-        await asyncio.gather(*(ask(p) for p in info["peers"] if p != self.peer_id))
-        local = 0
-        if self.state.holds(cid, self.peer_id):
-            if self.state.release(cid, self.peer_id):
-                await self.blocks.unpin(cid)
-            local = 1
-        return {
-            "cid": cid,
-            "released": dict(sorted(released.items())),
-            "pending": dict(sorted(pending.items())),
-            "local": local,
-            "shares": [],
         }
 
     async def gc(self) -> dict[str, Any]:

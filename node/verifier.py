@@ -67,11 +67,8 @@ MAX_CHAIN: Final = 32
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _shapes(value: object) -> dict[str, list[int]] | None:

@@ -158,11 +158,9 @@ class FuseBatchNormRule:
         reason = inference_form(bn, scope.model.opset)
         if reason:
             return reason
-        x = bn.input[0]
-        if x in scope.outputs:
-            return f"the {op.op_type} output {x!r} is also a graph output"
-        if scope.uses(x) != 1:
-            return f"the {op.op_type} output {x!r} has {scope.uses(x) - 1} other consumer(s)"
+        reason = folded_away(op, scope)
+        if reason:
+            return reason
         if len(op.input) < 2 or not op.input[1]:
             return f"{op.op_type} has no weight input"
         consts = self._constants(m, scope)
@@ -176,7 +174,7 @@ class FuseBatchNormRule:
 
         w = w_const.array()
         if not is_float(w.dtype):
-            return f"{op.op_type} weight dtype {w.dtype} is not float16/bfloat16/float32/float64"
+            return weight_dtype_reason(op.op_type, w)
         b = b_const.array() if b_const is not None else None
         if b is not None and b.dtype != w.dtype:
             return f"{op.op_type} bias dtype {b.dtype} differs from its weight's {w.dtype}"
@@ -264,6 +262,21 @@ def bn_affine(bn: NodeProto, scope: Scope) -> tuple[np.ndarray, np.ndarray, np.n
             return f"BatchNormalization parameter {why}"
         params.append(const)
     return _scale(bn, params)
+
+
+def folded_away(node: NodeProto, scope: Scope) -> str | None:
+    """Why ``node``'s output cannot disappear into the fold (it is a graph output, or read by
+    more than the next node of the pattern), or None."""
+    out = node.output[0]
+    if out in scope.outputs:
+        return f"the {node.op_type} output {out!r} is also a graph output"
+    if scope.uses(out) != 1:
+        return f"the {node.op_type} output {out!r} has {scope.uses(out) - 1} other consumer(s)"
+    return None
+
+
+def weight_dtype_reason(op_type: str, w: np.ndarray) -> str:
+    return f"{op_type} weight dtype {w.dtype} is not float16/bfloat16/float32/float64"
 
 
 def scaled_weight(scope: Scope, plan: Plan, backend: Backend) -> Computed:

@@ -43,6 +43,7 @@ from fusenode.passes.fuse_bn_base import (
     inference_form,
     release_bn,
     scaled_weight,
+    weight_dtype_reason,
     weight_overflow,
 )
 from fusenode.passes.numerics import float_max, is_bfloat16, is_float, round_to
@@ -114,7 +115,7 @@ class FuseBatchNormIntoNextConv(FuseBatchNormRule):
         t = beta - mean * s
         w = w_const.array()
         if not is_float(w.dtype):
-            return f"Conv weight dtype {w.dtype} is not float16/bfloat16/float32/float64"
+            return weight_dtype_reason("Conv", w)
         b = b_const.array() if b_const is not None else None
         if b is not None and b.dtype != w.dtype:
             return f"Conv bias dtype {b.dtype} differs from its weight's {w.dtype}"

@@ -48,9 +48,11 @@ from fusenode.passes.fuse_bn_base import (
     Plan,
     all_finite,
     bn_affine,
+    folded_away,
     inference_form,
     release_bn,
     scaled_weight,
+    weight_dtype_reason,
     weight_overflow,
 )
 from fusenode.passes.numerics import float_max, is_float, round_to
@@ -115,13 +117,9 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
         if reason:
             return reason
         for node in (op, add) if add is not None else (op,):
-            out = node.output[0]
-            if out in scope.outputs:
-                return f"the {node.op_type} output {out!r} is also a graph output"
-            if scope.uses(out) != 1:
-                return (
-                    f"the {node.op_type} output {out!r} has {scope.uses(out) - 1} other consumer(s)"
-                )
+            reason = folded_away(node, scope)
+            if reason:
+                return reason
         if len(op.input) != 2 or not all(op.input):
             return "MatMul does not have its two inputs"
         w_const, why = scope.constant(op.input[1])
@@ -133,7 +131,7 @@ class FuseBatchNormIntoMatMul(FuseBatchNormRule):
         s, beta, mean = stats
         w = w_const.array()
         if not is_float(w.dtype):
-            return f"MatMul weight dtype {w.dtype} is not float16/bfloat16/float32/float64"
+            return weight_dtype_reason("MatMul", w)
         if w.ndim != 2:
             return f"MatMul weight has rank {w.ndim}, expected 2"
         n = w.shape[1]
